@@ -1,0 +1,1 @@
+"""The `nibble` command line (typer + rich)."""

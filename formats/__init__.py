@@ -1,0 +1,1 @@
+"""File formats: GGUF reading, tokenizers and chat templates from GGUF metadata."""

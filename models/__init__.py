@@ -1,0 +1,1 @@
+"""One module per architecture, chosen by GGUF `general.architecture`, and the catalogue of pullable models."""

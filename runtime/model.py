@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 from collections import Counter
 from pathlib import Path
@@ -49,6 +50,22 @@ class Model:
             raise ModelFormatError(f"{gguf.name}: metadata 'general.architecture' is missing or not a string")
         self.architecture = arch
         self._requested_n_ctx = n_ctx
+
+    # ---- text <-> tokens (formats/tokenizer.py, formats/chat.py) ----
+
+    @functools.cached_property
+    def tokenizer(self):
+        from ..formats.tokenizer import Tokenizer
+        return Tokenizer.from_gguf(self.gguf)
+
+    def tokenize(self, text: str, add_special: bool = True, parse_special: bool = False) -> list[int]:
+        """Text -> token ids, as llama.cpp's llama_tokenize: `add_special` adds BOS/EOS where the model's
+        add_bos_token/add_eos_token say so; `parse_special` turns control-token text into control tokens."""
+        return self.tokenizer.encode(text, add_special=add_special, parse_special=parse_special)
+
+    def detokenize(self, ids, special: bool = False) -> str:
+        """Token ids -> text; control tokens are left out unless `special`; invalid UTF-8 becomes U+FFFD."""
+        return self.tokenizer.decode(ids, special=special)
 
     # ---- facts for `nibble show` ----
 

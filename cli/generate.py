@@ -1,0 +1,5 @@
+"""`nibble generate`."""
+
+from __future__ import annotations
+
+from .app import app, handles_errors  # noqa: F401

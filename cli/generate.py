@@ -1,5 +1,413 @@
-"""`nibble generate`."""
+"""`nibble run` (one-shot generation) and `nibble chat` (a REPL), both over `runtime.generate`'s stream."""
 
 from __future__ import annotations
 
-from .app import app, handles_errors  # noqa: F401
+import contextlib
+import json
+import signal
+import sys
+import threading
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.markup import escape
+
+from ..models.catalog import DEFAULT_MODEL
+from .app import app, err, handles_errors, out
+
+# ---- options shared by `run` and `chat`, named like the library's keywords ----
+
+ModelOpt = Annotated[Optional[str], typer.Option("--model", "-m", help="catalogue name or path to a .gguf file")]
+SystemOpt = Annotated[Optional[str], typer.Option("--system", help="system prompt")]
+Temperature = Annotated[float, typer.Option("--temperature", help="0 is greedy")]
+TopK = Annotated[int, typer.Option("--top-k", help="keep the k most likely tokens (0: off)")]
+TopP = Annotated[float, typer.Option("--top-p", help="keep the most likely tokens up to this mass (1: off)")]
+MinP = Annotated[float, typer.Option("--min-p", help="drop tokens below this fraction of the top one (0: off)")]
+RepeatPenalty = Annotated[float, typer.Option("--repeat-penalty", help="penalise recent tokens (1: off)")]
+RepeatLastN = Annotated[int, typer.Option("--repeat-last-n", help="how many recent tokens the penalties see")]
+PresencePenalty = Annotated[float, typer.Option("--presence-penalty")]
+FrequencyPenalty = Annotated[float, typer.Option("--frequency-penalty")]
+Seed = Annotated[Optional[int], typer.Option("--seed", help="makes sampling reproducible")]
+MaxTokens = Annotated[Optional[int], typer.Option("--max-tokens", "-n",
+                                                  help="stop after this many tokens (default: until the "
+                                                       "model ends or the context is full)")]
+Stop = Annotated[Optional[list[str]], typer.Option("--stop", help="stop at this string (repeatable)")]
+LogitBias = Annotated[Optional[list[str]], typer.Option("--logit-bias", metavar="TOKEN_ID=BIAS",
+                                                        help="add BIAS to a token's logit (repeatable; "
+                                                             "-inf bans it)")]
+NCtx = Annotated[Optional[int], typer.Option("--n-ctx", help="context size in tokens")]
+Threads = Annotated[Optional[int], typer.Option("--threads", "-t", help="threads for the kernels")]
+ChatTemplateOpt = Annotated[Optional[Path], typer.Option("--chat-template", metavar="FILE",
+                                                         help="a Jinja chat template to use instead of the "
+                                                              "model's")]
+
+SETTABLE = {"temperature": float, "top_k": int, "top_p": float, "min_p": float, "repeat_penalty": float,
+            "repeat_last_n": int, "presence_penalty": float, "frequency_penalty": float, "seed": int,
+            "max_tokens": int}
+
+
+def sampling_kwargs(temperature, top_k, top_p, min_p, repeat_penalty, repeat_last_n, presence_penalty,
+                    frequency_penalty, seed, max_tokens, stop, logit_bias) -> dict:
+    kw = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, repeat_penalty=repeat_penalty,
+              repeat_last_n=repeat_last_n, presence_penalty=presence_penalty,
+              frequency_penalty=frequency_penalty, seed=seed, max_tokens=max_tokens, stop=tuple(stop or ()))
+    if logit_bias:
+        kw["logit_bias"] = parse_logit_bias(logit_bias)
+    from ..runtime.sampling import SamplingParams
+    try:  # out-of-range values are usage errors, reported before the model loads
+        SamplingParams(**{k: v for k, v in kw.items() if k in SamplingParams.names()}).check(2**31 - 1)
+        if max_tokens is not None and max_tokens < 0:
+            raise ValueError("max_tokens must be >= 0")
+    except ValueError as e:
+        raise typer.BadParameter(str(e)) from None
+    return kw
+
+
+def parse_logit_bias(items: list[str]) -> dict[int, float]:
+    bias = {}
+    for item in items:
+        token, sep, value = item.partition("=")
+        try:
+            bias[int(token)] = float(value)
+        except ValueError:
+            raise typer.BadParameter(f"--logit-bias {item!r}: expected TOKEN_ID=BIAS, e.g. 13=-inf") from None
+    return bias
+
+
+def load_model(name: str, n_ctx: int | None, threads: int | None):
+    from ..runtime.model import load
+    return load(name, n_ctx=n_ctx, threads=threads)
+
+
+def load_template(model, path: Path | None):
+    from ..runtime.generate import chat_template
+    if path is None:
+        return chat_template(model)
+    try:
+        source = path.read_text()
+    except OSError as e:
+        raise typer.BadParameter(f"--chat-template {path}: {e.strerror}") from None
+    return chat_template(model, override=source)
+
+
+@contextlib.contextmanager
+def ctrl_c_sets(event: threading.Event):
+    """While generating, Ctrl-C sets `event` (the stream stops after the current token, the KV cache
+    consistent) instead of raising KeyboardInterrupt somewhere inside the forward pass."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, lambda *_: event.set())
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def timing_line(stream) -> str:
+    t, u = stream.timings, stream.usage
+    parts = [f"{u.completion_tokens} tokens"]
+    if t.tokens_per_second:
+        parts.append(f"{t.tokens_per_second:.1f} tokens/s")
+    if t.ttft_ms is not None:
+        parts.append(f"TTFT {t.ttft_ms:.0f} ms")
+    return " · ".join(parts)
+
+
+# ---- nibble run ----
+
+@app.command()
+@handles_errors
+def run(
+    args: Annotated[Optional[list[str]], typer.Argument(
+        metavar="[MODEL] [PROMPT]", show_default=False,
+        help=f"with two arguments, the model and the prompt; with one, the prompt (model {DEFAULT_MODEL}); "
+             "the prompt is read from stdin when it is '-' or absent")] = None,
+    model: ModelOpt = None,
+    raw: Annotated[bool, typer.Option("--raw", help="do not apply the chat template")] = False,
+    system: SystemOpt = None,
+    temperature: Temperature = 0.8, top_k: TopK = 40, top_p: TopP = 0.95, min_p: MinP = 0.05,
+    repeat_penalty: RepeatPenalty = 1.0, repeat_last_n: RepeatLastN = 64,
+    presence_penalty: PresencePenalty = 0.0, frequency_penalty: FrequencyPenalty = 0.0,
+    seed: Seed = None, max_tokens: MaxTokens = None, stop: Stop = None, logit_bias: LogitBias = None,
+    n_ctx: NCtx = None, threads: Threads = None, chat_template: ChatTemplateOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print one JSON object instead of streaming")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="timings and memory bandwidth on stderr")]
+        = False,
+):
+    """Generate once from a prompt and stream the text to stdout."""
+    args = list(args or [])
+    if len(args) > (1 if model else 2):
+        raise typer.BadParameter(f"too many arguments: {' '.join(args)!r} (expected [MODEL] [PROMPT]; "
+                                 f"quote the prompt)")
+    if model is None:
+        model = args.pop(0) if len(args) == 2 else DEFAULT_MODEL
+    prompt = args[0] if args else "-"
+    kw = sampling_kwargs(temperature, top_k, top_p, min_p, repeat_penalty, repeat_last_n, presence_penalty,
+                         frequency_penalty, seed, max_tokens, stop, logit_bias)
+    if prompt == "-":
+        prompt = sys.stdin.read()
+    if raw and system:
+        raise typer.BadParameter("--system needs the chat template; drop --raw")
+
+    from ..runtime import generate
+    m = load_model(model, n_ctx, threads)
+    cancel = threading.Event()
+    try:
+        if raw:
+            stream = generate.stream(m, prompt, cancel=cancel, **kw)
+        else:
+            messages = ([{"role": "system", "content": system}] if system else []) + \
+                       [{"role": "user", "content": prompt}]
+            stream = generate.chat_stream(m, messages, template=load_template(m, chat_template),
+                                          cancel=cancel, **kw)
+    except ValueError as e:   # an empty prompt
+        raise typer.BadParameter(str(e)) from None
+
+    with ctrl_c_sets(cancel):
+        for piece in stream:
+            if not as_json:
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+    if as_json:
+        t, u = stream.timings, stream.usage
+        print(json.dumps({"model": m.name, "text": stream.text, "finish_reason": stream.finish_reason,
+                          "prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens,
+                          "ttft_ms": t.ttft_ms, "tpot_ms": t.tpot_ms, "tokens_per_second": t.tokens_per_second},
+                         ensure_ascii=False))
+    elif sys.stdout.isatty() and not stream.text.endswith("\n"):
+        sys.stdout.write("\n")   # piped output stays byte-exact
+    sys.stdout.flush()
+    if verbose:
+        report_timings(m, stream)
+    if stream.finish_reason == "cancelled":
+        raise typer.Exit(130)
+
+
+def report_timings(model, stream) -> None:
+    t, u = stream.timings, stream.usage
+    evaluated = u.prompt_tokens - u.cached_tokens
+    lines = [f"prompt      {u.prompt_tokens} tokens ({u.cached_tokens} cached), {evaluated} evaluated in "
+             f"{t.prompt_ms:.0f} ms" + (f" ({t.prompt_tokens_per_second:.1f} tokens/s)"
+                                         if t.prompt_tokens_per_second else "")]
+    if t.ttft_ms is not None:
+        lines.append(f"TTFT        {t.ttft_ms:.0f} ms")
+    lines.append(f"generated   {u.completion_tokens} tokens, finish reason {stream.finish_reason}")
+    if t.tokens_per_second:
+        bandwidth = model.weight_bytes * t.tokens_per_second
+        lines.append(f"decode      {t.tpot_ms:.1f} ms/token, {t.tokens_per_second:.1f} tokens/s")
+        lines.append(f"bandwidth   {model.weight_bytes / 2**20:.1f} MiB of weights per token × "
+                     f"{t.tokens_per_second:.1f} tokens/s = {bandwidth / 1e9:.2f} GB/s")
+    lines.append(f"total       {t.total_ms:.0f} ms")
+    for line in lines:
+        err.print(f"[dim]{escape(line)}[/]", highlight=False)
+
+
+# ---- nibble chat ----
+
+HELP = """\
+/help              this list
+/reset             forget the conversation (the system prompt stays)
+/system TEXT       set the system prompt (no TEXT: show it)
+/set PARAM VALUE   change a setting: temperature, top_k, top_p, min_p, repeat_penalty, repeat_last_n,
+                   presence_penalty, frequency_penalty, seed, max_tokens (VALUE none: default), stop
+/set               show the settings
+/stats             the last answer's TTFT and tokens/s, and how much of the context is used
+/save PATH         save the conversation and its KV cache
+/load PATH         load a saved conversation
+/exit              leave (also Ctrl-D, or Ctrl-C at an empty prompt)
+\"\"\"               begin or end a message of several lines
+Ctrl-C while the model answers stops the answer."""
+
+
+@app.command()
+@handles_errors
+def chat(
+    model_arg: Annotated[Optional[str], typer.Argument(metavar="[MODEL]", show_default=False,
+                                                       help=f"catalogue name or .gguf path (default "
+                                                            f"{DEFAULT_MODEL})")] = None,
+    model: ModelOpt = None,
+    system: SystemOpt = None,
+    temperature: Temperature = 0.8, top_k: TopK = 40, top_p: TopP = 0.95, min_p: MinP = 0.05,
+    repeat_penalty: RepeatPenalty = 1.0, repeat_last_n: RepeatLastN = 64,
+    presence_penalty: PresencePenalty = 0.0, frequency_penalty: FrequencyPenalty = 0.0,
+    seed: Seed = None, max_tokens: MaxTokens = None, stop: Stop = None, logit_bias: LogitBias = None,
+    n_ctx: NCtx = None, threads: Threads = None, chat_template: ChatTemplateOpt = None,
+):
+    """Chat with a model: streamed answers, history and line editing, /help for commands. With stdin
+    piped, each line is one message."""
+    if model and model_arg:
+        raise typer.BadParameter("give the model either as an argument or with --model, not both")
+    kw = sampling_kwargs(temperature, top_k, top_p, min_p, repeat_penalty, repeat_last_n, presence_penalty,
+                         frequency_penalty, seed, max_tokens, stop, logit_bias)
+    from ..runtime.session import Session
+    m = load_model(model or model_arg or DEFAULT_MODEL, n_ctx, threads)
+    session = Session(m, system, template=load_template(m, chat_template), **kw)
+    Repl(session, interactive=sys.stdin.isatty()).run()
+
+
+class Repl:
+    """The read-eval-print loop of `nibble chat`. Answers go to stdout as plain text (never through rich
+    markup); everything else is rich, dim where it is commentary."""
+
+    def __init__(self, session, interactive: bool):
+        self.session = session
+        self.interactive = interactive
+
+    def run(self) -> None:
+        if self.interactive:
+            import readline  # noqa: F401  (line editing and history for input())
+            m = self.session.model
+            out.print(f"[dim]nibble chat · {escape(m.name)} · n_ctx {m.n_ctx} · /help for commands, "
+                      f"/exit or Ctrl-D to leave[/]", highlight=False)
+        while True:
+            try:
+                message = self.read()
+            except (EOFError, KeyboardInterrupt):
+                if self.interactive:
+                    print()
+                return
+            if message is None:
+                continue
+            if message.startswith("/"):
+                if not self.command(message):
+                    return
+            elif message.strip():
+                self.answer(message)
+
+    def read(self) -> str | None:
+        """One message: a line, or the lines between two \"\"\" lines. None when a multi-line message
+        was abandoned with Ctrl-C."""
+        line = self.input(">>> ")
+        if not line.lstrip().startswith('"""'):
+            return line
+        first = line.lstrip()[3:]
+        if first.rstrip().endswith('"""') and len(first.rstrip()) >= 3:
+            return first.rstrip()[:-3]
+        lines = [first] if first else []
+        try:
+            while True:
+                line = self.input("... ")
+                if line.rstrip().endswith('"""'):
+                    lines.append(line.rstrip()[:-3])
+                    break
+                lines.append(line)
+        except KeyboardInterrupt:
+            if self.interactive:
+                print()
+            return None
+        return "\n".join(lines).strip("\n")
+
+    def input(self, prompt: str) -> str:
+        if self.interactive:
+            return input(prompt)
+        line = sys.stdin.readline()
+        if not line:
+            raise EOFError
+        return line.rstrip("\n")
+
+    def answer(self, message: str) -> None:
+        from ..errors import NibbleError
+        cancel = threading.Event()
+        try:
+            stream = self.session.send(message, cancel=cancel)
+        except (NibbleError, ValueError) as e:
+            err.print(f"[bold red]error:[/] {escape(str(e))}" +
+                      (" (/reset starts over)" if "context" in str(e) else ""), highlight=False)
+            return
+        with ctrl_c_sets(cancel):
+            for piece in stream:
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+        if self.interactive:
+            note = " · interrupted" if stream.finish_reason == "cancelled" else \
+                   " · context full" if stream.finish_reason == "length" and self.session.n_past >= \
+                   self.session.model.n_ctx else ""
+            out.print(f"[dim]{escape(timing_line(stream))}{note}[/]", highlight=False)
+
+    def command(self, line: str) -> bool:
+        """Run a /command; False means leave."""
+        from ..errors import NibbleError
+        name, _, arg = line.strip().partition(" ")
+        arg = arg.strip()
+        s = self.session
+        try:
+            if name in ("/exit", "/quit", "/bye"):
+                return False
+            elif name in ("/help", "/?"):
+                out.print(escape(HELP), highlight=False)
+            elif name == "/reset":
+                s.reset()
+                out.print("[dim]conversation cleared[/]")
+            elif name == "/system":
+                if arg:
+                    s.system = arg
+                    out.print("[dim]system prompt set[/]")
+                else:
+                    out.print(escape(s.system or "(no system prompt)"), highlight=False)
+            elif name == "/set":
+                self.set(arg)
+            elif name == "/stats":
+                self.stats()
+            elif name == "/save":
+                if not arg:
+                    raise ValueError("/save PATH")
+                out.print(f"[dim]saved to {escape(str(s.save(Path(arg).expanduser())))}[/]", highlight=False)
+            elif name == "/load":
+                if not arg:
+                    raise ValueError("/load PATH")
+                from ..runtime.session import Session
+                self.session = Session.load(s.model, Path(arg).expanduser(), **s.defaults)
+                self.session.template = s.template
+                out.print(f"[dim]loaded {len(self.session.messages) // 2} turns, "
+                          f"{self.session.n_past} tokens[/]", highlight=False)
+            else:
+                out.print(f"unknown command {escape(name)}; /help lists them", highlight=False)
+        except (NibbleError, ValueError, OSError) as e:
+            err.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False)
+        return True
+
+    def set(self, arg: str) -> None:
+        d = self.session.defaults
+        if not arg:
+            for k in (*SETTABLE, "stop"):
+                out.print(f"{k:18} {d.get(k)!r}", highlight=False)
+            return
+        key, _, value = arg.partition(" ")
+        key, value = key.replace("-", "_"), value.strip()
+        if key == "stop":
+            d["stop"] = (value,) if value else ()
+        elif key in SETTABLE:
+            if value.lower() in ("none", "") and key in ("seed", "max_tokens"):
+                d[key] = None
+            else:
+                try:
+                    new = SETTABLE[key](value)
+                except ValueError:
+                    raise ValueError(f"/set {key}: {value!r} is not a {SETTABLE[key].__name__}") from None
+                from ..runtime.sampling import SamplingParams
+                if key != "max_tokens":
+                    SamplingParams(**{k: v for k, v in {**d, key: new}.items()
+                                      if k in SamplingParams.names()}).check(self.session.model.n_vocab)
+                elif new < 0:
+                    raise ValueError("max_tokens must be >= 0")
+                d[key] = new
+        else:
+            raise ValueError(f"/set: unknown setting {key!r}; settable: {', '.join([*SETTABLE, 'stop'])}")
+        out.print(f"[dim]{key} = {d[key]!r}[/]", highlight=False)
+
+    def stats(self) -> None:
+        s = self.session
+        used = f"context {s.n_past} / {s.model.n_ctx} tokens"
+        if s.last is None or s.last.timings is None:
+            out.print(f"[dim]no answer yet · {used}[/]")
+            return
+        t, u = s.last.timings, s.last.usage
+        parts = [f"TTFT {t.ttft_ms:.0f} ms" if t.ttft_ms is not None else "TTFT -",
+                 f"{t.tokens_per_second:.1f} tokens/s" if t.tokens_per_second else "tokens/s -",
+                 f"prompt {u.prompt_tokens} tokens ({u.cached_tokens} cached)",
+                 f"answer {u.completion_tokens} tokens", used]
+        out.print(" · ".join(parts), highlight=False)

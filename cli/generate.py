@@ -362,7 +362,7 @@ class Repl:
                 from ..runtime.session import Session
                 self.session = Session.load(s.model, Path(arg).expanduser(), **s.defaults)
                 self.session.template = s.template
-                out.print(f"[dim]loaded {len(self.session.messages) // 2} turns, "
+                out.print(f"[dim]loaded {len(self.session.messages) // 2} turn(s), "
                           f"{self.session.n_past} tokens[/]", highlight=False)
             else:
                 out.print(f"unknown command {escape(name)}; /help lists them", highlight=False)

@@ -7,8 +7,12 @@ import os
 from collections import Counter
 from pathlib import Path
 
-from ..errors import ModelFormatError, ModelNotFoundError
+import numpy as np
+
+from ..errors import ModelFormatError, ModelNotFoundError, NibbleError
 from ..formats.gguf import GGUFFile, qtype_name
+from ..formats.metadata import check_tokenizer_metadata
+from ..models import architecture
 from ..models.catalog import CATALOG
 from . import store
 
@@ -49,7 +53,92 @@ class Model:
         if arch is None:
             raise ModelFormatError(f"{gguf.name}: metadata 'general.architecture' is missing or not a string")
         self.architecture = arch
-        self._requested_n_ctx = n_ctx
+        self.arch = architecture(arch, gguf.name)
+        self.args = self.arch.ModelArgs.from_gguf(gguf)      # metadata checks, also for vocab_only
+        n_tokens = check_tokenizer_metadata(gguf)
+        if n_tokens != self.args.n_vocab:
+            raise ModelFormatError(f"{gguf.name}: the tokenizer has {n_tokens} tokens but the model's vocabulary "
+                                   f"is {self.args.n_vocab}")
+        self.engine = None
+        if not vocab_only:
+            from ..quant.jit import set_threads
+            from .engine import Engine
+            if threads is not None:
+                set_threads(threads)
+            self.engine = Engine(gguf, self.arch, n_ctx=n_ctx)
+
+    # ---- evaluation (runtime/engine.py); slot 0 unless a server says otherwise ----
+
+    def _engine(self):
+        if self.engine is None:
+            raise NibbleError(f"{self.name} was loaded with vocab_only=True: it can tokenize but not evaluate; "
+                              f"load it without vocab_only")
+        return self.engine
+
+    @property
+    def n_ctx(self) -> int:
+        return self._engine().n_ctx
+
+    @property
+    def n_vocab(self) -> int:
+        return self.args.n_vocab
+
+    @property
+    def weight_bytes(self) -> int:
+        """Bytes of weights read per decoded token (every tensor once)."""
+        return self._engine().weight_bytes
+
+    def eval(self, ids, slot: int = 0) -> np.ndarray:
+        """Append ids after the slot's cached tokens (chunked prefill); return the last position's logits
+        (n_vocab,) float32, a buffer the next call reuses. ContextOverflowError before touching the cache if
+        they do not fit."""
+        return self._engine().eval(ids, slot)
+
+    def n_past(self, slot: int = 0) -> int:
+        return self._engine().n_past(slot)
+
+    def cached_tokens(self, slot: int = 0) -> list[int]:
+        return list(self._engine().tokens[slot])
+
+    def truncate(self, n: int, slot: int = 0) -> None:
+        """Keep only the first n cached tokens of the slot."""
+        self._engine().truncate(n, slot)
+
+    def reset(self, slot: int = 0) -> None:
+        self._engine().reset(slot)
+
+    def kv_state(self, slot: int = 0) -> dict[str, np.ndarray]:
+        """A copy of the slot's cache: the tokens and their K/V rows."""
+        e = self._engine()
+        n = e.n_past(slot)
+        return {"tokens": np.array(e.tokens[slot], np.int64), "k": e.k_cache[slot, :, :n].copy(),
+                "v": e.v_cache[slot, :, :n].copy()}
+
+    def load_kv_state(self, state: dict[str, np.ndarray], slot: int = 0) -> None:
+        """Restore what kv_state returned (checked against this model's shapes)."""
+        e = self._engine()
+        tokens, k, v = state["tokens"], state["k"], state["v"]
+        n = len(tokens)
+        expected = e.k_cache.shape[1:2] + (n,) + e.k_cache.shape[3:]
+        if n > e.n_ctx or k.shape != expected or v.shape != expected:
+            raise ModelFormatError(f"saved KV state of shape {k.shape} does not fit this model's cache "
+                                   f"(expected {expected}, n_ctx {e.n_ctx})")
+        e._as_ids(tokens)
+        e.k_cache[slot, :, :n] = k
+        e.v_cache[slot, :, :n] = v
+        e.tokens[slot] = [int(t) for t in tokens]
+
+    def logits(self, ids) -> np.ndarray:
+        """Logits at every position of ids, (len(ids), n_vocab) float32, evaluated from an empty cache
+        (slot 0 is reset)."""
+        e = self._engine()
+        e.reset(0)
+        return e.eval_all(ids, 0)
+
+    def perplexity(self, text: str, n_ctx: int = 512, progress=None) -> float:
+        """llama-perplexity's method; see runtime/perplexity.py."""
+        from .perplexity import perplexity
+        return perplexity(self, text, n_ctx=n_ctx, progress=progress).ppl
 
     # ---- text <-> tokens (formats/tokenizer.py, formats/chat.py) ----
 

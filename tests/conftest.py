@@ -82,3 +82,111 @@ def pytest_collection_modifyitems(session, config, items):
         for node in item.listchain():
             if isinstance(node, pytest.Package) and node.path.resolve() == ROOT:
                 node.setup = lambda: None
+
+
+# ---- tiny synthetic models, one per architecture, for the shared runner and edge cases ----
+
+TINY = {
+    # arch: metadata (besides the tokenizer) and the per-layer extras the architecture needs
+    "llama": dict(n_layers=2, n_embd=64, n_head=4, n_head_kv=2, n_ff=96, head_dim=16),
+    "qwen2": dict(n_layers=2, n_embd=64, n_head=4, n_head_kv=2, n_ff=96, head_dim=16),
+    "gemma3": dict(n_layers=6, n_embd=64, n_head=4, n_head_kv=1, n_ff=96, head_dim=32, sliding_window=5),
+}
+
+
+def _byte_level_vocab() -> list[str]:
+    """GPT-2's byte-to-unicode alphabet: the 256 single-byte tokens of a byte-level BPE vocabulary."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs, n = bs[:], 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return [chr(c) for _, c in sorted(zip(bs, cs))]
+
+
+def write_tiny_gguf(path: Path, arch: str, qtype: str = "Q8_0", seed: int = 0, **overrides) -> Path:
+    """A complete tiny model of `arch` with random weights: matrices in `qtype`, norms F32, gpt2 tokenizer."""
+    import numpy as np
+    import gguf
+    from gguf.quants import quantize
+
+    cfg = {**TINY[arch], **overrides}
+    rng = np.random.default_rng(seed)
+    d, L, H, Hkv, ff, hd = (cfg[k] for k in ("n_embd", "n_layers", "n_head", "n_head_kv", "n_ff", "head_dim"))
+    tokens = _byte_level_vocab() + ["Ġt", "he", "Ġthe", "<|endoftext|>"]
+    merges = ["Ġ t", "h e", "Ġt he"]
+    n_vocab = len(tokens)
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_block_count(L)
+    w.add_context_length(256)
+    w.add_embedding_length(d)
+    w.add_feed_forward_length(ff)
+    w.add_head_count(H)
+    w.add_head_count_kv(Hkv)
+    w.add_layer_norm_rms_eps(1e-6)
+    w.add_rope_freq_base(10000.0)
+    if arch == "gemma3":
+        w.add_key_length(hd)
+        w.add_value_length(hd)
+        w.add_sliding_window(cfg["sliding_window"])
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("default")
+    w.add_token_list(tokens)
+    w.add_token_types([1] * (n_vocab - 1) + [3])
+    w.add_token_merges(merges)
+    w.add_bos_token_id(n_vocab - 1)
+    w.add_eos_token_id(n_vocab - 1)
+    w.add_add_bos_token(False)
+    qt = gguf.GGMLQuantizationType[qtype]
+
+    def matrix(name, m, k, scale=None):
+        a = (rng.standard_normal((m, k)) * (scale or 1 / np.sqrt(k))).astype(np.float32)
+        if qt == gguf.GGMLQuantizationType.F32:
+            w.add_tensor(name, a)
+        elif qt == gguf.GGMLQuantizationType.F16:
+            w.add_tensor(name, a.astype(np.float16))
+        else:
+            w.add_tensor(name, quantize(a, qt), raw_shape=(m, k), raw_dtype=qt)
+
+    def vector(name, n, around=1.0):
+        w.add_tensor(name, (around + 0.1 * rng.standard_normal(n)).astype(np.float32))
+
+    q_dim, kv_dim = H * hd, Hkv * hd
+    matrix("token_embd.weight", n_vocab, d, scale=1.0)
+    for i in range(L):
+        vector(f"blk.{i}.attn_norm.weight", d)
+        matrix(f"blk.{i}.attn_q.weight", q_dim, d)
+        matrix(f"blk.{i}.attn_k.weight", kv_dim, d)
+        matrix(f"blk.{i}.attn_v.weight", kv_dim, d)
+        matrix(f"blk.{i}.attn_output.weight", d, q_dim)
+        if arch == "qwen2":
+            vector(f"blk.{i}.attn_q.bias", q_dim, 0.0)
+            vector(f"blk.{i}.attn_k.bias", kv_dim, 0.0)
+            vector(f"blk.{i}.attn_v.bias", kv_dim, 0.0)
+        if arch == "gemma3":
+            vector(f"blk.{i}.attn_q_norm.weight", hd)
+            vector(f"blk.{i}.attn_k_norm.weight", hd)
+            vector(f"blk.{i}.post_attention_norm.weight", d)
+            vector(f"blk.{i}.post_ffw_norm.weight", d)
+        vector(f"blk.{i}.ffn_norm.weight", d)
+        matrix(f"blk.{i}.ffn_gate.weight", ff, d)
+        matrix(f"blk.{i}.ffn_up.weight", ff, d)
+        matrix(f"blk.{i}.ffn_down.weight", d, ff)
+    vector("output_norm.weight", d)
+    if arch == "llama":
+        matrix("output.weight", n_vocab, d)     # untied here; qwen2 and gemma3 tie it to token_embd
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+@pytest.fixture
+def tiny_gguf(tmp_path):
+    """tiny_gguf(arch, qtype="Q8_0", **overrides) -> Path of a freshly written tiny model."""
+    def make(arch: str, qtype: str = "Q8_0", **overrides) -> Path:
+        return write_tiny_gguf(tmp_path / f"tiny-{arch}-{qtype}.gguf", arch, qtype, **overrides)
+    return make

@@ -1,0 +1,117 @@
+"""Weights as the architectures see them, taken from a GGUF file by name, and the one call that multiplies.
+
+GGUF tensor names live here and nowhere else (`TENSOR_NAMES`); an architecture asks for its weights by
+its own short names (`wq`, `ffn_down`, ...) and says which it needs and with which shape.
+
+Matrices stay as stored (quantized bytes, zero-copy over the mmap); vectors (norms, biases) are small and are
+dequantized to float32 once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..errors import ModelFormatError
+from ..formats.gguf import GGUFFile, TensorInfo
+from .. import quant
+from ..quant import kernels
+
+# our name -> GGUF name ("{}" is the block index)
+TENSOR_NAMES = {
+    "token_embd": "token_embd.weight",
+    "output_norm": "output_norm.weight",
+    "output": "output.weight",
+    "attn_norm": "blk.{}.attn_norm.weight",
+    "wq": "blk.{}.attn_q.weight",
+    "wk": "blk.{}.attn_k.weight",
+    "wv": "blk.{}.attn_v.weight",
+    "wo": "blk.{}.attn_output.weight",
+    "bq": "blk.{}.attn_q.bias",
+    "bk": "blk.{}.attn_k.bias",
+    "bv": "blk.{}.attn_v.bias",
+    "q_norm": "blk.{}.attn_q_norm.weight",
+    "k_norm": "blk.{}.attn_k_norm.weight",
+    "post_attn_norm": "blk.{}.post_attention_norm.weight",
+    "ffn_norm": "blk.{}.ffn_norm.weight",
+    "ffn_gate": "blk.{}.ffn_gate.weight",
+    "ffn_up": "blk.{}.ffn_up.weight",
+    "ffn_down": "blk.{}.ffn_down.weight",
+    "post_ffn_norm": "blk.{}.post_ffw_norm.weight",
+}
+
+
+@dataclass(frozen=True)
+class Linear:
+    """An (m, k) weight matrix as stored in the file: y = x @ W.T."""
+    name: str
+    data: np.ndarray      # uint8, read-only, the raw blocks
+    qtype: int
+    m: int
+    k: int
+
+    def dequantize(self) -> np.ndarray:
+        return quant.dequantize(self.data, self.qtype, (self.m, self.k))
+
+
+class WeightSource:
+    """Looks weights up in a GGUF file by our names, checking presence, shape and type."""
+
+    def __init__(self, gguf: GGUFFile):
+        self.gguf = gguf
+
+    def _info(self, name: str, layer: int | None) -> TensorInfo | None:
+        return self.gguf.tensors.get(TENSOR_NAMES[name].format(layer))
+
+    def gguf_name(self, name: str, layer: int | None = None) -> str:
+        return TENSOR_NAMES[name].format(layer)
+
+    def has(self, name: str, layer: int | None = None) -> bool:
+        return self._info(name, layer) is not None
+
+    def _get(self, name: str, layer: int | None, shape: tuple[int, ...]) -> TensorInfo:
+        t = self._info(name, layer)
+        gname = self.gguf_name(name, layer)
+        if t is None:
+            raise ModelFormatError(f"{self.gguf.name}: tensor '{gname}' is missing")
+        if tuple(t.shape) != tuple(shape):
+            raise ModelFormatError(f"{self.gguf.name}: tensor '{gname}' has shape {list(t.shape)}, "
+                                   f"expected {list(shape)} from the hyperparameters")
+        quant.check_supported(t.qtype, gname)
+        return t
+
+    def matrix(self, name: str, layer: int | None, m: int, k: int) -> Linear:
+        t = self._get(name, layer, (m, k))
+        return Linear(t.name, t.data, int(t.qtype), m, k)
+
+    def vector(self, name: str, layer: int | None, n: int) -> np.ndarray:
+        t = self._get(name, layer, (n,))
+        return np.ascontiguousarray(quant.dequantize(t.data, t.qtype, (n,)), dtype=np.float32)
+
+    def vector_or_none(self, name: str, layer: int | None, n: int) -> np.ndarray | None:
+        return self.vector(name, layer, n) if self.has(name, layer) else None
+
+
+class Scratch:
+    """Activation-quantization scratch for the matmul kernels, sized once for the largest batch and width."""
+
+    def __init__(self, max_batch: int, max_k: int):
+        # flat, so that every (B, k) view of them is C-contiguous (one compiled kernel signature)
+        self.xq = np.zeros(max_batch * max_k, dtype=np.int8)
+        self.xs = np.zeros(max_batch * max_k // 16, dtype=np.float32)
+
+
+def linear(out: np.ndarray, x: np.ndarray, w: Linear, scratch: Scratch) -> None:
+    """out (B, m) = x (B, k) @ W.T, through the fused quantized kernels; allocates nothing."""
+    B, k = x.shape
+    if B == 1:
+        kernels.matvec(out[0], x[0], scratch.xq[:k], scratch.xs[:k // 16], w.data, w.qtype, w.m, k)
+    else:
+        kernels.gemm(out, x, scratch.xq[:B * k].reshape(B, k), scratch.xs[:B * k // 16].reshape(B, k // 16),
+                     w.data, w.qtype, w.m, k)
+
+
+def embed(out: np.ndarray, tokens: np.ndarray, w: Linear) -> None:
+    """out (B, k) = rows `tokens` of the embedding matrix, dequantized."""
+    kernels.get_rows(out, tokens, w.data, w.qtype, w.k)

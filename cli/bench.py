@@ -1,5 +1,53 @@
-"""`nibble bench`."""
+"""`nibble bench`: llama-bench's table for a model, or the quantized kernels alone (`--kernels`)."""
 
 from __future__ import annotations
 
-from .app import app, handles_errors  # noqa: F401
+import json
+
+import typer
+
+from .app import app, err, handles_errors, out
+
+
+@app.command()
+@handles_errors
+def bench(model: str = typer.Argument(None, help="catalogue name or path (not needed with --kernels)"),
+          n_prompt: int = typer.Option(512, "-p", "--n-prompt", help="prompt tokens (pp test); 0 to skip"),
+          n_gen: int = typer.Option(128, "-n", "--n-gen", help="generated tokens (tg test); 0 to skip"),
+          reps: int = typer.Option(3, "-r", "--repetitions", help="repetitions after one warm-up"),
+          threads: int = typer.Option(None, "--threads", "-t", help="threads (default: all cores)"),
+          kernels: bool = typer.Option(False, "--kernels", help="benchmark the quantized matmul kernels"),
+          size_mb: int = typer.Option(64, "--size-mb", help="--kernels: weight matrix size in MB"),
+          as_json: bool = typer.Option(False, "--json", help="print JSON")):
+    """Prompt processing and generation speed, as llama-bench measures them, with the bandwidth achieved."""
+    from ..errors import NibbleError
+    from ..quant.jit import get_threads, set_threads
+
+    if threads is not None:
+        set_threads(threads)
+    threads = get_threads()
+    if kernels:
+        from ..quant import bench as kbench
+        rows = kbench.run(size_mb=size_mb)
+        print(json.dumps(rows, indent=2) if as_json else kbench.markdown(rows))
+        return
+    if model is None:
+        raise NibbleError("bench needs a MODEL (or --kernels)")
+    from ..runtime import bench as mbench
+    from ..runtime.model import load
+    m = load(model, n_ctx=max(n_prompt + n_gen, 16), threads=threads)
+    compile_s = mbench.measure_compile(m)
+    results = mbench.run(m, n_prompt, n_gen, max(reps, 1), threads)
+    if as_json:
+        print(json.dumps([r.as_json() for r in results], indent=2))
+        return
+    out.print(mbench.markdown(results), highlight=False)
+    by_test = {r.test: r for r in results}
+    pp, tg = by_test.get(f"pp{n_prompt}"), by_test.get(f"tg{n_gen}")
+    line = []
+    if pp:
+        line.append(f"TTFT ({n_prompt}-token prompt): {1000 * n_prompt / pp.avg_ts:.1f} ms")
+    if tg:
+        line.append(f"TPOT ({n_gen} tokens): {1000 / tg.avg_ts:.2f} ms")
+    out.print("  ".join(line), highlight=False)
+    out.print(f"one-time Numba compile / cache load: {compile_s:.2f} s (excluded above)", highlight=False)

@@ -156,6 +156,30 @@ class Model:
         """Token ids -> text; control tokens are left out unless `special`; invalid UTF-8 becomes U+FFFD."""
         return self.tokenizer.decode(ids, special=special)
 
+    # ---- generation (runtime/generate.py, runtime/session.py) ----
+
+    def stream(self, prompt, **kw):
+        """Stream text generated from `prompt` (str or ids): an iterator of str pieces whose `finish_reason`,
+        `usage` and `timings` are set when it ends. Keywords: max_tokens, temperature, top_k, top_p, min_p,
+        repeat_penalty, repeat_last_n, presence_penalty, frequency_penalty, logit_bias, seed, stop, cancel."""
+        from . import generate
+        return generate.stream(self, prompt, **kw)
+
+    def generate(self, prompt, **kw):
+        """`stream` run to the end: a Completion (text, finish_reason, usage, timings)."""
+        from . import generate
+        return generate.generate(self, prompt, **kw)
+
+    def chat(self, messages: list[dict], **kw):
+        """The assistant's reply to `messages` ({"role", "content"} dicts), with the chat template applied."""
+        from . import generate
+        return generate.chat(self, messages, **kw)
+
+    def session(self, system: str | None = None, **defaults):
+        """A multi-turn conversation that reuses the KV cache between turns."""
+        from .session import Session
+        return Session(self, system, **defaults)
+
     # ---- facts for `nibble show` ----
 
     def _meta_int(self, key: str, default: int | None = None) -> int:

@@ -62,6 +62,12 @@ def ref():
 
 
 @pytest.fixture(scope="session")
+def reference_root() -> Path:
+    """tests/data/reference: the llama.cpp outputs and the texts they were computed on."""
+    return REFERENCE
+
+
+@pytest.fixture(scope="session")
 def cli():
     """cli(*args, input=None, env=None) -> CompletedProcess of the real `nibble` command."""
     return run_cli

@@ -1,0 +1,111 @@
+"""`nibble bench`: llama-bench's method, on our engine.
+
+pp = one batch of p prompt tokens from an empty cache; tg = n single-token decode steps from an empty
+cache; each repeated r times after one warm-up; mean ± stddev of tokens/s. Beside each figure: the weight
+bytes read per token × tokens/s (GB/s), so a reader sees how close decode is to the memory bandwidth.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass
+class BenchResult:
+    model_type: str
+    size: int               # bytes of weights
+    n_params: int
+    n_threads: int
+    n_prompt: int
+    n_gen: int
+    samples_ts: list[float] = field(default_factory=list)
+    weight_bytes: int = 0
+
+    @property
+    def test(self) -> str:
+        return f"pp{self.n_prompt}" if self.n_prompt else f"tg{self.n_gen}"
+
+    @property
+    def avg_ts(self) -> float:
+        return statistics.fmean(self.samples_ts)
+
+    @property
+    def stddev_ts(self) -> float:
+        return statistics.stdev(self.samples_ts) if len(self.samples_ts) > 1 else 0.0
+
+    @property
+    def gbps(self) -> float:
+        return self.weight_bytes * self.avg_ts / 1e9
+
+    def as_json(self) -> dict:
+        return {"model_type": self.model_type, "n_prompt": self.n_prompt, "n_gen": self.n_gen,
+                "n_threads": self.n_threads, "avg_ts": self.avg_ts, "stddev_ts": self.stddev_ts,
+                "gbps": self.gbps, "samples_ts": self.samples_ts}
+
+
+def model_type(model) -> str:
+    """llama-bench's model description: architecture, size label, dominant weight type."""
+    from gguf import LlamaFileType
+    label = model.gguf.get("general.size_label") or f"{model.n_params / 1e6:.0f}M"
+    ftype = model.gguf.get("general.file_type")
+    try:
+        kind = LlamaFileType(int(ftype)).name.removeprefix("MOSTLY_") if ftype is not None else "?"
+    except ValueError:
+        kind = f"ftype {ftype}"
+    return f"{model.architecture} {label} {kind}"
+
+
+def measure_compile(model) -> float:
+    """Seconds spent on the first decode and the first batched step: Numba compiling (or loading its
+    cache) for every kernel the model's weights use. Excluded from the figures."""
+    t = time.perf_counter()
+    model.reset()
+    model.eval([0, 1])
+    model.eval([2])
+    model.reset()
+    return time.perf_counter() - t
+
+
+def run(model, n_prompt: int, n_gen: int, reps: int, threads: int, seed: int = 0) -> list[BenchResult]:
+    rng = np.random.default_rng(seed)
+    common = dict(model_type=model_type(model), size=model.weight_bytes, n_params=model.n_params,
+                  n_threads=threads, weight_bytes=model.weight_bytes)
+    results = []
+    if n_prompt:
+        r = BenchResult(n_prompt=n_prompt, n_gen=0, **common)
+        prompt = rng.integers(0, model.n_vocab, n_prompt)
+        for i in range(reps + 1):
+            model.reset()
+            t = time.perf_counter()
+            model.eval(prompt)
+            dt = time.perf_counter() - t
+            if i:                                   # the first run is the warm-up
+                r.samples_ts.append(n_prompt / dt)
+        results.append(r)
+    if n_gen:
+        r = BenchResult(n_prompt=0, n_gen=n_gen, **common)
+        tokens = rng.integers(0, model.n_vocab, n_gen)
+        for i in range(reps + 1):
+            model.reset()
+            t = time.perf_counter()
+            for tok in tokens:
+                model.eval(tok)
+            dt = time.perf_counter() - t
+            if i:
+                r.samples_ts.append(n_gen / dt)
+        results.append(r)
+    model.reset()
+    return results
+
+
+def markdown(results: list[BenchResult]) -> str:
+    rows = ["| model | size | params | backend | threads | test | t/s | GB/s |",
+            "| --- | ---: | ---: | --- | ---: | ---: | ---: | ---: |"]
+    for r in results:
+        rows.append(f"| {r.model_type} | {r.size / 2**20:.2f} MiB | {r.n_params / 1e6:.2f} M | CPU (numba) | "
+                    f"{r.n_threads} | {r.test} | {r.avg_ts:.2f} ± {r.stddev_ts:.2f} | {r.gbps:.2f} |")
+    return "\n".join(rows)

@@ -202,6 +202,11 @@ def test_string_array_element_longer_than_the_file(write):
           "metadata 'toks'[1]", "string length 1099511627776 exceeds")
 
 
+def test_string_array_ends_with_the_file(write):
+    fails(write(gguf_bytes([kv("toks", ARRAY, array(STRING, 3, string("ab") + string("cd") + b"\xff" * 7))],
+                           alignment=1)), "metadata 'toks'[2]", "needs 8 bytes but the file ends")
+
+
 def test_array_count_times_size_beyond_the_file(write):
     fails(write(gguf_bytes([kv("arr", ARRAY, array(UINT32, 2**62 + 1, u32(7)))])), "metadata 'arr'",
           f"array of {2**62 + 1} UINT32 needs {(2**62 + 1) * 4} bytes")

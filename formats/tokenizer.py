@@ -296,6 +296,18 @@ def read_vocab(gguf: GGUFFile) -> Vocab:
                  add_space_prefix=add_space_prefix, eog_ids=frozenset(eog))
 
 
+def special_token_texts(gguf: GGUFFile) -> tuple[str, str]:
+    """The text of the BOS and EOS tokens ("" where there is none): `bos_token` and `eos_token` for chat
+    templates, without building the tokenizer."""
+    model = _string(gguf, "tokenizer.ggml.model")
+    tokens = _array(gguf, "tokenizer.ggml.tokens", {GGUFValueType.STRING})
+    if model not in ("gpt2", "llama") or not tokens:
+        return "", ""
+    pre = _string(gguf, "tokenizer.ggml.pre") if model == "gpt2" else None
+    special = _special_ids(gguf, model, pre, len(tokens))
+    return tuple("" if special[k] is None else tokens[special[k]] for k in ("bos", "eos"))
+
+
 def _split_merges(merges: list[str], name: str) -> list[tuple[str, str]]:
     """"a b" -> ("a", "b"), split at the first space at or after the second character (as llama.cpp, so that a
     merge may start with a space)."""
@@ -392,6 +404,12 @@ class Tokenizer:
                     continue
             fragments.append(frag)
         return self._encode_fragments(fragments, add_special)
+
+    def control_texts_in(self, text: str) -> list[str]:
+        """The texts of the control and unknown tokens that occur in `text` (those that parse_special would
+        turn into tokens), longest first."""
+        index = self._specials[True]
+        return [index.texts[o] for o in index.present(text) if self._attrs[index.ids[o]] & _ATTR_SPECIAL]
 
     def _partition(self, text: str, parse_special: bool) -> list[str | int]:
         """tokenizer_st_partition: cut special tokens out of the text, longest first (see the module

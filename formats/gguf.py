@@ -170,8 +170,8 @@ class GGUFFile:
         except UnicodeDecodeError as e:
             raise self._fail(what, pos, f"string is not valid UTF-8 ({e.reason} at byte {e.start})") from None
 
-    def _value(self, pos: int, vtype: int, what: str, depth: int = 0) -> tuple[MetadataValue, int]:
-        """Read one value of type `vtype` at `pos`; returns (value, next_pos)."""
+    def _value(self, pos: int, vtype: int, what: str) -> tuple[MetadataValue, int]:
+        """Read the value of a key-value pair, of type `vtype`, at `pos`; returns (value, next_pos)."""
         if vtype in _SCALAR_DTYPES:
             size = _SCALAR_DTYPES[vtype].itemsize
             self._need(pos, size, what)
@@ -185,7 +185,7 @@ class GGUFFile:
             s, end = self._string(pos, what)
             return MetadataValue(s, STRING), end
         if vtype == ARRAY:
-            return self._array(pos, what, depth)
+            return self._array(pos, what, depth=0)
         raise self._fail(what, pos - 4, f"unknown value type {vtype}")
 
     def _array(self, pos: int, what: str, depth: int) -> tuple[MetadataValue, int]:

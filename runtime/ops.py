@@ -14,10 +14,10 @@ import math
 import numpy as np
 from numba import prange
 
-from ..quant.jit import njit, njit_parallel
+from ..quant.jit import kernel, parallel_kernel
 
 
-@njit
+@kernel
 def rmsnorm(out, x, weight, eps):
     """out[b] = x[b] / sqrt(mean(x[b]²) + eps) * weight, for rows of x (B, n); weight (n,).
     The sum of squares is accumulated in float64, as ggml does (ggml_float)."""
@@ -31,7 +31,7 @@ def rmsnorm(out, x, weight, eps):
             out[b, i] = x[b, i] * scale * weight[i]
 
 
-@njit
+@kernel
 def rmsnorm_heads(x, weight, n_heads, head_dim, eps):
     """In place, per head: x (B, n_heads*head_dim) viewed as (B, n_heads, head_dim), each head-vector
     RMS-normalised and scaled by weight (head_dim,) — Gemma 3's q/k norms."""
@@ -47,7 +47,7 @@ def rmsnorm_heads(x, weight, n_heads, head_dim, eps):
                 x[b, o + i] = x[b, o + i] * scale * weight[i]
 
 
-@njit
+@kernel
 def rope(x, positions, n_heads, head_dim, rope_dim, base, neox):
     """Rotary position embedding in place on x (B, n_heads*head_dim), row b at position positions[b].
     Pair i (i < rope_dim/2) rotates by angle pos * base^(-2i/rope_dim). llama.cpp's two layouts:
@@ -73,7 +73,7 @@ def rope(x, positions, n_heads, head_dim, rope_dim, base, neox):
                 x[b, i1] = x0 * s + x1 * c
 
 
-@njit
+@kernel
 def kv_store(k_cache, v_cache, layer, slots, positions, k, v, n_head_kv, head_dim):
     """Write rows of k, v (B, n_head_kv*head_dim) into the cache at (slots[b], layer, positions[b])."""
     for b in range(k.shape[0]):
@@ -84,7 +84,7 @@ def kv_store(k_cache, v_cache, layer, slots, positions, k, v, n_head_kv, head_di
                 v_cache[s, layer, p, h, i] = v[b, h * head_dim + i]
 
 
-@njit_parallel
+@parallel_kernel
 def attention(out, q, k_cache, v_cache, layer, slots, positions, n_head, n_head_kv, head_dim, scale, window):
     """Causal multi-head attention with grouped K/V heads, for rows q (B, n_head*head_dim) -> out (same).
     Row b (slot s, position p) attends to cached positions j <= p of slot s, and with a sliding window
@@ -127,7 +127,7 @@ def attention(out, q, k_cache, v_cache, layer, slots, positions, n_head, n_head_
             out[b, o + i] *= inv
 
 
-@njit
+@kernel
 def silu_mul(gate, up):
     """gate = silu(gate) * up, in place (SwiGLU: llama, qwen2)."""
     B, n = gate.shape
@@ -141,7 +141,7 @@ GELU_COEF_A = 0.044715
 SQRT_2_OVER_PI = 0.7978845608028654
 
 
-@njit
+@kernel
 def gelu_mul(gate, up):
     """gate = gelu_tanh(gate) * up, in place (GeGLU: gemma3). The tanh approximation, as ggml_gelu."""
     B, n = gate.shape
@@ -152,7 +152,7 @@ def gelu_mul(gate, up):
             gate[b, i] = np.float32(0.5 * g * (1.0 + t)) * up[b, i]
 
 
-@njit
+@kernel
 def add_bias(x, bias):
     """x[b] += bias, for rows of x (B, n)."""
     B, n = x.shape

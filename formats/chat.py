@@ -133,6 +133,10 @@ class _CheckedCodeGenerator(CodeGenerator):
         self.write("))")
 
 
+_CONTAINERS = (list, tuple, dict, set, frozenset)
+_SCALARS = frozenset({int, float, bool, type(None)})
+
+
 class _Sandbox(ImmutableSandboxedEnvironment):
     code_generator_class = _CheckedCodeGenerator
     intercepted_binops = frozenset({"+", "*", "**", "%"})
@@ -151,14 +155,22 @@ class _Sandbox(ImmutableSandboxedEnvironment):
         """len(value), with containers counted through (bounded: stops past `limit`)."""
         if isinstance(value, (str, bytes)):
             return len(value)
-        if isinstance(value, (list, tuple, dict, set, frozenset)):
+        if isinstance(value, _CONTAINERS):
             total, stack = 0, [value]
             while stack and total <= limit:
                 v = stack.pop()
                 items = v.values() if isinstance(v, dict) else v
-                total += len(v) + (sum(len(k) for k in v if isinstance(k, str)) if isinstance(v, dict) else 0)
+                total += len(v)
+                kinds = set(map(type, items))   # C-level passes: a Python loop per item would be slow here
+                if kinds <= _SCALARS:
+                    continue
+                if kinds == {str}:
+                    total += sum(map(len, items))
+                    continue
                 for item in items:
-                    if isinstance(item, (list, tuple, dict, set, frozenset)):
+                    if total > limit:
+                        break
+                    if isinstance(item, _CONTAINERS):
                         stack.append(item)
                     elif isinstance(item, str):
                         total += len(item)
@@ -173,13 +185,12 @@ class _Sandbox(ImmutableSandboxedEnvironment):
         return value
 
     def _check_args(self, args, kwargs):
+        # a huge count (`center(10**9)`) is refused before the call allocates; what the call builds is checked
+        # after it. Containers passed in were checked when they were built.
         for a in (*args, *kwargs.values()):
-            if isinstance(a, int) and not isinstance(a, bool):
-                if abs(a) > self.max_chars:
-                    raise _OverBudget(f"the template passed {a} as an argument, larger than the "
-                                      f"{self.max_chars}-character budget")
-            else:
-                self._check(a)
+            if isinstance(a, int) and not isinstance(a, bool) and abs(a) > self.max_chars:
+                raise _OverBudget(f"the template passed {a} as an argument, larger than the "
+                                  f"{self.max_chars}-character budget")
 
     def _guarded(self, f):
         @wraps(f)   # keeps jinja's pass_context/pass_environment markers

@@ -1,1 +1,164 @@
-"""Quantized block formats: numpy reference dequantizers, fused Numba kernels, quantizers."""
+"""Quantized block formats: numpy reference dequantizers, fused Numba kernels, quantizers.
+
+    dequantize(data, qtype, shape) -> f32[shape]          the tensor's values (bit-exact with the references)
+    matmul(x, data, qtype, shape, out=None) -> f32[n, m]  x @ W.T without materialising W
+    quantize(x, qtype) -> uint8[rows, row_bytes]          Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, F32, F16, BF16
+    check_supported(qtype, tensor_name)                   raises UnsupportedQuantError
+
+`data` is a tensor's raw bytes as stored in the GGUF file, `qtype` a `gguf.GGMLQuantizationType` or its int,
+`shape` numpy order (..., row_length). The njit kernels themselves (for code that is compiled too) are in
+`nibble.quant.kernels`: `matvec`, `gemm`, `get_rows`.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+
+from ..errors import UnsupportedQuantError
+from . import floats, kquants, legacy  # noqa: F401  (registers the formats)
+from . import kernels
+from .blocks import FORMATS
+from .jit import apply_threads, get_threads, set_threads
+
+__all__ = ["SUPPORTED_TYPES", "check_supported", "dequantize", "dequantize_reference", "matmul", "quantize",
+           "scratch_shape", "row_bytes", "set_threads", "get_threads", "FORMATS"]
+
+SUPPORTED_TYPES: frozenset[GGMLQuantizationType] = frozenset(GGMLQuantizationType(t) for t in FORMATS)
+QUANTIZABLE_TYPES: frozenset[GGMLQuantizationType] = frozenset(
+    GGMLQuantizationType(t) for t, f in FORMATS.items() if f.can_quantize())
+
+
+def _type_name(qtype) -> str:
+    try:
+        return GGMLQuantizationType(int(qtype)).name
+    except ValueError:
+        return f"type {int(qtype)}"
+
+
+def check_supported(qtype, tensor_name: str) -> None:
+    """Raise UnsupportedQuantError if nibble has no kernels for this GGML type."""
+    if int(qtype) not in FORMATS:
+        supported = ", ".join(sorted(t.name for t in SUPPORTED_TYPES))
+        raise UnsupportedQuantError(
+            f"tensor {tensor_name!r} is stored as {_type_name(qtype)}, which nibble cannot read; "
+            f"use a GGUF quantized with one of {supported} (for example Q4_K_M or Q8_0)")
+
+
+def row_bytes(qtype, k: int) -> int:
+    """Bytes in a row of k values of this type."""
+    block_size, type_size = GGML_QUANT_SIZES[GGMLQuantizationType(int(qtype))]
+    if k % block_size:
+        raise ValueError(f"a {_type_name(qtype)} row holds a multiple of {block_size} values, not {k}")
+    return k // block_size * type_size
+
+
+def scratch_shape(k: int, n: int = 1) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Shapes of the (xq int8, xs float32) scratch that `kernels.matvec` (n = 1: 1-D) and `kernels.gemm`
+    (n rows: 2-D) need for rows of length k."""
+    if n == 1:
+        return (k,), (k // 16,)
+    return (n, k), (n, k // 16)
+
+
+def _prepare(data, qtype, shape) -> tuple[np.ndarray, int, int, int]:
+    """Normalise arguments so every kernel compiles once: bytes as C-contiguous uint8 1-D, ints as int."""
+    qtype = int(qtype)
+    check_supported(qtype, "<array>")
+    shape = tuple(int(s) for s in shape)
+    if not shape:
+        raise ValueError("shape must have at least one dimension")
+    k = shape[-1]
+    m = int(np.prod(shape[:-1], dtype=np.int64)) if len(shape) > 1 else 1
+    w = np.ascontiguousarray(data).view(np.uint8).reshape(-1)
+    expected = m * row_bytes(qtype, k)
+    if w.size != expected:
+        raise ValueError(f"{_type_name(qtype)} data of shape {shape} is {expected} bytes, got {w.size}")
+    return w, qtype, m, k
+
+
+def dequantize(data, qtype, shape) -> np.ndarray:
+    """The values of a tensor as float32 of `shape`, computed by the Numba kernels (bit-exact with
+    `dequantize_reference`)."""
+    w, qtype, m, k = _prepare(data, qtype, shape)
+    out = np.empty((m, k), np.float32)
+    apply_threads()
+    kernels.dequantize_rows(out, w, qtype, m, k)
+    return out.reshape(tuple(int(s) for s in shape))
+
+
+def dequantize_reference(data, qtype, shape) -> np.ndarray:
+    """The same values computed by the numpy reference of the block format (slow, obvious, the definition)."""
+    w, qtype, m, k = _prepare(data, qtype, shape)
+    fmt = FORMATS[qtype]
+    values = fmt.dequantize_blocks(w.reshape(-1, fmt.type_size))
+    return values.reshape(tuple(int(s) for s in shape))
+
+
+_scratch = threading.local()
+
+
+def _scratch_for(n: int, k: int) -> tuple[np.ndarray, np.ndarray]:
+    cache = getattr(_scratch, "buffers", None)
+    if cache is None:
+        cache = _scratch.buffers = {}
+    key = (n, k)
+    if key not in cache:
+        xq_shape, xs_shape = scratch_shape(k, n)
+        cache[key] = (np.empty(xq_shape, np.int8), np.empty(xs_shape, np.float32))
+    return cache[key]
+
+
+def matmul(x, data, qtype, shape, out=None) -> np.ndarray:
+    """x @ W.T for W the (m, k) tensor in `data`: x float32 (n, k) -> (n, m), or (k,) -> (m,).
+
+    n == 1 runs the fused decode matvec, n > 1 the prefill gemm; results are within float rounding plus
+    8-bit activation quantization of the exact product. `out` (float32, C-contiguous, the result's shape)
+    is written in place, and with it nothing is allocated after the first call for a shape.
+    """
+    w, qtype, m, k = _prepare(data, qtype, shape)
+    if len(shape) != 2:
+        raise ValueError(f"matmul needs a 2-D weight shape (m, k), got {tuple(shape)}")
+    x = np.asarray(x)
+    vector = x.ndim == 1
+    if x.dtype != np.float32 or not x.flags.c_contiguous:
+        x = np.ascontiguousarray(x, dtype=np.float32)
+    x2 = x.reshape(1, -1) if vector else x
+    if x2.ndim != 2 or x2.shape[1] != k:
+        raise ValueError(f"x of shape {x.shape} does not match weights of shape {tuple(shape)}")
+    n = x2.shape[0]
+    result_shape = (m,) if vector else (n, m)
+    if out is None:
+        out = np.empty(result_shape, np.float32)
+    elif out.shape != result_shape or out.dtype != np.float32 or not out.flags.c_contiguous:
+        raise ValueError(f"out must be a C-contiguous float32 array of shape {result_shape}")
+    apply_threads()
+    if n == 1:
+        xq, xs = _scratch_for(1, k)
+        kernels.matvec(out.reshape(m), x2[0], xq, xs, w, qtype, m, k)
+    else:
+        xq, xs = _scratch_for(n, k)
+        kernels.gemm(out, x2, xq, xs, w, qtype, m, k)
+    return out
+
+
+def quantize(x, qtype) -> np.ndarray:
+    """float32 (rows, k) -> the bytes of those rows in `qtype`, (rows, k / block_size * type_size) uint8,
+    bit-exact with ggml's reference quantizers."""
+    qtype = int(qtype)
+    check_supported(qtype, "<array>")
+    fmt = FORMATS[qtype]
+    if not fmt.can_quantize():
+        writable = ", ".join(sorted(t.name for t in QUANTIZABLE_TYPES))
+        raise UnsupportedQuantError(f"nibble cannot quantize to {_type_name(qtype)}; it can write {writable}")
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if x.ndim == 1:
+        x = x.reshape(1, -1)
+    if x.ndim != 2:
+        raise ValueError(f"quantize takes (rows, k) float32, got shape {x.shape}")
+    rows, k = x.shape
+    row_bytes(qtype, k)
+    blocks = fmt.quantize_blocks(x.reshape(-1, fmt.block_size))
+    return np.ascontiguousarray(blocks).reshape(rows, -1)

@@ -1,0 +1,86 @@
+"""Numba's options for every kernel, decided in one place, and the thread count.
+
+Every kernel in `nibble.quant` is compiled with the same flags:
+
+- `cache=True`: the machine code is written to `__pycache__` on first use, so a cold compile (tens of seconds
+  for all formats) happens once per machine, not once per process;
+- `fastmath` without `nnan`/`ninf`: reassociation and FMA contraction let LLVM vectorise reductions, while
+  a NaN or an infinity in the activations still propagates instead of being optimised into garbage;
+- `boundscheck=False`, `error_model="numpy"`: no per-element checks, no exceptions on division by zero;
+- `nogil=True`: a server thread can decode while another thread runs Python.
+
+Threads: the parallel kernels use Numba's pool, sized at import from `NIBBLE_THREADS` (default: every core
+this process may run on). `set_threads(n)` changes how many of them the calling thread's kernels use; Numba
+keeps that setting per calling thread, so call it from the thread that runs the model.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numba
+
+FASTMATH = {"nsz", "arcp", "contract", "afn", "reassoc"}
+# The same flags as LLVM instruction flags, for the hand-built vector operations in simd.py.
+LLVM_FASTMATH = tuple(sorted(FASTMATH))
+
+JIT_OPTIONS = dict(cache=True, fastmath=FASTMATH, boundscheck=False, error_model="numpy", nogil=True)
+
+
+def kernel(fn):
+    """Compile `fn` as a serial kernel with nibble's options."""
+    return numba.njit(**JIT_OPTIONS)(fn)
+
+
+def parallel_kernel(fn):
+    """Compile `fn` as a kernel whose `prange` loops run on Numba's thread pool."""
+    return numba.njit(parallel=True, **JIT_OPTIONS)(fn)
+
+
+def available_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
+
+
+def default_threads() -> int:
+    """`NIBBLE_THREADS` if set (clamped to Numba's pool), else every core the process may use."""
+    pool = numba.config.NUMBA_NUM_THREADS
+    env = os.environ.get("NIBBLE_THREADS", "").strip()
+    if env:
+        try:
+            wanted = int(env)
+        except ValueError:
+            raise ValueError(f"NIBBLE_THREADS={env!r} is not a whole number of threads") from None
+        if wanted < 1:
+            raise ValueError(f"NIBBLE_THREADS={env!r}: needs at least 1 thread")
+        return min(wanted, pool)
+    return max(1, min(available_cores(), pool))
+
+
+_threads = default_threads()
+
+
+def set_threads(n: int | None) -> int:
+    """Use `n` threads (None: the default) in the kernels this thread runs. Returns the count now in use, which
+    is at most the size of Numba's pool (fixed when Numba starts: raise it with NUMBA_NUM_THREADS)."""
+    global _threads
+    if n is None:
+        n = default_threads()
+    if int(n) < 1:
+        raise ValueError(f"threads must be at least 1, got {n}")
+    _threads = min(int(n), numba.config.NUMBA_NUM_THREADS)
+    numba.set_num_threads(_threads)
+    return _threads
+
+
+def get_threads() -> int:
+    return _threads
+
+
+def apply_threads() -> None:
+    """Make the calling thread's kernels use the configured count (cheap; the public wrappers call it so a
+    thread that never called `set_threads` still gets the configured count)."""
+    if numba.get_num_threads() != _threads:
+        numba.set_num_threads(_threads)

@@ -1,0 +1,714 @@
+"""Fused Numba kernels that multiply with quantized weights without dequantizing them to memory.
+
+The three entry points the forward pass calls (from Python or from other @njit code), output first:
+
+    matvec(out, x, xq, xs, w, qtype, m, k)     out[m] = W @ x                   (decode, n = 1)
+    gemm(out, x, xq, xs, w, qtype, m, k)       out[n, m] = x @ W.T              (prefill, n >= 1)
+    get_rows(out, ids, w, qtype, k)            out[i] = W[ids[i]] dequantized   (embedding lookup)
+
+`w` is the raw bytes of an (m, k) tensor of GGML type `qtype` (uint8, 1-D, as stored in the file); the type
+dispatch happens here so callers never branch on types.
+
+How the decode kernels work (ggml's scheme): x is quantized once per call to int8 in 32-value blocks,
+`xq[32b:32b+32]` with scale `xs[2b]` and `xs[2b+1] = xs[2b] * Σ xq` (the block's sum, for formats with an
+offset or a minimum). Each weight block is then unpacked to bytes in registers and multiplied with `xq` by
+an int8 dot product (`simd.dot_u8`/`dot_i8`: 32 products in two instructions on AVX2), scaled by
+d_weight * d_x and accumulated in 8 float lanes that are summed once per row. Offsets and minimums never
+touch the int8 products: Σ (d q + m) x = d Σ q x + m Σ x, so they cost one scalar FMA per block.
+F32/F16/BF16 weights take x as float32 directly.
+
+Prefill (gemm) dequantizes 16 weight rows at a time into a float32 tile and multiplies it with every
+activation row by a register-blocked 4 × 4 micro-kernel, so each weight byte is decoded once per call
+however many rows x has.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import prange
+
+from .jit import kernel, parallel_kernel
+from .simd import (bf16x8_at, bits32, bytes32, dot_i8, dot_u8, f16x8_at, f32x8_at, fma, halves, hsum, i8_to_f32,
+                   load_bf16, load_f16, load_f32, load_f32x8, load_i8, load_u8, load_u32, nibbles16, store_f32x8,
+                   to_f32, u8_to_f32, zeros)
+
+f32 = np.float32
+
+# GGML type ids (gguf.GGMLQuantizationType), as plain ints so Numba folds the dispatch chains.
+F32, F16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, BF16 = 0, 1, 2, 3, 6, 7, 8, 10, 11, 12, 13, 14, 30
+QK_K = 256
+
+# A matvec below this many weights runs on the calling thread: waking the pool costs more than it saves.
+SERIAL_WEIGHTS = 1 << 16
+MATVEC_TASK_ROWS = 16    # rows per parallel task in matvec
+GEMM_TILE_ROWS = 16      # weight rows dequantized at a time by gemm
+GEMM_TASKS = 64          # parallel tasks in gemm, each with its own tile buffer
+GEMM_MIN_ROWS = 4        # below this many activation rows, gemm runs one matvec per row
+
+
+@kernel
+def row_bytes(qtype, k):
+    """Bytes in one row of k values of type `qtype`."""
+    if qtype == F32:
+        return 4 * k
+    if qtype == F16 or qtype == BF16:
+        return 2 * k
+    if qtype == Q4_0:
+        return k // 32 * 18
+    if qtype == Q4_1:
+        return k // 32 * 20
+    if qtype == Q5_0:
+        return k // 32 * 22
+    if qtype == Q5_1:
+        return k // 32 * 24
+    if qtype == Q8_0:
+        return k // 32 * 34
+    if qtype == Q2_K:
+        return k // QK_K * 84
+    if qtype == Q3_K:
+        return k // QK_K * 110
+    if qtype == Q4_K:
+        return k // QK_K * 144
+    if qtype == Q5_K:
+        return k // QK_K * 176
+    if qtype == Q6_K:
+        return k // QK_K * 210
+    return -1
+
+
+@kernel
+def uses_int8_activations(qtype):
+    return not (qtype == F32 or qtype == F16 or qtype == BF16)
+
+
+@kernel
+def quantize_activations(x, xq, xs):
+    """x f32[k] -> xq int8[k] (round to nearest, |q| <= 127 per 32-block), xs[2b] = scale, xs[2b+1] =
+    scale * Σ q (ggml's Q8_1 block, kept in two plain arrays). k must be a multiple of 32."""
+    for b in range(x.size // 32):
+        amax = f32(0)
+        for j in range(32):
+            amax = max(amax, abs(x[32 * b + j]))
+        d = amax / f32(127)
+        inv = f32(1) / d if d > f32(0) else f32(0)
+        total = f32(0)
+        for j in range(32):
+            q = np.rint(x[32 * b + j] * inv)
+            xq[32 * b + j] = np.int8(q)
+            total += q
+        xs[2 * b] = d
+        xs[2 * b + 1] = d * total
+
+
+# ---- decode: one output row at a time, fused (rows r0 .. r1 - 1) ----
+
+@kernel
+def _rows_q4_0(out, xq, xs, w, r0, r1, k):
+    nb = k // 32
+    for r in range(r0, r1):
+        p = r * nb * 18
+        acc = zeros()
+        offset = f32(0)
+        for b in range(nb):
+            d = load_f16(w, p)
+            acc = fma(to_f32(dot_u8(nibbles16(w, p + 2), xq, 32 * b)), d * xs[2 * b], acc)
+            offset += d * xs[2 * b + 1]                    # value = d * (q - 8)
+            p += 18
+        out[r] = hsum(acc) - f32(8) * offset
+
+
+@kernel
+def _rows_q4_1(out, xq, xs, w, r0, r1, k):
+    nb = k // 32
+    for r in range(r0, r1):
+        p = r * nb * 20
+        acc = zeros()
+        mins = f32(0)
+        for b in range(nb):
+            acc = fma(to_f32(dot_u8(nibbles16(w, p + 4), xq, 32 * b)), load_f16(w, p) * xs[2 * b], acc)
+            mins += load_f16(w, p + 2) * xs[2 * b + 1]      # value = d * q + m
+            p += 20
+        out[r] = hsum(acc) + mins
+
+
+@kernel
+def _rows_q5_0(out, xq, xs, w, r0, r1, k):
+    nb = k // 32
+    for r in range(r0, r1):
+        p = r * nb * 22
+        acc = zeros()
+        offset = f32(0)
+        for b in range(nb):
+            d = load_f16(w, p)
+            q = nibbles16(w, p + 6) | (bits32(load_u32(w, p + 2)) << 4)
+            acc = fma(to_f32(dot_u8(q, xq, 32 * b)), d * xs[2 * b], acc)
+            offset += d * xs[2 * b + 1]                    # value = d * (q - 16)
+            p += 22
+        out[r] = hsum(acc) - f32(16) * offset
+
+
+@kernel
+def _rows_q5_1(out, xq, xs, w, r0, r1, k):
+    nb = k // 32
+    for r in range(r0, r1):
+        p = r * nb * 24
+        acc = zeros()
+        mins = f32(0)
+        for b in range(nb):
+            q = nibbles16(w, p + 8) | (bits32(load_u32(w, p + 4)) << 4)
+            acc = fma(to_f32(dot_u8(q, xq, 32 * b)), load_f16(w, p) * xs[2 * b], acc)
+            mins += load_f16(w, p + 2) * xs[2 * b + 1]
+            p += 24
+        out[r] = hsum(acc) + mins
+
+
+@kernel
+def _rows_q8_0(out, xq, xs, w, r0, r1, k):
+    nb = k // 32
+    for r in range(r0, r1):
+        p = r * nb * 34
+        acc = zeros()
+        for b in range(nb):
+            acc = fma(to_f32(dot_i8(bytes32(w, p + 2), xq, 32 * b)), load_f16(w, p) * xs[2 * b], acc)
+            p += 34
+        out[r] = hsum(acc)
+
+
+@kernel
+def _scale_min_k4(w, p, j):
+    """Scale and min j (0..7) of a Q4_K/Q5_K super-block whose 12 scale bytes start at w[p]."""
+    if j < 4:
+        sc = load_u8(w, p + j) & 63
+        mn = load_u8(w, p + j + 4) & 63
+    else:
+        sc = (load_u8(w, p + j + 4) & 15) | ((load_u8(w, p + j - 4) >> 6) << 4)
+        mn = (load_u8(w, p + j + 4) >> 4) | ((load_u8(w, p + j) >> 6) << 4)
+    return f32(sc), f32(mn)
+
+
+@kernel
+def _scale_q3_k(w, p, j):
+    """Signed scale j (0..15) of a Q3_K super-block whose 12 scale bytes start at w[p]."""
+    low = (load_u8(w, p + j % 8) >> (4 * (j // 8))) & 15
+    high = (load_u8(w, p + 8 + j % 4) >> (2 * (j // 4))) & 3
+    return f32(low | (high << 4)) - f32(32)
+
+
+@kernel
+def _rows_q2_k(out, xq, xs, w, r0, r1, k):
+    nsb = k // QK_K
+    ones = bits32(np.uint32(0xFFFFFFFF))
+    for r in range(r0, r1):
+        p = r * nsb * 84
+        acc = zeros()
+        for sb in range(nsb):
+            d = load_f16(w, p + 80)
+            dmin = load_f16(w, p + 82)
+            for h in range(2):
+                qs = bytes32(w, p + 16 + 32 * h)
+                for g in range(4):
+                    i = 8 * sb + 4 * h + g            # 32-value block of x
+                    s0 = load_u8(w, p + 8 * h + 2 * g)
+                    s1 = load_u8(w, p + 8 * h + 2 * g + 1)
+                    dx = xs[2 * i]
+                    acc = fma(to_f32(dot_u8((qs >> (2 * g)) & 3, xq, 32 * i)),
+                              halves(d * f32(s0 & 15), d * f32(s1 & 15)) * dx, acc)
+                    # minus dmin * m * Σ x over each 16-value sub-block
+                    acc = fma(to_f32(dot_u8(ones, xq, 32 * i)),
+                              halves(-dmin * f32(s0 >> 4), -dmin * f32(s1 >> 4)) * dx, acc)
+            p += 84
+        out[r] = hsum(acc)
+
+
+@kernel
+def _rows_q3_k(out, xq, xs, w, r0, r1, k):
+    nsb = k // QK_K
+    for r in range(r0, r1):
+        p = r * nsb * 110
+        acc = zeros()
+        for sb in range(nsb):
+            d = load_f16(w, p + 108)
+            hmask = bytes32(w, p)
+            for h in range(2):
+                qs = bytes32(w, p + 32 + 32 * h)
+                for g in range(4):
+                    i = 8 * sb + 4 * h + g
+                    # q - 4 when the high bit is clear, q when set: (q | hbit << 2) - 4
+                    q = (((qs >> (2 * g)) & 3) | (((hmask >> (4 * h + g)) & 1) << 2)) - 4
+                    scale = halves(_scale_q3_k(w, p + 96, 8 * h + 2 * g), _scale_q3_k(w, p + 96, 8 * h + 2 * g + 1))
+                    acc = fma(to_f32(dot_i8(q, xq, 32 * i)), scale * (d * xs[2 * i]), acc)
+            p += 110
+        out[r] = hsum(acc)
+
+
+@kernel
+def _rows_q4_k(out, xq, xs, w, r0, r1, k):
+    nsb = k // QK_K
+    for r in range(r0, r1):
+        p = r * nsb * 144
+        acc = zeros()
+        mins = f32(0)
+        for sb in range(nsb):
+            d = load_f16(w, p)
+            dmin = load_f16(w, p + 2)
+            sb_mins = f32(0)
+            for c in range(4):
+                q = bytes32(w, p + 16 + 32 * c)
+                i = 8 * sb + 2 * c
+                sc0, m0 = _scale_min_k4(w, p + 4, 2 * c)
+                sc1, m1 = _scale_min_k4(w, p + 4, 2 * c + 1)
+                acc = fma(to_f32(dot_u8(q & 15, xq, 32 * i)), d * sc0 * xs[2 * i], acc)
+                acc = fma(to_f32(dot_u8(q >> 4, xq, 32 * i + 32)), d * sc1 * xs[2 * i + 2], acc)
+                sb_mins += m0 * xs[2 * i + 1] + m1 * xs[2 * i + 3]
+            mins += dmin * sb_mins
+            p += 144
+        out[r] = hsum(acc) - mins
+
+
+@kernel
+def _rows_q5_k(out, xq, xs, w, r0, r1, k):
+    nsb = k // QK_K
+    for r in range(r0, r1):
+        p = r * nsb * 176
+        acc = zeros()
+        mins = f32(0)
+        for sb in range(nsb):
+            d = load_f16(w, p)
+            dmin = load_f16(w, p + 2)
+            qh = bytes32(w, p + 16)
+            sb_mins = f32(0)
+            for c in range(4):
+                q = bytes32(w, p + 48 + 32 * c)
+                i = 8 * sb + 2 * c
+                sc0, m0 = _scale_min_k4(w, p + 4, 2 * c)
+                sc1, m1 = _scale_min_k4(w, p + 4, 2 * c + 1)
+                lo = (q & 15) | (((qh >> (2 * c)) & 1) << 4)
+                hi = (q >> 4) | (((qh >> (2 * c + 1)) & 1) << 4)
+                acc = fma(to_f32(dot_u8(lo, xq, 32 * i)), d * sc0 * xs[2 * i], acc)
+                acc = fma(to_f32(dot_u8(hi, xq, 32 * i + 32)), d * sc1 * xs[2 * i + 2], acc)
+                sb_mins += m0 * xs[2 * i + 1] + m1 * xs[2 * i + 3]
+            mins += dmin * sb_mins
+            p += 176
+        out[r] = hsum(acc) - mins
+
+
+@kernel
+def _rows_q6_k(out, xq, xs, w, r0, r1, k):
+    nsb = k // QK_K
+    for r in range(r0, r1):
+        p = r * nsb * 210
+        acc = zeros()
+        for sb in range(nsb):
+            d = load_f16(w, p + 208)
+            for h in range(2):
+                ql0 = bytes32(w, p + 64 * h)
+                ql1 = bytes32(w, p + 64 * h + 32)
+                qh = bytes32(w, p + 128 + 32 * h)
+                for g in range(4):
+                    if g == 0:
+                        q = (ql0 & 15) | ((qh & 3) << 4)
+                    elif g == 1:
+                        q = (ql1 & 15) | (((qh >> 2) & 3) << 4)
+                    elif g == 2:
+                        q = (ql0 >> 4) | (((qh >> 4) & 3) << 4)
+                    else:
+                        q = (ql1 >> 4) | ((qh >> 6) << 4)
+                    i = 8 * sb + 4 * h + g
+                    s = p + 192 + 8 * h + 2 * g
+                    scale = halves(f32(load_i8(w, s)), f32(load_i8(w, s + 1)))
+                    acc = fma(to_f32(dot_i8(q - 32, xq, 32 * i)), scale * (d * xs[2 * i]), acc)
+            p += 210
+        out[r] = hsum(acc)
+
+
+@kernel
+def _rows_float(out, x, w, qtype, r0, r1, k):
+    """F32 / F16 / BF16 weights against float32 x; four accumulators hide the FMA latency."""
+    size = 4 if qtype == F32 else 2
+    k8 = k - k % 8
+    k32 = k - k % 32
+    for r in range(r0, r1):
+        p = r * k * size
+        a0 = zeros()
+        a1 = zeros()
+        a2 = zeros()
+        a3 = zeros()
+        for i in range(0, k32, 32):
+            q = p + i * size
+            if qtype == F16:
+                a0 = fma(f16x8_at(w, q), load_f32x8(x, i), a0)
+                a1 = fma(f16x8_at(w, q + 16), load_f32x8(x, i + 8), a1)
+                a2 = fma(f16x8_at(w, q + 32), load_f32x8(x, i + 16), a2)
+                a3 = fma(f16x8_at(w, q + 48), load_f32x8(x, i + 24), a3)
+            elif qtype == BF16:
+                a0 = fma(bf16x8_at(w, q), load_f32x8(x, i), a0)
+                a1 = fma(bf16x8_at(w, q + 16), load_f32x8(x, i + 8), a1)
+                a2 = fma(bf16x8_at(w, q + 32), load_f32x8(x, i + 16), a2)
+                a3 = fma(bf16x8_at(w, q + 48), load_f32x8(x, i + 24), a3)
+            else:
+                a0 = fma(f32x8_at(w, q), load_f32x8(x, i), a0)
+                a1 = fma(f32x8_at(w, q + 32), load_f32x8(x, i + 8), a1)
+                a2 = fma(f32x8_at(w, q + 64), load_f32x8(x, i + 16), a2)
+                a3 = fma(f32x8_at(w, q + 96), load_f32x8(x, i + 24), a3)
+        for i in range(k32, k8, 8):
+            if qtype == F16:
+                a0 = fma(f16x8_at(w, p + 2 * i), load_f32x8(x, i), a0)
+            elif qtype == BF16:
+                a0 = fma(bf16x8_at(w, p + 2 * i), load_f32x8(x, i), a0)
+            else:
+                a0 = fma(f32x8_at(w, p + 4 * i), load_f32x8(x, i), a0)
+        total = hsum((a0 + a1) + (a2 + a3))
+        for i in range(k8, k):
+            total += _float_at(w, qtype, p + i * size) * x[i]
+        out[r] = total
+
+
+@kernel
+def _float_at(w, qtype, p):
+    if qtype == F16:
+        return load_f16(w, p)
+    if qtype == BF16:
+        return load_bf16(w, p)
+    return load_f32(w, p)
+
+
+@kernel
+def _matvec_rows(out, x, xq, xs, w, qtype, r0, r1, k):
+    if qtype == Q4_0:
+        _rows_q4_0(out, xq, xs, w, r0, r1, k)
+    elif qtype == Q4_1:
+        _rows_q4_1(out, xq, xs, w, r0, r1, k)
+    elif qtype == Q5_0:
+        _rows_q5_0(out, xq, xs, w, r0, r1, k)
+    elif qtype == Q5_1:
+        _rows_q5_1(out, xq, xs, w, r0, r1, k)
+    elif qtype == Q8_0:
+        _rows_q8_0(out, xq, xs, w, r0, r1, k)
+    elif qtype == Q2_K:
+        _rows_q2_k(out, xq, xs, w, r0, r1, k)
+    elif qtype == Q3_K:
+        _rows_q3_k(out, xq, xs, w, r0, r1, k)
+    elif qtype == Q4_K:
+        _rows_q4_k(out, xq, xs, w, r0, r1, k)
+    elif qtype == Q5_K:
+        _rows_q5_k(out, xq, xs, w, r0, r1, k)
+    elif qtype == Q6_K:
+        _rows_q6_k(out, xq, xs, w, r0, r1, k)
+    else:
+        _rows_float(out, x, w, qtype, r0, r1, k)
+
+
+@parallel_kernel
+def matvec(out, x, xq, xs, w, qtype, m, k):
+    """out f32[m] = W @ x for W the (m, k) tensor of type `qtype` in bytes `w`. xq int8[k] and xs f32[k // 16]
+    are scratch the kernel fills (x quantized to 8 bits) so nothing is allocated per call. Parallel over
+    rows; small matrices run on the calling thread."""
+    if uses_int8_activations(qtype):
+        quantize_activations(x, xq, xs)
+    if m * k <= SERIAL_WEIGHTS:
+        _matvec_rows(out, x, xq, xs, w, qtype, 0, m, k)
+        return
+    # Numba hands each thread one contiguous run of tasks, so each streams its own part of W.
+    for t in prange((m + MATVEC_TASK_ROWS - 1) // MATVEC_TASK_ROWS):
+        _matvec_rows(out, x, xq, xs, w, qtype, t * MATVEC_TASK_ROWS, min(m, (t + 1) * MATVEC_TASK_ROWS), k)
+
+
+# ---- dequantization: one row into float32 ----
+
+@kernel
+def _dequant_q4_0(o, w, p, nb):
+    for b in range(nb):
+        d = load_f16(w, p)
+        q = nibbles16(w, p + 2)
+        store_f32x8(o, 32 * b, d * (u8_to_f32(q, 0) - f32(8)))
+        store_f32x8(o, 32 * b + 8, d * (u8_to_f32(q, 1) - f32(8)))
+        store_f32x8(o, 32 * b + 16, d * (u8_to_f32(q, 2) - f32(8)))
+        store_f32x8(o, 32 * b + 24, d * (u8_to_f32(q, 3) - f32(8)))
+        p += 18
+
+
+@kernel
+def _store_affine32(o, i, q, d, m):
+    """o[i:i + 32] = d * q + m for the 32 unsigned bytes of q (rounded as numpy rounds, not fused)."""
+    store_f32x8(o, i, d * u8_to_f32(q, 0) + m)
+    store_f32x8(o, i + 8, d * u8_to_f32(q, 1) + m)
+    store_f32x8(o, i + 16, d * u8_to_f32(q, 2) + m)
+    store_f32x8(o, i + 24, d * u8_to_f32(q, 3) + m)
+
+
+@kernel
+def _store_signed32(o, i, q, d0, d1):
+    """o[i:i + 16] = d0 * q, o[i + 16:i + 32] = d1 * q for the 32 signed bytes of q."""
+    store_f32x8(o, i, d0 * i8_to_f32(q, 0))
+    store_f32x8(o, i + 8, d0 * i8_to_f32(q, 1))
+    store_f32x8(o, i + 16, d1 * i8_to_f32(q, 2))
+    store_f32x8(o, i + 24, d1 * i8_to_f32(q, 3))
+
+
+@kernel
+def _dequant_q4_1(o, w, p, nb):
+    for b in range(nb):
+        _store_affine32(o, 32 * b, nibbles16(w, p + 4), load_f16(w, p), load_f16(w, p + 2))
+        p += 20
+
+
+@kernel
+def _dequant_q5_0(o, w, p, nb):
+    for b in range(nb):
+        d = load_f16(w, p)
+        q = (nibbles16(w, p + 6) | (bits32(load_u32(w, p + 2)) << 4)) - 16
+        _store_signed32(o, 32 * b, q, d, d)
+        p += 22
+
+
+@kernel
+def _dequant_q5_1(o, w, p, nb):
+    for b in range(nb):
+        q = nibbles16(w, p + 8) | (bits32(load_u32(w, p + 4)) << 4)
+        _store_affine32(o, 32 * b, q, load_f16(w, p), load_f16(w, p + 2))
+        p += 24
+
+
+@kernel
+def _dequant_q8_0(o, w, p, nb):
+    for b in range(nb):
+        d = load_f16(w, p)
+        _store_signed32(o, 32 * b, bytes32(w, p + 2), d, d)
+        p += 34
+
+
+@kernel
+def _dequant_q2_k(o, w, p, nsb):
+    for sb in range(nsb):
+        d = load_f16(w, p + 80)
+        dmin = load_f16(w, p + 82)
+        for h in range(2):
+            qs = bytes32(w, p + 16 + 32 * h)
+            for g in range(4):
+                q = (qs >> (2 * g)) & 3
+                i = QK_K * sb + 128 * h + 32 * g
+                s0 = load_u8(w, p + 8 * h + 2 * g)
+                s1 = load_u8(w, p + 8 * h + 2 * g + 1)
+                dl0, ml0 = d * f32(s0 & 15), dmin * f32(s0 >> 4)
+                dl1, ml1 = d * f32(s1 & 15), dmin * f32(s1 >> 4)
+                store_f32x8(o, i, dl0 * u8_to_f32(q, 0) - ml0)
+                store_f32x8(o, i + 8, dl0 * u8_to_f32(q, 1) - ml0)
+                store_f32x8(o, i + 16, dl1 * u8_to_f32(q, 2) - ml1)
+                store_f32x8(o, i + 24, dl1 * u8_to_f32(q, 3) - ml1)
+        p += 84
+
+
+@kernel
+def _dequant_q3_k(o, w, p, nsb):
+    for sb in range(nsb):
+        d = load_f16(w, p + 108)
+        hmask = bytes32(w, p)
+        for h in range(2):
+            qs = bytes32(w, p + 32 + 32 * h)
+            for g in range(4):
+                q = (((qs >> (2 * g)) & 3) | (((hmask >> (4 * h + g)) & 1) << 2)) - 4
+                j = 8 * h + 2 * g
+                _store_signed32(o, QK_K * sb + 128 * h + 32 * g, q,
+                                d * _scale_q3_k(w, p + 96, j), d * _scale_q3_k(w, p + 96, j + 1))
+        p += 110
+
+
+@kernel
+def _dequant_q4_k(o, w, p, nsb):
+    for sb in range(nsb):
+        d = load_f16(w, p)
+        dmin = load_f16(w, p + 2)
+        for c in range(4):
+            q = bytes32(w, p + 16 + 32 * c)
+            sc0, m0 = _scale_min_k4(w, p + 4, 2 * c)
+            sc1, m1 = _scale_min_k4(w, p + 4, 2 * c + 1)
+            i = QK_K * sb + 64 * c
+            _store_affine32(o, i, q & 15, d * sc0, -(dmin * m0))
+            _store_affine32(o, i + 32, q >> 4, d * sc1, -(dmin * m1))
+        p += 144
+
+
+@kernel
+def _dequant_q5_k(o, w, p, nsb):
+    for sb in range(nsb):
+        d = load_f16(w, p)
+        dmin = load_f16(w, p + 2)
+        qh = bytes32(w, p + 16)
+        for c in range(4):
+            q = bytes32(w, p + 48 + 32 * c)
+            sc0, m0 = _scale_min_k4(w, p + 4, 2 * c)
+            sc1, m1 = _scale_min_k4(w, p + 4, 2 * c + 1)
+            i = QK_K * sb + 64 * c
+            _store_affine32(o, i, (q & 15) | (((qh >> (2 * c)) & 1) << 4), d * sc0, -(dmin * m0))
+            _store_affine32(o, i + 32, (q >> 4) | (((qh >> (2 * c + 1)) & 1) << 4), d * sc1, -(dmin * m1))
+        p += 176
+
+
+@kernel
+def _dequant_q6_k(o, w, p, nsb):
+    for sb in range(nsb):
+        d = load_f16(w, p + 208)
+        for h in range(2):
+            ql0 = bytes32(w, p + 64 * h)
+            ql1 = bytes32(w, p + 64 * h + 32)
+            qh = bytes32(w, p + 128 + 32 * h)
+            for g in range(4):
+                if g == 0:
+                    q = (ql0 & 15) | ((qh & 3) << 4)
+                elif g == 1:
+                    q = (ql1 & 15) | (((qh >> 2) & 3) << 4)
+                elif g == 2:
+                    q = (ql0 >> 4) | (((qh >> 4) & 3) << 4)
+                else:
+                    q = (ql1 >> 4) | ((qh >> 6) << 4)
+                s = p + 192 + 8 * h + 2 * g
+                _store_signed32(o, QK_K * sb + 128 * h + 32 * g, q - 32,
+                                d * f32(load_i8(w, s)), d * f32(load_i8(w, s + 1)))
+        p += 210
+
+
+@kernel
+def _dequant_float(o, w, qtype, p, k):
+    size = 4 if qtype == F32 else 2
+    k8 = k - k % 8
+    for i in range(0, k8, 8):
+        if qtype == F16:
+            store_f32x8(o, i, f16x8_at(w, p + 2 * i))
+        elif qtype == BF16:
+            store_f32x8(o, i, bf16x8_at(w, p + 2 * i))
+        else:
+            store_f32x8(o, i, f32x8_at(w, p + 4 * i))
+    for i in range(k8, k):
+        o[i] = _float_at(w, qtype, p + i * size)
+
+
+@kernel
+def dequantize_row(o, w, qtype, row, k):
+    """o f32[k] = row `row` of the (m, k) tensor of type `qtype` in bytes `w`, bit-exact with the numpy
+    references."""
+    p = row * row_bytes(qtype, k)
+    if qtype == Q4_0:
+        _dequant_q4_0(o, w, p, k // 32)
+    elif qtype == Q4_1:
+        _dequant_q4_1(o, w, p, k // 32)
+    elif qtype == Q5_0:
+        _dequant_q5_0(o, w, p, k // 32)
+    elif qtype == Q5_1:
+        _dequant_q5_1(o, w, p, k // 32)
+    elif qtype == Q8_0:
+        _dequant_q8_0(o, w, p, k // 32)
+    elif qtype == Q2_K:
+        _dequant_q2_k(o, w, p, k // QK_K)
+    elif qtype == Q3_K:
+        _dequant_q3_k(o, w, p, k // QK_K)
+    elif qtype == Q4_K:
+        _dequant_q4_k(o, w, p, k // QK_K)
+    elif qtype == Q5_K:
+        _dequant_q5_k(o, w, p, k // QK_K)
+    elif qtype == Q6_K:
+        _dequant_q6_k(o, w, p, k // QK_K)
+    else:
+        _dequant_float(o, w, qtype, p, k)
+
+
+@parallel_kernel
+def get_rows(out, ids, w, qtype, k):
+    """out f32[len(ids), k]: rows `ids` of W dequantized (the embedding lookup)."""
+    n = ids.size
+    if n < 16:
+        for i in range(n):
+            dequantize_row(out[i], w, qtype, ids[i], k)
+        return
+    for i in prange(n):
+        dequantize_row(out[i], w, qtype, ids[i], k)
+
+
+@parallel_kernel
+def dequantize_rows(out, w, qtype, m, k):
+    """out f32[m, k] = the whole tensor, parallel over rows."""
+    for r in prange(m):
+        dequantize_row(out[r], w, qtype, r, k)
+
+
+# ---- prefill ----
+
+@kernel
+def _dot_4x4(out, x, tile, i0, j0, col, k):
+    """out[i0:i0+4, col:col+4] = x[i0:i0+4] @ tile[j0:j0+4].T over k (a multiple of 8, any tail added by the
+    caller), 16 accumulators in registers."""
+    x0, x1, x2, x3 = x[i0], x[i0 + 1], x[i0 + 2], x[i0 + 3]
+    w0, w1, w2, w3 = tile[j0], tile[j0 + 1], tile[j0 + 2], tile[j0 + 3]
+    c00 = zeros(); c01 = zeros(); c02 = zeros(); c03 = zeros()
+    c10 = zeros(); c11 = zeros(); c12 = zeros(); c13 = zeros()
+    c20 = zeros(); c21 = zeros(); c22 = zeros(); c23 = zeros()
+    c30 = zeros(); c31 = zeros(); c32 = zeros(); c33 = zeros()
+    for i in range(0, k - k % 8, 8):
+        b0 = load_f32x8(w0, i); b1 = load_f32x8(w1, i); b2 = load_f32x8(w2, i); b3 = load_f32x8(w3, i)
+        a = load_f32x8(x0, i)
+        c00 = fma(a, b0, c00); c01 = fma(a, b1, c01); c02 = fma(a, b2, c02); c03 = fma(a, b3, c03)
+        a = load_f32x8(x1, i)
+        c10 = fma(a, b0, c10); c11 = fma(a, b1, c11); c12 = fma(a, b2, c12); c13 = fma(a, b3, c13)
+        a = load_f32x8(x2, i)
+        c20 = fma(a, b0, c20); c21 = fma(a, b1, c21); c22 = fma(a, b2, c22); c23 = fma(a, b3, c23)
+        a = load_f32x8(x3, i)
+        c30 = fma(a, b0, c30); c31 = fma(a, b1, c31); c32 = fma(a, b2, c32); c33 = fma(a, b3, c33)
+    out[i0, col] = hsum(c00); out[i0, col + 1] = hsum(c01); out[i0, col + 2] = hsum(c02); out[i0, col + 3] = hsum(c03)
+    out[i0 + 1, col] = hsum(c10); out[i0 + 1, col + 1] = hsum(c11)
+    out[i0 + 1, col + 2] = hsum(c12); out[i0 + 1, col + 3] = hsum(c13)
+    out[i0 + 2, col] = hsum(c20); out[i0 + 2, col + 1] = hsum(c21)
+    out[i0 + 2, col + 2] = hsum(c22); out[i0 + 2, col + 3] = hsum(c23)
+    out[i0 + 3, col] = hsum(c30); out[i0 + 3, col + 1] = hsum(c31)
+    out[i0 + 3, col + 2] = hsum(c32); out[i0 + 3, col + 3] = hsum(c33)
+
+
+@kernel
+def _dot_1x1(a, b, k):
+    acc = zeros()
+    k8 = k - k % 8
+    for i in range(0, k8, 8):
+        acc = fma(load_f32x8(a, i), load_f32x8(b, i), acc)
+    total = hsum(acc)
+    for i in range(k8, k):
+        total += a[i] * b[i]
+    return total
+
+
+@kernel
+def _tile_product(out, x, tile, rows, col, k):
+    """out[:, col:col + rows] = x @ tile[:rows].T."""
+    n = x.shape[0]
+    n4 = n - n % 4
+    rows4 = rows - rows % 4
+    k8 = k - k % 8
+    for i0 in range(0, n4, 4):
+        for j0 in range(0, rows4, 4):
+            _dot_4x4(out, x, tile, i0, j0, col + j0, k)
+            if k8 < k:
+                for i in range(i0, i0 + 4):
+                    for j in range(j0, j0 + 4):
+                        for t in range(k8, k):
+                            out[i, col + j] += x[i, t] * tile[j, t]
+    for i in range(n):
+        for j in range(rows4 if i < n4 else 0, rows):
+            out[i, col + j] = _dot_1x1(x[i], tile[j], k)
+
+
+@parallel_kernel
+def gemm(out, x, xq, xs, w, qtype, m, k):
+    """out f32[n, m] = x @ W.T for x f32[n, k]. xq int8[n, k] and xs f32[n, k // 16] are scratch (used when
+    n is small enough that gemm runs one matvec per row). Each weight row is dequantized once per call."""
+    n = x.shape[0]
+    if n < GEMM_MIN_ROWS:
+        for i in range(n):
+            matvec(out[i], x[i], xq[i], xs[i], w, qtype, m, k)
+        return
+    n_tiles = (m + GEMM_TILE_ROWS - 1) // GEMM_TILE_ROWS
+    n_chunks = min(n_tiles, GEMM_TASKS)
+    for c in prange(n_chunks):
+        tile = np.empty((GEMM_TILE_ROWS, k), np.float32)
+        for t in range(c * n_tiles // n_chunks, (c + 1) * n_tiles // n_chunks):
+            r0 = t * GEMM_TILE_ROWS
+            rows = min(GEMM_TILE_ROWS, m - r0)
+            for j in range(rows):
+                dequantize_row(tile[j], w, qtype, r0 + j, k)
+            _tile_product(out, x, tile, rows, r0, k)

@@ -1,0 +1,478 @@
+"""Fixed-width vectors inside Numba kernels: the few operations the quantized dot products need.
+
+Why this exists. Plain Numba loops over quantized blocks run at 1-5 GB/s, far from memory bandwidth, for two
+reasons that no loop rewrite fixes: Numba types every integer operation as int64 (so an int8 × int8 product
+is computed in 64-bit lanes), and LLVM will not keep per-lane accumulators in registers across the loop over
+blocks (it reduces each 32-value block horizontally instead). These intrinsics give kernels three vector
+value types that live in registers,
+
+    F32x8   8 × float32        I32x8   8 × int32        U8x32   32 × uint8 (or int8, per operation)
+
+and the operations on them, written as portable LLVM vector IR: LLVM lowers them to AVX2, AVX-512 or NEON
+for whatever machine compiles them. The one exception is the int8 dot product, where generic IR cannot
+express x86's saturating `pmaddubsw`; on x86 with AVX2 that instruction is used directly (its saturation
+never triggers: see `dot_u8`), elsewhere the generic form.
+
+Operators: U8x32 supports & | >> << + - with another U8x32 or a Python int (a per-byte constant);
+F32x8 supports + - * with another F32x8 or a float32 scalar (broadcast), rounded exactly as numpy rounds
+them, so vectorised dequantization is bit-exact with the references; `fma(a, b, c)` is the fused form the
+dot products use.
+"""
+
+from __future__ import annotations
+
+import operator
+
+import llvmlite.binding as llvm
+from llvmlite import ir
+from numba import types
+from numba.core import cgutils, config, errors
+from numba.extending import intrinsic, models, overload, register_model
+
+from .jit import LLVM_FASTMATH
+
+_F32, _I8, _I16, _I32, _I64 = ir.FloatType(), ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntType(64)
+
+
+def _vec(t, n):
+    return ir.VectorType(t, n)
+
+
+def _const(t, n, values):
+    return ir.Constant(_vec(t, n), values if isinstance(values, (list, tuple)) else [values] * n)
+
+
+def _shuffle(builder, a, b, indices):
+    return builder.shuffle_vector(a, b, _const(_I32, len(indices), list(indices)))
+
+
+class _VectorType(types.Type):
+    def __init__(self, name, llvm_type):
+        self.llvm_type = llvm_type
+        super().__init__(name=name)
+
+
+class F32x8Type(_VectorType):
+    def __init__(self):
+        super().__init__("F32x8", _vec(_F32, 8))
+
+
+class I32x8Type(_VectorType):
+    def __init__(self):
+        super().__init__("I32x8", _vec(_I32, 8))
+
+
+class U8x32Type(_VectorType):
+    def __init__(self):
+        super().__init__("U8x32", _vec(_I8, 32))
+
+
+F32x8, I32x8, U8x32 = F32x8Type(), I32x8Type(), U8x32Type()
+
+
+for _cls in (F32x8Type, I32x8Type, U8x32Type):
+    @register_model(_cls)
+    class _Model(models.PrimitiveModel):
+        def __init__(self, dmm, fe_type):
+            super().__init__(dmm, fe_type, fe_type.llvm_type)
+
+
+def _x86_avx2() -> bool:
+    """Whether Numba compiles for an x86 CPU with AVX2 (honouring NUMBA_CPU_NAME / NUMBA_CPU_FEATURES)."""
+    if not llvm.get_process_triple().startswith(("x86_64", "i686", "i386")):
+        return False
+    if config.CPU_FEATURES:
+        return "+avx2" in config.CPU_FEATURES.split(",")
+    if config.CPU_NAME and config.CPU_NAME != "host":
+        return config.CPU_NAME not in ("generic", "x86-64", "core2", "nehalem", "westmere", "sandybridge",
+                                       "ivybridge", "btver2", "bdver1", "bdver2", "silvermont")
+    return bool(llvm.get_host_cpu_features().get("avx2", False))
+
+
+USE_PMADDUBSW = _x86_avx2()
+
+
+# ---- pointers into arrays ----
+
+def _element_ptr(context, builder, array_type, array, index, as_type):
+    """Pointer to `array[index]`, cast to `as_type*` (no bounds or wraparound checks)."""
+    data = context.make_array(array_type)(context, builder, array).data
+    return builder.bitcast(builder.gep(data, [index]), as_type.as_pointer())
+
+
+def _load(context, builder, sig, args, as_type, align=1):
+    return builder.load(_element_ptr(context, builder, sig.args[0], args[0], args[1], as_type), align=align)
+
+
+def _check_array(array, dtype_names):
+    if not (isinstance(array, types.Array) and str(array.dtype) in dtype_names):
+        raise errors.TypingError(f"expected an array of {'/'.join(dtype_names)}, got {array}")
+
+
+_BYTES = ("uint8", "int8")
+
+
+# ---- scalar loads from byte arrays (block headers) ----
+
+@intrinsic
+def load_f16(typingctx, w, i):
+    """float32 of the little-endian IEEE half at byte `i` of a byte array (F16C's vcvtph2ps on x86)."""
+    _check_array(w, _BYTES)
+
+    def codegen(context, builder, sig, args):
+        bits = _load(context, builder, sig, args, _I16)
+        return builder.fpext(builder.bitcast(bits, ir.HalfType()), _F32)
+    return types.float32(w, types.intp), codegen
+
+
+@intrinsic
+def load_u8(typingctx, w, i):
+    """The byte `w[i]` as uint8 (no wraparound check for negative indices, unlike `w[i]` in Numba)."""
+    _check_array(w, _BYTES)
+
+    def codegen(context, builder, sig, args):
+        return _load(context, builder, sig, args, _I8)
+    return types.uint8(w, types.intp), codegen
+
+
+@intrinsic
+def load_i8(typingctx, w, i):
+    """The byte `w[i]` as int8."""
+    _check_array(w, _BYTES)
+
+    def codegen(context, builder, sig, args):
+        return _load(context, builder, sig, args, _I8)
+    return types.int8(w, types.intp), codegen
+
+
+@intrinsic
+def load_u32(typingctx, w, i):
+    """The little-endian uint32 at byte `i` of a byte array."""
+    _check_array(w, _BYTES)
+
+    def codegen(context, builder, sig, args):
+        return _load(context, builder, sig, args, _I32)
+    return types.uint32(w, types.intp), codegen
+
+
+@intrinsic
+def load_f32(typingctx, w, i):
+    """The little-endian float32 at byte `i` of a byte array."""
+    _check_array(w, _BYTES)
+
+    def codegen(context, builder, sig, args):
+        return _load(context, builder, sig, args, _F32)
+    return types.float32(w, types.intp), codegen
+
+
+@intrinsic
+def load_bf16(typingctx, w, i):
+    """float32 of the little-endian bfloat16 at byte `i` of a byte array."""
+    _check_array(w, _BYTES)
+
+    def codegen(context, builder, sig, args):
+        bits = builder.shl(builder.zext(_load(context, builder, sig, args, _I16), _I32), _I32(16))
+        return builder.bitcast(bits, _F32)
+    return types.float32(w, types.intp), codegen
+
+
+@intrinsic
+def half_to_float(typingctx, bits):
+    """float32 value of the IEEE half with these 16 bits."""
+    def codegen(context, builder, sig, args):
+        return builder.fpext(builder.bitcast(args[0], ir.HalfType()), _F32)
+    return types.float32(types.uint16), codegen
+
+
+# ---- byte vectors ----
+
+@intrinsic
+def bytes32(typingctx, w, i):
+    """U8x32 of the 32 bytes at `w[i:i + 32]`."""
+    _check_array(w, _BYTES)
+
+    def codegen(context, builder, sig, args):
+        return _load(context, builder, sig, args, _vec(_I8, 32))
+    return U8x32(w, types.intp), codegen
+
+
+@intrinsic
+def nibbles16(typingctx, w, i):
+    """U8x32 of the 16 bytes at `w[i:i + 16]` split into nibbles: lanes 0..15 the low nibbles, 16..31 the
+    high nibbles (the Q4_0/Q4_1/Q5_0/Q5_1 element order)."""
+    _check_array(w, _BYTES)
+
+    def codegen(context, builder, sig, args):
+        q = _load(context, builder, sig, args, _vec(_I8, 16))
+        lo = builder.and_(q, _const(_I8, 16, 0x0F))
+        hi = builder.lshr(q, _const(_I8, 16, 4))
+        return _shuffle(builder, lo, hi, range(32))
+    return U8x32(w, types.intp), codegen
+
+
+@intrinsic
+def bits32(typingctx, word):
+    """U8x32 whose lane j is bit j (0 or 1) of a uint32."""
+    def codegen(context, builder, sig, args):
+        word = context.cast(builder, args[0], sig.args[0], types.uint32)
+        v = _vec(_I32, 32)
+        splat = _shuffle(builder, builder.insert_element(ir.Constant(v, ir.Undefined), word, _I32(0)),
+                         ir.Constant(v, ir.Undefined), [0] * 32)
+        bit = builder.and_(builder.lshr(splat, _const(_I32, 32, list(range(32)))), _const(_I32, 32, 1))
+        return builder.trunc(bit, _vec(_I8, 32))
+    return U8x32(word), codegen
+
+
+def _u8_binary(llvm_op):
+    @intrinsic
+    def op(typingctx, a, b):
+        def codegen(context, builder, sig, args):
+            lhs, rhs = args
+            if sig.args[1] != U8x32:
+                byte = context.cast(builder, rhs, sig.args[1], types.uint8)
+                rhs = _shuffle(builder, builder.insert_element(ir.Constant(_vec(_I8, 32), ir.Undefined), byte,
+                                                               _I32(0)), ir.Constant(_vec(_I8, 32), ir.Undefined),
+                               [0] * 32)
+            return getattr(builder, llvm_op)(lhs, rhs)
+        return U8x32(a, b), codegen
+    return op
+
+
+for _pyop, _llvm_op in ((operator.and_, "and_"), (operator.or_, "or_"), (operator.rshift, "lshr"),
+                        (operator.lshift, "shl"), (operator.add, "add"), (operator.sub, "sub")):
+    _impl = _u8_binary(_llvm_op)
+
+    def _make(impl):
+        def typer(a, b):
+            if a == U8x32 and (b == U8x32 or isinstance(b, types.Integer)):
+                return lambda a, b: impl(a, b)
+        return typer
+    overload(_pyop)(_make(_impl))
+
+
+# ---- int8 dot products ----
+
+def _pairwise_add(builder, v, n):
+    """<n x i32> -> <n/2 x i32>: lane l = v[2l] + v[2l + 1]."""
+    return builder.add(_shuffle(builder, v, v, range(0, n, 2)), _shuffle(builder, v, v, range(1, n, 2)))
+
+
+def _dot_generic(builder, a, b, a_signed):
+    """Σ over groups of 4 of a_j * b_j -> <8 x i32> (LLVM matches the first pairwise add to pmaddwd)."""
+    wa = builder.sext(a, _vec(_I32, 32)) if a_signed else builder.zext(a, _vec(_I32, 32))
+    wb = builder.sext(b, _vec(_I32, 32))
+    return _pairwise_add(builder, _pairwise_add(builder, builder.mul(wa, wb), 32), 16)
+
+
+def _x86(builder, name, ret, args):
+    fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ret, [a.type for a in args]), name)
+    return builder.call(fn, args)
+
+
+def _dot_pmaddubsw(builder, unsigned, signed):
+    """x86 AVX2: pmaddubsw (u8 × i8, adjacent pairs summed to i16) then pmaddwd by ones (pairs to i32)."""
+    pairs = _x86(builder, "llvm.x86.avx2.pmadd.ub.sw", _vec(_I16, 16), [unsigned, signed])
+    return _x86(builder, "llvm.x86.avx2.pmadd.wd", _vec(_I32, 8), [pairs, _const(_I16, 16, 1)])
+
+
+@intrinsic
+def dot_u8(typingctx, q, xq, i):
+    """I32x8: lane l = Σ_{j=4l}^{4l+3} q[j] * xq[i + j], `q` read as unsigned and below 128 (4-, 5-, 6-bit
+    quants), `xq` int8 activations in -127..127. Lanes 0..3 cover values 0..15, lanes 4..7 values 16..31.
+    (pmaddubsw saturates a pair sum at 32767; 2 * 127 * 127 stays below it.)"""
+    _check_array(xq, ("int8",))
+
+    def codegen(context, builder, sig, args):
+        x = builder.load(_element_ptr(context, builder, sig.args[1], args[1], args[2], _vec(_I8, 32)), align=1)
+        if USE_PMADDUBSW:
+            return _dot_pmaddubsw(builder, args[0], x)
+        return _dot_generic(builder, args[0], x, a_signed=False)
+    return I32x8(U8x32, xq, types.intp), codegen
+
+
+@intrinsic
+def dot_i8(typingctx, q, xq, i):
+    """I32x8 as `dot_u8`, with `q` read as signed int8 (Q8_0, and quants stored with their offset removed)."""
+    _check_array(xq, ("int8",))
+
+    def codegen(context, builder, sig, args):
+        x = builder.load(_element_ptr(context, builder, sig.args[1], args[1], args[2], _vec(_I8, 32)), align=1)
+        if USE_PMADDUBSW:
+            # |q| × (x with q's sign) keeps the product while making the first operand unsigned.
+            absq = _x86(builder, "llvm.abs.v32i8", _vec(_I8, 32), [args[0], ir.Constant(ir.IntType(1), 0)])
+            signed_x = _x86(builder, "llvm.x86.avx2.psign.b", _vec(_I8, 32), [x, args[0]])
+            return _dot_pmaddubsw(builder, absq, signed_x)
+        return _dot_generic(builder, args[0], x, a_signed=True)
+    return I32x8(U8x32, xq, types.intp), codegen
+
+
+@intrinsic
+def to_f32(typingctx, v):
+    """F32x8 of an I32x8."""
+    def codegen(context, builder, sig, args):
+        return builder.sitofp(args[0], _vec(_F32, 8))
+    return F32x8(I32x8), codegen
+
+
+# ---- float vectors ----
+
+@intrinsic
+def zeros(typingctx):
+    def codegen(context, builder, sig, args):
+        return _const(_F32, 8, 0.0)
+    return F32x8(), codegen
+
+
+def _splat_f32(builder, value):
+    v = _vec(_F32, 8)
+    return _shuffle(builder, builder.insert_element(ir.Constant(v, ir.Undefined), value, _I32(0)),
+                    ir.Constant(v, ir.Undefined), [0] * 8)
+
+
+@intrinsic
+def splat(typingctx, s):
+    """F32x8 with every lane `s`."""
+    def codegen(context, builder, sig, args):
+        return _as_f32x8(context, builder, args[0], sig.args[0])
+    return F32x8(s), codegen
+
+
+@intrinsic
+def halves(typingctx, a, b):
+    """F32x8 [a, a, a, a, b, b, b, b]: one scale per 16-value sub-block, matching the lanes of `dot_u8`."""
+    def codegen(context, builder, sig, args):
+        lo = _splat_f32(builder, context.cast(builder, args[0], sig.args[0], types.float32))
+        hi = _splat_f32(builder, context.cast(builder, args[1], sig.args[1], types.float32))
+        return _shuffle(builder, lo, hi, [0, 1, 2, 3, 8, 9, 10, 11])
+    return F32x8(a, b), codegen
+
+
+@intrinsic
+def load_f32x8(typingctx, a, i):
+    """F32x8 of `a[i:i + 8]`, a float32 array."""
+    _check_array(a, ("float32",))
+
+    def codegen(context, builder, sig, args):
+        return _load(context, builder, sig, args, _vec(_F32, 8), align=4)
+    return F32x8(a, types.intp), codegen
+
+
+@intrinsic
+def store_f32x8(typingctx, a, i, v):
+    """a[i:i + 8] = v, a float32 array."""
+    _check_array(a, ("float32",))
+
+    def codegen(context, builder, sig, args):
+        builder.store(args[2], _element_ptr(context, builder, sig.args[0], args[0], args[1], _vec(_F32, 8)),
+                      align=4)
+        return context.get_dummy_value()
+    return types.none(a, types.intp, F32x8), codegen
+
+
+@intrinsic
+def f32x8_at(typingctx, w, i):
+    """F32x8 of the 8 little-endian float32 at byte `i` of a byte array (F32 weights)."""
+    _check_array(w, _BYTES)
+
+    def codegen(context, builder, sig, args):
+        return _load(context, builder, sig, args, _vec(_F32, 8))
+    return F32x8(w, types.intp), codegen
+
+
+@intrinsic
+def f16x8_at(typingctx, w, i):
+    """F32x8 of the 8 halves at byte `i` of a byte array (F16 weights)."""
+    _check_array(w, _BYTES)
+
+    def codegen(context, builder, sig, args):
+        h = _load(context, builder, sig, args, _vec(_I16, 8))
+        return builder.fpext(builder.bitcast(h, _vec(ir.HalfType(), 8)), _vec(_F32, 8))
+    return F32x8(w, types.intp), codegen
+
+
+@intrinsic
+def bf16x8_at(typingctx, w, i):
+    """F32x8 of the 8 bfloat16 at byte `i` of a byte array (BF16 weights): each is the top half of an f32."""
+    _check_array(w, _BYTES)
+
+    def codegen(context, builder, sig, args):
+        h = _load(context, builder, sig, args, _vec(_I16, 8))
+        bits = builder.shl(builder.zext(h, _vec(_I32, 8)), _const(_I32, 8, 16))
+        return builder.bitcast(bits, _vec(_F32, 8))
+    return F32x8(w, types.intp), codegen
+
+
+@intrinsic
+def u8_to_f32(typingctx, q, part):
+    """F32x8 of bytes 8*part .. 8*part + 7 of a U8x32 read as unsigned (`part` a constant 0..3)."""
+    if not isinstance(part, types.IntegerLiteral):
+        raise errors.RequireLiteralValue(part)
+
+    def codegen(context, builder, sig, args):
+        p = sig.args[1].literal_value
+        return builder.uitofp(_shuffle(builder, args[0], args[0], range(8 * p, 8 * p + 8)), _vec(_F32, 8))
+    return F32x8(U8x32, part), codegen
+
+
+@intrinsic
+def i8_to_f32(typingctx, q, part):
+    """F32x8 of bytes 8*part .. 8*part + 7 of a U8x32 read as signed int8 (`part` a constant 0..3)."""
+    if not isinstance(part, types.IntegerLiteral):
+        raise errors.RequireLiteralValue(part)
+
+    def codegen(context, builder, sig, args):
+        p = sig.args[1].literal_value
+        return builder.sitofp(_shuffle(builder, args[0], args[0], range(8 * p, 8 * p + 8)), _vec(_F32, 8))
+    return F32x8(U8x32, part), codegen
+
+
+def _as_f32x8(context, builder, value, value_type):
+    if value_type == F32x8:
+        return value
+    return _splat_f32(builder, context.cast(builder, value, value_type, types.float32))
+
+
+def _f32_binary(llvm_op):
+    @intrinsic
+    def op(typingctx, a, b):
+        def codegen(context, builder, sig, args):
+            lhs = _as_f32x8(context, builder, args[0], sig.args[0])
+            rhs = _as_f32x8(context, builder, args[1], sig.args[1])
+            return getattr(builder, llvm_op)(lhs, rhs)  # strict IEEE: dequantization stays bit-exact
+        return F32x8(a, b), codegen
+    return op
+
+
+for _pyop, _llvm_op in ((operator.add, "fadd"), (operator.sub, "fsub"), (operator.mul, "fmul")):
+    _impl = _f32_binary(_llvm_op)
+
+    def _make(impl):
+        def typer(a, b):
+            if (a == F32x8 and (b == F32x8 or isinstance(b, types.Float))) or \
+                    (b == F32x8 and isinstance(a, types.Float)):
+                return lambda a, b: impl(a, b)
+        return typer
+    overload(_pyop)(_make(_impl))
+
+
+@intrinsic
+def fma(typingctx, a, b, c):
+    """a * b + c per lane, fused where the CPU has FMA (llvm.fmuladd); any operand may be a float32 scalar."""
+    def codegen(context, builder, sig, args):
+        ops = [_as_f32x8(context, builder, v, t) for v, t in zip(args, sig.args)]
+        fn = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(_vec(_F32, 8), [_vec(_F32, 8)] * 3), "llvm.fmuladd.v8f32")
+        return builder.call(fn, ops)
+    return F32x8(a, b, c), codegen
+
+
+@intrinsic
+def hsum(typingctx, v):
+    """Σ of the 8 lanes, as float32."""
+    def codegen(context, builder, sig, args):
+        v = args[0]
+        for width in (4, 2, 1):
+            upper = _shuffle(builder, v, v, [width + j if j < width else j for j in range(8)])
+            v = builder.fadd(v, upper, flags=LLVM_FASTMATH)
+        return builder.extract_element(v, _I32(0))
+    return types.float32(F32x8), codegen

@@ -73,6 +73,9 @@ def _prepare(data, qtype, shape) -> tuple[np.ndarray, int, int, int]:
     k = shape[-1]
     m = int(np.prod(shape[:-1], dtype=np.int64)) if len(shape) > 1 else 1
     w = np.ascontiguousarray(data).view(np.uint8).reshape(-1)
+    if w.flags.writeable:  # weights are read-only mmap views in a model: one compiled signature for both
+        w = w.view()
+        w.flags.writeable = False
     expected = m * row_bytes(qtype, k)
     if w.size != expected:
         raise ValueError(f"{_type_name(qtype)} data of shape {shape} is {expected} bytes, got {w.size}")

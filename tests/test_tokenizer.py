@@ -12,7 +12,7 @@ from pathlib import Path
 import gguf
 import numpy as np
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import event, given, settings, strategies as st
 
 from nibble.errors import ModelFormatError, TokenizerError
 from nibble.formats import spm
@@ -454,11 +454,58 @@ def test_cli_tokenize_modes(cli, ref):
     assert [int(line.split()[0]) for line in lines[1:]] == case["ids_plain"]
 
 
-def test_cli_tokenize_reads_stdin_and_reports_errors(cli, ref, tmp_path):
+def test_cli_tokenize_reads_stdin_and_reports_errors(cli, ref, pulled, tmp_path):
     case = ref("smollm2-135m", "tokens_visible.json")[0]
     r = cli("tokenize", "smollm2-135m", "-", input=case["text"])
     assert r.returncode == 0 and r.stdout.split() == [str(i) for i in case["ids"]]
+    # the real SmolLM file with its pre-tokenizer renamed (same length, patched in place)
+    data = pulled("smollm2-135m").read_bytes()
+    key = b"tokenizer.ggml.pre" + (8).to_bytes(4, "little") + (6).to_bytes(8, "little") + b"smollm"
+    assert data.count(key) == 1
     bad = tmp_path / "bad.gguf"
-    write_gguf(bad, bpe_kv(**{"tokenizer.ggml.pre": "no-such-pre"}))
+    bad.write_bytes(data.replace(key, key[:-6] + b"nosuch"))
     r = cli("tokenize", str(bad), "hi")
-    assert r.returncode == 1 and "no-such-pre" in r.stderr and "Traceback" not in r.stderr
+    assert r.returncode == 1 and "pre-tokenizer 'nosuch'" in r.stderr and "Traceback" not in r.stderr
+
+
+# ---- whatever the metadata, only NibbleError ----
+
+PIECES = list("ab Ġ▁<>|0x") + ["<0x41>", "<s>", "</s>", "<|end|>"]
+
+
+@settings(max_examples=150, deadline=None)
+@given(data=st.data())
+def test_arbitrary_tokenizer_metadata_raises_only_nibble_errors(data, tmp_path_factory):
+    """A valid vocabulary with a few random changes: the tokenizer builds and works, or says why it cannot."""
+    from nibble.errors import NibbleError
+
+    kv = data.draw(st.sampled_from([bpe_kv, spm_kv]))()
+    words = st.lists(st.sampled_from(PIECES), max_size=4).map("".join)
+    for _ in range(data.draw(st.integers(0, 3))):
+        key = data.draw(st.sampled_from(sorted(kv) + ["tokenizer.ggml.add_bos_token", "tokenizer.ggml.pre",
+                                                      "tokenizer.ggml.add_space_prefix"]))
+        tokens = kv.get("tokenizer.ggml.tokens")
+        n = len(tokens) if isinstance(tokens, list) else 3
+        kv[key] = data.draw(st.one_of(
+            st.just(None),                                                    # drop the key
+            st.booleans(), st.integers(0, n + 3), st.sampled_from(["gpt2", "llama", "qwen2", "x"]),
+            st.lists(words, max_size=n + 2),                                  # strings (tokens, merges)
+            st.lists(st.integers(-1, 8), min_size=max(n - 1, 0), max_size=n + 1),   # types
+            st.lists(st.floats(-9, 9, width=32), min_size=max(n - 1, 0), max_size=n + 1),   # scores
+        ))
+        if kv[key] is None or kv[key] == []:
+            del kv[key]
+    path = tmp_path_factory.mktemp("fuzz") / "t.gguf"
+    try:
+        tok = Tokenizer.from_gguf(write_gguf(path, kv), use_cache=False)
+    except NibbleError as e:
+        event(type(e).__name__)
+        return
+    event("built")
+    text = data.draw(st.lists(st.sampled_from(list("ab <>|é日\n") + ["<s>", "</s>", "<|end|>"]), max_size=12)
+                     .map("".join))
+    for parse_special in (False, True):
+        ids = tok.encode(text, parse_special=parse_special)
+        assert all(0 <= i < tok.n_vocab for i in ids)
+        dec = IncrementalDecoder(tok, special=parse_special)
+        assert "".join(map(dec.add, ids)) + dec.flush() == tok.decode(ids, special=parse_special)

@@ -388,7 +388,7 @@ def chat_tokens(tokenizer, template: ChatTemplate, messages, add_generation_prom
     text = template.render(messages, add_generation_prompt, tools, **extra)
     user_texts = [s for s in _strings([list(messages), tools]) if s]
     control = tokenizer.control_texts_in("\x00".join(user_texts)) if user_texts else []
-    barrier = _pick_barrier([template.source, text, *user_texts, *control])
+    barrier = _pick_barrier([template.source, text, *user_texts, *_strings(extra)])
 
     def break_control(s: str) -> str:
         for t in control:

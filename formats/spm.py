@@ -36,6 +36,7 @@ _DIGEST = 32                         # sha256 of the proto, stored after CACHE_F
 # sentencepiece_model.proto field numbers and enum values (ModelProto, SentencePiece, TrainerSpec, NormalizerSpec)
 _PIECE_NORMAL, _PIECE_UNKNOWN, _PIECE_BYTE = 1, 2, 6
 _MODEL_BPE = 2
+_NO_ID = (1 << 64) - 1   # -1 as a protobuf int32 varint: "no such token" for bos/eos/pad in TrainerSpec
 
 
 def byte_piece(b: int) -> str:
@@ -87,9 +88,6 @@ def model_proto(tokens: list[str], scores: np.ndarray, unk_id: int, token_to_id:
     normalizer = (_len_field(1, b"identity") + _int_field(3, 0) + _int_field(4, 0)            # name, add_dummy_prefix,
                   + _int_field(5, 1))                                                         # remove_extra_ws, escape_ws
     return b"".join(pieces) + _len_field(2, trainer) + _len_field(3, normalizer)
-
-
-_NO_ID = (1 << 64) - 1   # -1 as a protobuf int32 varint: "no such token" for bos/eos/pad in TrainerSpec
 
 
 def cache_key(tokens: list[str], scores: np.ndarray, unk_id: int) -> str:

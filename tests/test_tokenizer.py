@@ -109,11 +109,12 @@ def test_apache_license_tokenizes_fast_and_round_trips(tok):
 
 # ---- decoding ----
 
-def _byte_token(tok: Tokenizer, b: int) -> int:
+def _byte_token(tok: Tokenizer, b: int) -> int | None:
+    """The token that stands for the single byte b (SmolLM's vocabulary lacks a few of them)."""
     if tok.model == "llama":
-        return tok.vocab.token_to_id[f"<0x{b:02X}>"]
+        return tok.vocab.token_to_id.get(f"<0x{b:02X}>")
     from nibble.formats.tokenizer import _bytes_to_unicode
-    return tok.vocab.token_to_id[_bytes_to_unicode()[b]]
+    return tok.vocab.token_to_id.get(_bytes_to_unicode()[b])
 
 
 def test_invalid_utf8_becomes_replacement_character(tok):
@@ -138,7 +139,7 @@ def test_incremental_decoding_equals_decode(tokenizer_of, data):
     name = data.draw(st.sampled_from(["smollm2-135m", "gemma3-270m", "qwen2.5-coder-0.5b"]))
     tok = tokenizer_of(name)
     special = data.draw(st.booleans())
-    byte_ids = st.integers(0, 255).map(lambda b: _byte_token(tok, b))
+    byte_ids = st.sampled_from([i for i in (_byte_token(tok, b) for b in range(256)) if i is not None])
     ids = data.draw(st.lists(st.one_of(st.integers(0, tok.n_vocab - 1), byte_ids), max_size=40))
     dec = IncrementalDecoder(tok, special=special)
     assert "".join(dec.add(i) for i in ids) + dec.flush() == tok.decode(ids, special=special)

@@ -154,7 +154,12 @@ def write_tiny_gguf(path: Path, arch: str, qtype: str = "Q8_0", seed: int = 0, *
         elif qt == gguf.GGMLQuantizationType.F16:
             w.add_tensor(name, a.astype(np.float16))
         else:
-            w.add_tensor(name, quantize(a, qt), raw_shape=(m, k), raw_dtype=qt)
+            try:
+                blocks = quantize(a, qt)
+            except NotImplementedError:        # types gguf cannot write (IQ*): random blocks of the right size
+                block, size = gguf.GGML_QUANT_SIZES[qt]
+                blocks = rng.integers(0, 256, (m, k // block * size), dtype=np.uint8)
+            w.add_tensor(name, blocks, raw_dtype=qt)
 
     def vector(name, n, around=1.0):
         w.add_tensor(name, (around + 0.1 * rng.standard_normal(n)).astype(np.float32))

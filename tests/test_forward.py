@@ -31,13 +31,13 @@ def test_architecture_runner(arch, tiny_gguf):
     # decoding token by token gives the logits of the batched prefill
     model.reset()
     for t, tok in enumerate(tokens):
-        assert nmse(model.eval([tok]), batched[t]) < 1e-5, f"position {t}"
+        assert nmse(model.eval([tok]), batched[t]) < 1e-3, f"position {t}"  # 8-bit activations in matvec
     assert model.n_past() == 12 and model.cached_tokens() == tokens
 
     # a prefill split into chunks gives the same logits as one
     model.engine.max_batch = 5
     model.reset()
-    assert nmse(model.eval(tokens), batched[-1]) < 1e-5
+    assert nmse(model.eval(tokens), batched[-1]) < 1e-3
 
 
 def test_sliding_window_matters(tiny_gguf):
@@ -101,7 +101,7 @@ def test_unsupported_quant_type_names_type_and_tensor(tiny_gguf):
     path = tiny_gguf("llama", qtype="IQ4_NL")
     info = nibble.load(path, vocab_only=True).info()
     assert "IQ4_NL" in info["quant_types"]                          # the reader accepts it, show lists it
-    with pytest.raises(nibble.UnsupportedQuantError, match=r"IQ4_NL.*token_embd.weight|token_embd.weight.*IQ4_NL"):
+    with pytest.raises(nibble.UnsupportedQuantError, match=r"'blk\.0\.attn_q\.weight' is stored as IQ4_NL"):
         nibble.load(path)
 
 

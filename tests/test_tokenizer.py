@@ -207,11 +207,10 @@ def spm_reference(tok: Tokenizer, text: str) -> list[int]:
     return out
 
 
-def bpe_reference(tok: Tokenizer, words: list[str]) -> list[int]:
+def bpe_reference(tok: Tokenizer, rank: dict, words: list[str]) -> list[int]:
     """llm_tokenizer_bpe_session::tokenize over already pre-tokenized, byte-mapped words: merge the adjacent
-    pair of lowest rank, leftmost on ties."""
+    pair of lowest rank (`rank`: merge pair -> its index), leftmost on ties."""
     t2i = tok.vocab.token_to_id
-    rank = {pair: r for r, pair in enumerate(tok.vocab.merges)}
     out = []
     for word in words:
         sym = list(word)
@@ -260,10 +259,14 @@ def test_sentencepiece_backend_matches_llama_cpp_spm_loop(tokenizer_of):
 def test_bpe_backend_matches_llama_cpp_bpe_loop(tokenizer_of, name):
     tok = tokenizer_of(name)
     pre = tok._backend._hf.pre_tokenizer
-    for text in random_texts(seed=2, n=300):
+    rank = {pair: r for r, pair in enumerate(tok.vocab.merges)}
+    for text in random_texts(seed=2, n=1000):
         expected = []
         for frag in tok._partition(text, parse_special=True):
-            expected += [frag] if type(frag) is int else bpe_reference(tok, [w for w, _ in pre.pre_tokenize_str(frag)])
+            if type(frag) is int:
+                expected.append(frag)
+            else:
+                expected += bpe_reference(tok, rank, [w for w, _ in pre.pre_tokenize_str(frag)])
         assert tok.encode(text, add_special=False, parse_special=True) == expected, repr(text)
 
 

@@ -393,17 +393,9 @@ class Tokenizer:
         """Encode `text` with special tokens parsed, where no special token may span a `barrier` character;
         the barriers are then removed. formats/chat.py writes barriers around message content and inside
         control-token text that a user typed, so such text stays plain text."""
-        fragments = []
-        for frag in self._partition(_clean(text), parse_special=True):
-            if type(frag) is str:
-                frag = frag.replace(barrier, "")
-                if not frag:
-                    continue
-                if fragments and type(fragments[-1]) is str:   # text on both sides of a removed barrier
-                    fragments[-1] += frag
-                    continue
-            fragments.append(frag)
-        return self._encode_fragments(fragments, add_special)
+        fragments = [f if type(f) is int else f.replace(barrier, "")
+                     for f in self._partition(_clean(text), parse_special=True)]
+        return self._encode_fragments([f for f in fragments if f != ""], add_special)
 
     def control_texts_in(self, text: str) -> list[str]:
         """The texts of the control and unknown tokens that occur in `text` (those that parse_special would

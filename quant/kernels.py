@@ -100,78 +100,93 @@ def quantize_activations(x, xq, xs):
         xs[2 * b + 1] = d * total
 
 
-# ---- decode: one output row at a time, fused (rows r0 .. r1 - 1) ----
+# ---- decode: fused row kernels (rows r0 .. r1 - 1) ----
+#
+# Each format has a block function `acc, off = _block_x(acc, off, w, p, xq, xs, b)` adding one weight block
+# (bytes from w[p]) times x block b, and a row loop that alternates two accumulator chains: an FMA has a
+# 4-cycle latency, so a single chain would cap a thread at one block per 4 cycles.
 
 @kernel
-def _rows_q4_0(out, xq, xs, w, r0, r1, k):
-    nb = k // 32
-    for r in range(r0, r1):
-        p = r * nb * 18
-        acc = zeros()
-        offset = f32(0)
-        for b in range(nb):
-            d = load_f16(w, p)
-            acc = fma(to_f32(dot_u8(nibbles16(w, p + 2), xq, 32 * b)), d * xs[2 * b], acc)
-            offset += d * xs[2 * b + 1]                    # value = d * (q - 8)
-            p += 18
-        out[r] = hsum(acc) - f32(8) * offset
+def _block_q4_0(acc, off, w, p, xq, xs, b):
+    # value = d * (q - 8): d Σ q x here, the -8 d Σ x in `off`
+    d = load_f16(w, p)
+    return fma(to_f32(dot_u8(nibbles16(w, p + 2), xq, 32 * b)), d * xs[2 * b], acc), off + d * xs[2 * b + 1]
 
 
 @kernel
-def _rows_q4_1(out, xq, xs, w, r0, r1, k):
-    nb = k // 32
-    for r in range(r0, r1):
-        p = r * nb * 20
-        acc = zeros()
-        mins = f32(0)
-        for b in range(nb):
-            acc = fma(to_f32(dot_u8(nibbles16(w, p + 4), xq, 32 * b)), load_f16(w, p) * xs[2 * b], acc)
-            mins += load_f16(w, p + 2) * xs[2 * b + 1]      # value = d * q + m
-            p += 20
-        out[r] = hsum(acc) + mins
+def _block_q4_1(acc, off, w, p, xq, xs, b):
+    # value = d * q + m
+    acc = fma(to_f32(dot_u8(nibbles16(w, p + 4), xq, 32 * b)), load_f16(w, p) * xs[2 * b], acc)
+    return acc, off + load_f16(w, p + 2) * xs[2 * b + 1]
 
 
 @kernel
-def _rows_q5_0(out, xq, xs, w, r0, r1, k):
-    nb = k // 32
-    for r in range(r0, r1):
-        p = r * nb * 22
-        acc = zeros()
-        offset = f32(0)
-        for b in range(nb):
-            d = load_f16(w, p)
-            q = nibbles16(w, p + 6) | (bits32(load_u32(w, p + 2)) << 4)
-            acc = fma(to_f32(dot_u8(q, xq, 32 * b)), d * xs[2 * b], acc)
-            offset += d * xs[2 * b + 1]                    # value = d * (q - 16)
-            p += 22
-        out[r] = hsum(acc) - f32(16) * offset
+def _block_q5_0(acc, off, w, p, xq, xs, b):
+    # value = d * (q - 16)
+    d = load_f16(w, p)
+    q = nibbles16(w, p + 6) | (bits32(load_u32(w, p + 2)) << 4)
+    return fma(to_f32(dot_u8(q, xq, 32 * b)), d * xs[2 * b], acc), off + d * xs[2 * b + 1]
 
 
 @kernel
-def _rows_q5_1(out, xq, xs, w, r0, r1, k):
-    nb = k // 32
-    for r in range(r0, r1):
-        p = r * nb * 24
-        acc = zeros()
-        mins = f32(0)
-        for b in range(nb):
-            q = nibbles16(w, p + 8) | (bits32(load_u32(w, p + 4)) << 4)
-            acc = fma(to_f32(dot_u8(q, xq, 32 * b)), load_f16(w, p) * xs[2 * b], acc)
-            mins += load_f16(w, p + 2) * xs[2 * b + 1]
-            p += 24
-        out[r] = hsum(acc) + mins
+def _block_q5_1(acc, off, w, p, xq, xs, b):
+    # value = d * q + m
+    q = nibbles16(w, p + 8) | (bits32(load_u32(w, p + 4)) << 4)
+    acc = fma(to_f32(dot_u8(q, xq, 32 * b)), load_f16(w, p) * xs[2 * b], acc)
+    return acc, off + load_f16(w, p + 2) * xs[2 * b + 1]
 
 
 @kernel
-def _rows_q8_0(out, xq, xs, w, r0, r1, k):
+def _block_q8_0(acc, off, w, p, xq, xs, b):
+    return fma(to_f32(dot_i8(bytes32(w, p + 2), xq, 32 * b)), load_f16(w, p) * xs[2 * b], acc), off
+
+
+@kernel
+def _rows_legacy(out, xq, xs, w, qtype, r0, r1, k):
+    """Q4_0, Q4_1, Q5_0, Q5_1, Q8_0: 32-value blocks. `off` collects Σ_b scale_b * Σ x_b for the formats
+    with an offset (subtracted) or a minimum (added)."""
     nb = k // 32
+    size = row_bytes(qtype, 32)
     for r in range(r0, r1):
-        p = r * nb * 34
-        acc = zeros()
-        for b in range(nb):
-            acc = fma(to_f32(dot_i8(bytes32(w, p + 2), xq, 32 * b)), load_f16(w, p) * xs[2 * b], acc)
-            p += 34
-        out[r] = hsum(acc)
+        p = r * nb * size
+        acc0, acc1 = zeros(), zeros()
+        off0, off1 = f32(0), f32(0)
+        for b in range(0, nb - 1, 2):
+            if qtype == Q4_0:
+                acc0, off0 = _block_q4_0(acc0, off0, w, p, xq, xs, b)
+                acc1, off1 = _block_q4_0(acc1, off1, w, p + size, xq, xs, b + 1)
+            elif qtype == Q4_1:
+                acc0, off0 = _block_q4_1(acc0, off0, w, p, xq, xs, b)
+                acc1, off1 = _block_q4_1(acc1, off1, w, p + size, xq, xs, b + 1)
+            elif qtype == Q5_0:
+                acc0, off0 = _block_q5_0(acc0, off0, w, p, xq, xs, b)
+                acc1, off1 = _block_q5_0(acc1, off1, w, p + size, xq, xs, b + 1)
+            elif qtype == Q5_1:
+                acc0, off0 = _block_q5_1(acc0, off0, w, p, xq, xs, b)
+                acc1, off1 = _block_q5_1(acc1, off1, w, p + size, xq, xs, b + 1)
+            else:
+                acc0, off0 = _block_q8_0(acc0, off0, w, p, xq, xs, b)
+                acc1, off1 = _block_q8_0(acc1, off1, w, p + size, xq, xs, b + 1)
+            p += 2 * size
+        if nb % 2:
+            b = nb - 1
+            if qtype == Q4_0:
+                acc0, off0 = _block_q4_0(acc0, off0, w, p, xq, xs, b)
+            elif qtype == Q4_1:
+                acc0, off0 = _block_q4_1(acc0, off0, w, p, xq, xs, b)
+            elif qtype == Q5_0:
+                acc0, off0 = _block_q5_0(acc0, off0, w, p, xq, xs, b)
+            elif qtype == Q5_1:
+                acc0, off0 = _block_q5_1(acc0, off0, w, p, xq, xs, b)
+            else:
+                acc0, off0 = _block_q8_0(acc0, off0, w, p, xq, xs, b)
+        total, off = hsum(acc0 + acc1), off0 + off1
+        if qtype == Q4_0:
+            out[r] = total - f32(8) * off
+        elif qtype == Q5_0:
+            out[r] = total - f32(16) * off
+        else:
+            out[r] = total + off
 
 
 @kernel
@@ -196,11 +211,12 @@ def _scale_q3_k(w, p, j):
 
 @kernel
 def _rows_q2_k(out, xq, xs, w, r0, r1, k):
+    # value = d * sc * q - dmin * m per 16-value sub-block; Σ x per sub-block from dot(1, xq)
     nsb = k // QK_K
     ones = bits32(np.uint32(0xFFFFFFFF))
     for r in range(r0, r1):
         p = r * nsb * 84
-        acc = zeros()
+        acc0, acc1 = zeros(), zeros()
         for sb in range(nsb):
             d = load_f16(w, p + 80)
             dmin = load_f16(w, p + 82)
@@ -211,13 +227,20 @@ def _rows_q2_k(out, xq, xs, w, r0, r1, k):
                     s0 = load_u8(w, p + 8 * h + 2 * g)
                     s1 = load_u8(w, p + 8 * h + 2 * g + 1)
                     dx = xs[2 * i]
-                    acc = fma(to_f32(dot_u8((qs >> (2 * g)) & 3, xq, 32 * i)),
-                              halves(d * f32(s0 & 15), d * f32(s1 & 15)) * dx, acc)
-                    # minus dmin * m * Σ x over each 16-value sub-block
-                    acc = fma(to_f32(dot_u8(ones, xq, 32 * i)),
-                              halves(-dmin * f32(s0 >> 4), -dmin * f32(s1 >> 4)) * dx, acc)
+                    acc0 = fma(to_f32(dot_u8((qs >> (2 * g)) & 3, xq, 32 * i)),
+                               halves(d * f32(s0 & 15), d * f32(s1 & 15)) * dx, acc0)
+                    acc1 = fma(to_f32(dot_u8(ones, xq, 32 * i)),
+                               halves(-dmin * f32(s0 >> 4), -dmin * f32(s1 >> 4)) * dx, acc1)
             p += 84
-        out[r] = hsum(acc)
+        out[r] = hsum(acc0 + acc1)
+
+
+@kernel
+def _group_q3_k(acc, w, p, hmask, qs, h, g, xq, xs, i, d):
+    # value = d * (scale - 32) * ((q | hbit << 2) - 4): the high bit clear means "minus 4"
+    q = (((qs >> (2 * g)) & 3) | (((hmask >> (4 * h + g)) & 1) << 2)) - 4
+    scale = halves(_scale_q3_k(w, p + 96, 8 * h + 2 * g), _scale_q3_k(w, p + 96, 8 * h + 2 * g + 1))
+    return fma(to_f32(dot_i8(q, xq, 32 * i)), scale * (d * xs[2 * i]), acc)
 
 
 @kernel
@@ -225,52 +248,31 @@ def _rows_q3_k(out, xq, xs, w, r0, r1, k):
     nsb = k // QK_K
     for r in range(r0, r1):
         p = r * nsb * 110
-        acc = zeros()
+        acc0, acc1 = zeros(), zeros()
         for sb in range(nsb):
             d = load_f16(w, p + 108)
             hmask = bytes32(w, p)
             for h in range(2):
                 qs = bytes32(w, p + 32 + 32 * h)
-                for g in range(4):
-                    i = 8 * sb + 4 * h + g
-                    # q - 4 when the high bit is clear, q when set: (q | hbit << 2) - 4
-                    q = (((qs >> (2 * g)) & 3) | (((hmask >> (4 * h + g)) & 1) << 2)) - 4
-                    scale = halves(_scale_q3_k(w, p + 96, 8 * h + 2 * g), _scale_q3_k(w, p + 96, 8 * h + 2 * g + 1))
-                    acc = fma(to_f32(dot_i8(q, xq, 32 * i)), scale * (d * xs[2 * i]), acc)
+                i = 8 * sb + 4 * h
+                acc0 = _group_q3_k(acc0, w, p, hmask, qs, h, 0, xq, xs, i, d)
+                acc1 = _group_q3_k(acc1, w, p, hmask, qs, h, 1, xq, xs, i + 1, d)
+                acc0 = _group_q3_k(acc0, w, p, hmask, qs, h, 2, xq, xs, i + 2, d)
+                acc1 = _group_q3_k(acc1, w, p, hmask, qs, h, 3, xq, xs, i + 3, d)
             p += 110
-        out[r] = hsum(acc)
+        out[r] = hsum(acc0 + acc1)
 
 
 @kernel
-def _rows_q4_k(out, xq, xs, w, r0, r1, k):
+def _rows_q45_k(out, xq, xs, w, qtype, r0, r1, k):
+    """Q4_K and Q5_K: value = d * sc[j] * q - dmin * m[j] for 32-value sub-blocks j; sub-blocks 2c and
+    2c + 1 are the low and high nibbles of the same 32 bytes (Q5_K adds bit j of qh[l] as bit 4)."""
     nsb = k // QK_K
+    size = 144 if qtype == Q4_K else 176
+    qs_at = 16 if qtype == Q4_K else 48
     for r in range(r0, r1):
-        p = r * nsb * 144
-        acc = zeros()
-        mins = f32(0)
-        for sb in range(nsb):
-            d = load_f16(w, p)
-            dmin = load_f16(w, p + 2)
-            sb_mins = f32(0)
-            for c in range(4):
-                q = bytes32(w, p + 16 + 32 * c)
-                i = 8 * sb + 2 * c
-                sc0, m0 = _scale_min_k4(w, p + 4, 2 * c)
-                sc1, m1 = _scale_min_k4(w, p + 4, 2 * c + 1)
-                acc = fma(to_f32(dot_u8(q & 15, xq, 32 * i)), d * sc0 * xs[2 * i], acc)
-                acc = fma(to_f32(dot_u8(q >> 4, xq, 32 * i + 32)), d * sc1 * xs[2 * i + 2], acc)
-                sb_mins += m0 * xs[2 * i + 1] + m1 * xs[2 * i + 3]
-            mins += dmin * sb_mins
-            p += 144
-        out[r] = hsum(acc) - mins
-
-
-@kernel
-def _rows_q5_k(out, xq, xs, w, r0, r1, k):
-    nsb = k // QK_K
-    for r in range(r0, r1):
-        p = r * nsb * 176
-        acc = zeros()
+        p = r * nsb * size
+        acc0, acc1 = zeros(), zeros()
         mins = f32(0)
         for sb in range(nsb):
             d = load_f16(w, p)
@@ -278,18 +280,27 @@ def _rows_q5_k(out, xq, xs, w, r0, r1, k):
             qh = bytes32(w, p + 16)
             sb_mins = f32(0)
             for c in range(4):
-                q = bytes32(w, p + 48 + 32 * c)
+                q = bytes32(w, p + qs_at + 32 * c)
+                lo, hi = q & 15, q >> 4
+                if qtype == Q5_K:
+                    lo = lo | (((qh >> (2 * c)) & 1) << 4)
+                    hi = hi | (((qh >> (2 * c + 1)) & 1) << 4)
                 i = 8 * sb + 2 * c
                 sc0, m0 = _scale_min_k4(w, p + 4, 2 * c)
                 sc1, m1 = _scale_min_k4(w, p + 4, 2 * c + 1)
-                lo = (q & 15) | (((qh >> (2 * c)) & 1) << 4)
-                hi = (q >> 4) | (((qh >> (2 * c + 1)) & 1) << 4)
-                acc = fma(to_f32(dot_u8(lo, xq, 32 * i)), d * sc0 * xs[2 * i], acc)
-                acc = fma(to_f32(dot_u8(hi, xq, 32 * i + 32)), d * sc1 * xs[2 * i + 2], acc)
+                acc0 = fma(to_f32(dot_u8(lo, xq, 32 * i)), d * sc0 * xs[2 * i], acc0)
+                acc1 = fma(to_f32(dot_u8(hi, xq, 32 * i + 32)), d * sc1 * xs[2 * i + 2], acc1)
                 sb_mins += m0 * xs[2 * i + 1] + m1 * xs[2 * i + 3]
             mins += dmin * sb_mins
-            p += 176
-        out[r] = hsum(acc) - mins
+            p += size
+        out[r] = hsum(acc0 + acc1) - mins
+
+
+@kernel
+def _group_q6_k(acc, w, s, q, xq, xs, i, d):
+    # value = d * scale * (q - 32), one int8 scale per 16 values (bytes w[s], w[s + 1])
+    scale = halves(f32(load_i8(w, s)), f32(load_i8(w, s + 1)))
+    return fma(to_f32(dot_i8(q - 32, xq, 32 * i)), scale * (d * xs[2 * i]), acc)
 
 
 @kernel
@@ -297,28 +308,21 @@ def _rows_q6_k(out, xq, xs, w, r0, r1, k):
     nsb = k // QK_K
     for r in range(r0, r1):
         p = r * nsb * 210
-        acc = zeros()
+        acc0, acc1 = zeros(), zeros()
         for sb in range(nsb):
             d = load_f16(w, p + 208)
             for h in range(2):
                 ql0 = bytes32(w, p + 64 * h)
                 ql1 = bytes32(w, p + 64 * h + 32)
                 qh = bytes32(w, p + 128 + 32 * h)
-                for g in range(4):
-                    if g == 0:
-                        q = (ql0 & 15) | ((qh & 3) << 4)
-                    elif g == 1:
-                        q = (ql1 & 15) | (((qh >> 2) & 3) << 4)
-                    elif g == 2:
-                        q = (ql0 >> 4) | (((qh >> 4) & 3) << 4)
-                    else:
-                        q = (ql1 >> 4) | ((qh >> 6) << 4)
-                    i = 8 * sb + 4 * h + g
-                    s = p + 192 + 8 * h + 2 * g
-                    scale = halves(f32(load_i8(w, s)), f32(load_i8(w, s + 1)))
-                    acc = fma(to_f32(dot_i8(q - 32, xq, 32 * i)), scale * (d * xs[2 * i]), acc)
+                i = 8 * sb + 4 * h
+                s = p + 192 + 8 * h
+                acc0 = _group_q6_k(acc0, w, s, (ql0 & 15) | ((qh & 3) << 4), xq, xs, i, d)
+                acc1 = _group_q6_k(acc1, w, s + 2, (ql1 & 15) | (((qh >> 2) & 3) << 4), xq, xs, i + 1, d)
+                acc0 = _group_q6_k(acc0, w, s + 4, (ql0 >> 4) | (((qh >> 4) & 3) << 4), xq, xs, i + 2, d)
+                acc1 = _group_q6_k(acc1, w, s + 6, (ql1 >> 4) | ((qh >> 6) << 4), xq, xs, i + 3, d)
             p += 210
-        out[r] = hsum(acc)
+        out[r] = hsum(acc0 + acc1)
 
 
 @kernel
@@ -374,26 +378,16 @@ def _float_at(w, qtype, p):
 
 @kernel
 def _matvec_rows(out, x, xq, xs, w, qtype, r0, r1, k):
-    if qtype == Q4_0:
-        _rows_q4_0(out, xq, xs, w, r0, r1, k)
-    elif qtype == Q4_1:
-        _rows_q4_1(out, xq, xs, w, r0, r1, k)
-    elif qtype == Q5_0:
-        _rows_q5_0(out, xq, xs, w, r0, r1, k)
-    elif qtype == Q5_1:
-        _rows_q5_1(out, xq, xs, w, r0, r1, k)
-    elif qtype == Q8_0:
-        _rows_q8_0(out, xq, xs, w, r0, r1, k)
-    elif qtype == Q2_K:
-        _rows_q2_k(out, xq, xs, w, r0, r1, k)
-    elif qtype == Q3_K:
-        _rows_q3_k(out, xq, xs, w, r0, r1, k)
-    elif qtype == Q4_K:
-        _rows_q4_k(out, xq, xs, w, r0, r1, k)
-    elif qtype == Q5_K:
-        _rows_q5_k(out, xq, xs, w, r0, r1, k)
+    if qtype == Q4_0 or qtype == Q4_1 or qtype == Q5_0 or qtype == Q5_1 or qtype == Q8_0:
+        _rows_legacy(out, xq, xs, w, qtype, r0, r1, k)
+    elif qtype == Q4_K or qtype == Q5_K:
+        _rows_q45_k(out, xq, xs, w, qtype, r0, r1, k)
     elif qtype == Q6_K:
         _rows_q6_k(out, xq, xs, w, r0, r1, k)
+    elif qtype == Q3_K:
+        _rows_q3_k(out, xq, xs, w, r0, r1, k)
+    elif qtype == Q2_K:
+        _rows_q2_k(out, xq, xs, w, r0, r1, k)
     else:
         _rows_float(out, x, w, qtype, r0, r1, k)
 

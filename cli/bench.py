@@ -6,7 +6,7 @@ import json
 
 import typer
 
-from .app import app, err, handles_errors, out
+from .app import app, handles_errors
 
 
 @app.command()
@@ -41,7 +41,7 @@ def bench(model: str = typer.Argument(None, help="catalogue name or path (not ne
     if as_json:
         print(json.dumps([r.as_json() for r in results], indent=2))
         return
-    out.print(mbench.markdown(results), highlight=False)
+    print(mbench.markdown(results))
     by_test = {r.test: r for r in results}
     pp, tg = by_test.get(f"pp{n_prompt}"), by_test.get(f"tg{n_gen}")
     line = []
@@ -49,5 +49,5 @@ def bench(model: str = typer.Argument(None, help="catalogue name or path (not ne
         line.append(f"TTFT ({n_prompt}-token prompt): {1000 * n_prompt / pp.avg_ts:.1f} ms")
     if tg:
         line.append(f"TPOT ({n_gen} tokens): {1000 / tg.avg_ts:.2f} ms")
-    out.print("  ".join(line), highlight=False)
-    out.print(f"one-time Numba compile / cache load: {compile_s:.2f} s (excluded above)", highlight=False)
+    print("  ".join(line))
+    print(f"one-time Numba compile / cache load: {compile_s:.2f} s (excluded above)")

@@ -28,9 +28,10 @@ import numpy as np
 from numba import prange
 
 from .jit import kernel, parallel_kernel
-from .simd import (bf16x8_at, bits32, bytes32, dot_i8, dot_u8, f16x8_at, f32x8_at, fma, halves, hsum, i8_to_f32,
-                   load_bf16, load_f16, load_f32, load_f32x8, load_i8, load_u8, load_u32, nibbles16, store_f32x8,
-                   to_f32, u8_to_f32, zeros)
+from .simd import (bf16x8_at, bits32, bytes32, deinterleave, dot_i8, dot_u8, f16x8_at, f32x8_at, fma, hsum,
+                   i8_to_f32, i8x16_scales, k2_scales, k3_scales, k4_scales, lane, lanes, load_bf16, load_f16,
+                   load_f32, load_f32x8, load_i8, load_u8, load_u32, nibbles16, repeat2, store_f32x8, to_f32,
+                   u8_to_f32, zeros)
 
 f32 = np.float32
 
@@ -210,37 +211,54 @@ def _scale_q3_k(w, p, j):
 
 
 @kernel
+def _group_q2_k(acc0, acc1, q, ones, xq, i, scale, minimum):
+    # value = d * sc * q - dmin * m per 16-value half; Σ x over each half from dot(1, xq)
+    acc0 = fma(to_f32(dot_u8(q, xq, 32 * i)), scale, acc0)
+    return acc0, fma(to_f32(dot_u8(ones, xq, 32 * i)), minimum, acc1)
+
+
+@kernel
+def _half_q2_k(acc0, acc1, qs, ones, xq, i, t, tm):
+    """One 128-value half: 32 bytes holding x blocks i .. i + 3 at bits 0-1, 2-3, 4-5, 6-7."""
+    acc0, acc1 = _group_q2_k(acc0, acc1, qs & 3, ones, xq, i, lanes(t, 0, 1), lanes(tm, 0, 1))
+    acc0, acc1 = _group_q2_k(acc0, acc1, (qs >> 2) & 3, ones, xq, i + 1, lanes(t, 2, 3), lanes(tm, 2, 3))
+    acc0, acc1 = _group_q2_k(acc0, acc1, (qs >> 4) & 3, ones, xq, i + 2, lanes(t, 4, 5), lanes(tm, 4, 5))
+    return _group_q2_k(acc0, acc1, qs >> 6, ones, xq, i + 3, lanes(t, 6, 7), lanes(tm, 6, 7))
+
+
+@kernel
 def _rows_q2_k(out, xq, xs, w, r0, r1, k):
-    # value = d * sc * q - dmin * m per 16-value sub-block; Σ x per sub-block from dot(1, xq)
     nsb = k // QK_K
     ones = bits32(np.uint32(0xFFFFFFFF))
     for r in range(r0, r1):
         p = r * nsb * 84
         acc0, acc1 = zeros(), zeros()
         for sb in range(nsb):
-            d = load_f16(w, p + 80)
-            dmin = load_f16(w, p + 82)
-            for h in range(2):
-                qs = bytes32(w, p + 16 + 32 * h)
-                for g in range(4):
-                    i = 8 * sb + 4 * h + g            # 32-value block of x
-                    s0 = load_u8(w, p + 8 * h + 2 * g)
-                    s1 = load_u8(w, p + 8 * h + 2 * g + 1)
-                    dx = xs[2 * i]
-                    acc0 = fma(to_f32(dot_u8((qs >> (2 * g)) & 3, xq, 32 * i)),
-                               halves(d * f32(s0 & 15), d * f32(s1 & 15)) * dx, acc0)
-                    acc1 = fma(to_f32(dot_u8(ones, xq, 32 * i)),
-                               halves(-dmin * f32(s0 >> 4), -dmin * f32(s1 >> 4)) * dx, acc1)
+            i = 8 * sb
+            dx, _ = deinterleave(xs, 2 * i)
+            sc0, sc1, m0, m1 = k2_scales(w, p)
+            d, dmin = dx * load_f16(w, p + 80), dx * -load_f16(w, p + 82)
+            acc0, acc1 = _half_q2_k(acc0, acc1, bytes32(w, p + 16), ones, xq, i,
+                                    sc0 * repeat2(d, 0), m0 * repeat2(dmin, 0))
+            acc0, acc1 = _half_q2_k(acc0, acc1, bytes32(w, p + 48), ones, xq, i + 4,
+                                    sc1 * repeat2(d, 1), m1 * repeat2(dmin, 1))
             p += 84
         out[r] = hsum(acc0 + acc1)
 
 
 @kernel
-def _group_q3_k(acc, w, p, hmask, qs, h, g, xq, xs, i, d):
-    # value = d * (scale - 32) * ((q | hbit << 2) - 4): the high bit clear means "minus 4"
-    q = (((qs >> (2 * g)) & 3) | (((hmask >> (4 * h + g)) & 1) << 2)) - 4
-    scale = halves(_scale_q3_k(w, p + 96, 8 * h + 2 * g), _scale_q3_k(w, p + 96, 8 * h + 2 * g + 1))
-    return fma(to_f32(dot_i8(q, xq, 32 * i)), scale * (d * xs[2 * i]), acc)
+def _half_q3_k(acc0, acc1, qs, hmask, bit, xq, i, t):
+    """One 128-value half: low 2 bits at bits 2g of qs, high bit at bit `bit` + g of hmask, for x blocks
+    i + g; value = d * (scale - 32) * ((q | hbit << 2) - 4) (a clear high bit means "minus 4")."""
+    q = ((qs & 3) | ((hmask >> bit) & 1) << 2) - 4
+    acc0 = fma(to_f32(dot_i8(q, xq, 32 * i)), lanes(t, 0, 1), acc0)
+    q = (((qs >> 2) & 3) | ((hmask >> (bit + 1)) & 1) << 2) - 4
+    acc1 = fma(to_f32(dot_i8(q, xq, 32 * i + 32)), lanes(t, 2, 3), acc1)
+    q = (((qs >> 4) & 3) | ((hmask >> (bit + 2)) & 1) << 2) - 4
+    acc0 = fma(to_f32(dot_i8(q, xq, 32 * i + 64)), lanes(t, 4, 5), acc0)
+    q = ((qs >> 6) | ((hmask >> (bit + 3)) & 1) << 2) - 4
+    acc1 = fma(to_f32(dot_i8(q, xq, 32 * i + 96)), lanes(t, 6, 7), acc1)
+    return acc0, acc1
 
 
 @kernel
@@ -250,57 +268,90 @@ def _rows_q3_k(out, xq, xs, w, r0, r1, k):
         p = r * nsb * 110
         acc0, acc1 = zeros(), zeros()
         for sb in range(nsb):
-            d = load_f16(w, p + 108)
+            i = 8 * sb
+            dx, _ = deinterleave(xs, 2 * i)
+            dx = dx * load_f16(w, p + 108)
+            s0, s1 = k3_scales(w, p + 96)
             hmask = bytes32(w, p)
-            for h in range(2):
-                qs = bytes32(w, p + 32 + 32 * h)
-                i = 8 * sb + 4 * h
-                acc0 = _group_q3_k(acc0, w, p, hmask, qs, h, 0, xq, xs, i, d)
-                acc1 = _group_q3_k(acc1, w, p, hmask, qs, h, 1, xq, xs, i + 1, d)
-                acc0 = _group_q3_k(acc0, w, p, hmask, qs, h, 2, xq, xs, i + 2, d)
-                acc1 = _group_q3_k(acc1, w, p, hmask, qs, h, 3, xq, xs, i + 3, d)
+            acc0, acc1 = _half_q3_k(acc0, acc1, bytes32(w, p + 32), hmask, 0, xq, i, s0 * repeat2(dx, 0))
+            acc0, acc1 = _half_q3_k(acc0, acc1, bytes32(w, p + 64), hmask, 4, xq, i + 4, s1 * repeat2(dx, 1))
             p += 110
         out[r] = hsum(acc0 + acc1)
 
 
 @kernel
-def _rows_q45_k(out, xq, xs, w, qtype, r0, r1, k):
-    """Q4_K and Q5_K: value = d * sc[j] * q - dmin * m[j] for 32-value sub-blocks j; sub-blocks 2c and
-    2c + 1 are the low and high nibbles of the same 32 bytes (Q5_K adds bit j of qh[l] as bit 4)."""
-    nsb = k // QK_K
-    size = 144 if qtype == Q4_K else 176
-    qs_at = 16 if qtype == Q4_K else 48
-    for r in range(r0, r1):
-        p = r * nsb * size
-        acc0, acc1 = zeros(), zeros()
-        mins = f32(0)
-        for sb in range(nsb):
-            d = load_f16(w, p)
-            dmin = load_f16(w, p + 2)
-            qh = bytes32(w, p + 16)
-            sb_mins = f32(0)
-            for c in range(4):
-                q = bytes32(w, p + qs_at + 32 * c)
-                lo, hi = q & 15, q >> 4
-                if qtype == Q5_K:
-                    lo = lo | (((qh >> (2 * c)) & 1) << 4)
-                    hi = hi | (((qh >> (2 * c + 1)) & 1) << 4)
-                i = 8 * sb + 2 * c
-                sc0, m0 = _scale_min_k4(w, p + 4, 2 * c)
-                sc1, m1 = _scale_min_k4(w, p + 4, 2 * c + 1)
-                acc0 = fma(to_f32(dot_u8(lo, xq, 32 * i)), d * sc0 * xs[2 * i], acc0)
-                acc1 = fma(to_f32(dot_u8(hi, xq, 32 * i + 32)), d * sc1 * xs[2 * i + 2], acc1)
-                sb_mins += m0 * xs[2 * i + 1] + m1 * xs[2 * i + 3]
-            mins += dmin * sb_mins
-            p += size
-        out[r] = hsum(acc0 + acc1) - mins
+def _pair_q4_k(acc0, acc1, lo, hi, xq, i, s0, s1):
+    """x blocks i and i + 1 against sub-blocks stored as the low and high nibbles of the same 32 bytes."""
+    acc0 = fma(to_f32(dot_u8(lo, xq, 32 * i)), s0, acc0)
+    return acc0, fma(to_f32(dot_u8(hi, xq, 32 * i + 32)), s1, acc1)
 
 
 @kernel
-def _group_q6_k(acc, w, s, q, xq, xs, i, d):
-    # value = d * scale * (q - 32), one int8 scale per 16 values (bytes w[s], w[s + 1])
-    scale = halves(f32(load_i8(w, s)), f32(load_i8(w, s + 1)))
-    return fma(to_f32(dot_i8(q - 32, xq, 32 * i)), scale * (d * xs[2 * i]), acc)
+def _rows_q4_k(out, xq, xs, w, r0, r1, k):
+    # value = d * sc[j] * q - dmin * m[j] for 32-value sub-blocks j (one x block each)
+    nsb = k // QK_K
+    for r in range(r0, r1):
+        p = r * nsb * 144
+        acc0, acc1, mins = zeros(), zeros(), zeros()
+        for sb in range(nsb):
+            i = 8 * sb
+            dx, sx = deinterleave(xs, 2 * i)             # scales and sums of x blocks i .. i + 7
+            sc, mn = k4_scales(w, p + 4)
+            t = sc * (dx * load_f16(w, p))
+            mins = fma(mn * load_f16(w, p + 2), sx, mins)
+            for c in range(4):
+                q = bytes32(w, p + 16 + 32 * c)
+                if c == 0:
+                    acc0, acc1 = _pair_q4_k(acc0, acc1, q & 15, q >> 4, xq, i, lane(t, 0), lane(t, 1))
+                elif c == 1:
+                    acc0, acc1 = _pair_q4_k(acc0, acc1, q & 15, q >> 4, xq, i + 2, lane(t, 2), lane(t, 3))
+                elif c == 2:
+                    acc0, acc1 = _pair_q4_k(acc0, acc1, q & 15, q >> 4, xq, i + 4, lane(t, 4), lane(t, 5))
+                else:
+                    acc0, acc1 = _pair_q4_k(acc0, acc1, q & 15, q >> 4, xq, i + 6, lane(t, 6), lane(t, 7))
+            p += 144
+        out[r] = hsum(acc0 + acc1) - hsum(mins)
+
+
+@kernel
+def _rows_q5_k(out, xq, xs, w, r0, r1, k):
+    # as Q4_K, with bit 4 of sub-block j's values at bit j of the 32 qh bytes
+    nsb = k // QK_K
+    for r in range(r0, r1):
+        p = r * nsb * 176
+        acc0, acc1, mins = zeros(), zeros(), zeros()
+        for sb in range(nsb):
+            i = 8 * sb
+            dx, sx = deinterleave(xs, 2 * i)
+            sc, mn = k4_scales(w, p + 4)
+            t = sc * (dx * load_f16(w, p))
+            mins = fma(mn * load_f16(w, p + 2), sx, mins)
+            qh = bytes32(w, p + 16)
+            for c in range(4):
+                q = bytes32(w, p + 48 + 32 * c)
+                lo = (q & 15) | (((qh >> (2 * c)) & 1) << 4)
+                hi = (q >> 4) | (((qh >> (2 * c + 1)) & 1) << 4)
+                if c == 0:
+                    acc0, acc1 = _pair_q4_k(acc0, acc1, lo, hi, xq, i, lane(t, 0), lane(t, 1))
+                elif c == 1:
+                    acc0, acc1 = _pair_q4_k(acc0, acc1, lo, hi, xq, i + 2, lane(t, 2), lane(t, 3))
+                elif c == 2:
+                    acc0, acc1 = _pair_q4_k(acc0, acc1, lo, hi, xq, i + 4, lane(t, 4), lane(t, 5))
+                else:
+                    acc0, acc1 = _pair_q4_k(acc0, acc1, lo, hi, xq, i + 6, lane(t, 6), lane(t, 7))
+            p += 176
+        out[r] = hsum(acc0 + acc1) - hsum(mins)
+
+
+@kernel
+def _half_q6_k(acc0, acc1, ql0, ql1, qh, xq, i, t):
+    """One 128-value half: x blocks i .. i + 3 take the low nibbles of ql0, ql1, then their high nibbles,
+    with bits 0-1, 2-3, 4-5, 6-7 of qh on top; value = d * scale * (q - 32), a scale per 16 values."""
+    acc0 = fma(to_f32(dot_i8(((ql0 & 15) | ((qh & 3) << 4)) - 32, xq, 32 * i)), lanes(t, 0, 1), acc0)
+    acc1 = fma(to_f32(dot_i8(((ql1 & 15) | (((qh >> 2) & 3) << 4)) - 32, xq, 32 * i + 32)), lanes(t, 2, 3), acc1)
+    acc0 = fma(to_f32(dot_i8(((ql0 >> 4) | (((qh >> 4) & 3) << 4)) - 32, xq, 32 * i + 64)), lanes(t, 4, 5), acc0)
+    acc1 = fma(to_f32(dot_i8(((ql1 >> 4) | ((qh >> 6) << 4)) - 32, xq, 32 * i + 96)), lanes(t, 6, 7), acc1)
+    return acc0, acc1
 
 
 @kernel
@@ -310,17 +361,14 @@ def _rows_q6_k(out, xq, xs, w, r0, r1, k):
         p = r * nsb * 210
         acc0, acc1 = zeros(), zeros()
         for sb in range(nsb):
-            d = load_f16(w, p + 208)
-            for h in range(2):
-                ql0 = bytes32(w, p + 64 * h)
-                ql1 = bytes32(w, p + 64 * h + 32)
-                qh = bytes32(w, p + 128 + 32 * h)
-                i = 8 * sb + 4 * h
-                s = p + 192 + 8 * h
-                acc0 = _group_q6_k(acc0, w, s, (ql0 & 15) | ((qh & 3) << 4), xq, xs, i, d)
-                acc1 = _group_q6_k(acc1, w, s + 2, (ql1 & 15) | (((qh >> 2) & 3) << 4), xq, xs, i + 1, d)
-                acc0 = _group_q6_k(acc0, w, s + 4, (ql0 >> 4) | (((qh >> 4) & 3) << 4), xq, xs, i + 2, d)
-                acc1 = _group_q6_k(acc1, w, s + 6, (ql1 >> 4) | ((qh >> 6) << 4), xq, xs, i + 3, d)
+            i = 8 * sb
+            dx, _ = deinterleave(xs, 2 * i)
+            dx = dx * load_f16(w, p + 208)
+            s0, s1 = i8x16_scales(w, p + 192)
+            acc0, acc1 = _half_q6_k(acc0, acc1, bytes32(w, p), bytes32(w, p + 32), bytes32(w, p + 128), xq, i,
+                                    s0 * repeat2(dx, 0))
+            acc0, acc1 = _half_q6_k(acc0, acc1, bytes32(w, p + 64), bytes32(w, p + 96), bytes32(w, p + 160), xq,
+                                    i + 4, s1 * repeat2(dx, 1))
             p += 210
         out[r] = hsum(acc0 + acc1)
 
@@ -380,8 +428,10 @@ def _float_at(w, qtype, p):
 def _matvec_rows(out, x, xq, xs, w, qtype, r0, r1, k):
     if qtype == Q4_0 or qtype == Q4_1 or qtype == Q5_0 or qtype == Q5_1 or qtype == Q8_0:
         _rows_legacy(out, xq, xs, w, qtype, r0, r1, k)
-    elif qtype == Q4_K or qtype == Q5_K:
-        _rows_q45_k(out, xq, xs, w, qtype, r0, r1, k)
+    elif qtype == Q4_K:
+        _rows_q4_k(out, xq, xs, w, r0, r1, k)
+    elif qtype == Q5_K:
+        _rows_q5_k(out, xq, xs, w, r0, r1, k)
     elif qtype == Q6_K:
         _rows_q6_k(out, xq, xs, w, r0, r1, k)
     elif qtype == Q3_K:

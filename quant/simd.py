@@ -251,14 +251,11 @@ def nibbles16(typingctx, w, i):
 
 @intrinsic
 def bits32(typingctx, word):
-    """U8x32 whose lane j is bit j (0 or 1) of a uint32."""
+    """U8x32 whose lane j is bit j (0 or 1) of a uint32 (Q5 formats' fifth bits)."""
     def codegen(context, builder, sig, args):
         word = context.cast(builder, args[0], sig.args[0], types.uint32)
-        v = _vec(_I32, 32)
-        splat = _shuffle(builder, builder.insert_element(ir.Constant(v, ir.Undefined), word, _I32(0)),
-                         ir.Constant(v, ir.Undefined), [0] * 32)
-        bit = builder.and_(builder.lshr(splat, _const(_I32, 32, list(range(32)))), _const(_I32, 32, 1))
-        return builder.trunc(bit, _vec(_I8, 32))
+        # as a <32 x i1> mask: kmov + vpmovm2b on AVX-512, broadcast/shuffle/compare on AVX2
+        return builder.zext(builder.bitcast(word, _vec(ir.IntType(1), 32)), _vec(_I8, 32))
     return U8x32(word), codegen
 
 
@@ -514,3 +511,137 @@ def hsum(typingctx, v):
             v = builder.fadd(v, upper, flags=LLVM_FASTMATH)
         return builder.extract_element(v, _I32(0))
     return types.float32(F32x8), codegen
+
+
+# ---- per-super-block scales as vectors (K formats) ----
+
+def _require_literals(*values):
+    for v in values:
+        if not isinstance(v, types.IntegerLiteral):
+            raise errors.RequireLiteralValue(v)
+
+
+@intrinsic
+def lane(typingctx, v, j):
+    """F32x8 with every lane v[j] (`j` a constant 0..7)."""
+    _require_literals(j)
+
+    def codegen(context, builder, sig, args):
+        return _shuffle(builder, args[0], args[0], [sig.args[1].literal_value] * 8)
+    return F32x8(F32x8, j), codegen
+
+
+@intrinsic
+def lanes(typingctx, v, a, b):
+    """F32x8 [v[a] × 4, v[b] × 4] (`a`, `b` constants): one scale per 16-value half, matching `dot_u8`."""
+    _require_literals(a, b)
+
+    def codegen(context, builder, sig, args):
+        a, b = sig.args[1].literal_value, sig.args[2].literal_value
+        return _shuffle(builder, args[0], args[0], [a] * 4 + [b] * 4)
+    return F32x8(F32x8, a, b), codegen
+
+
+_PAIR = types.UniTuple(F32x8, 2)
+
+
+def _pair(context, builder, a, b):
+    return context.make_tuple(builder, _PAIR, [a, b])
+
+
+@intrinsic
+def deinterleave(typingctx, a, i):
+    """(a[i], a[i+2], ..., a[i+14]) and (a[i+1], ..., a[i+15]) of a float32 array: the 8 scales and the
+    8 sums of 8 consecutive activation blocks."""
+    _check_array(a, ("float32",))
+
+    def codegen(context, builder, sig, args):
+        v = _load(context, builder, sig, args, _vec(_F32, 16), align=4)
+        return _pair(context, builder, _shuffle(builder, v, v, range(0, 16, 2)), _shuffle(builder, v, v, range(1, 16, 2)))
+    return _PAIR(a, types.intp), codegen
+
+
+def _bytes_at(context, builder, sig, args, n):
+    return _load(context, builder, sig, args, _vec(_I8, n))
+
+
+@intrinsic
+def k4_scales(typingctx, w, i):
+    """Q4_K/Q5_K: the 8 six-bit scales and 8 six-bit mins packed in the 12 bytes at w[i], as F32x8 each.
+
+        sc[j] = s[j] & 63,                          m[j] = s[j + 4] & 63                       (j < 4)
+        sc[j] = (s[j + 4] & 15) | (s[j - 4] >> 6) << 4,  m[j] = (s[j + 4] >> 4) | (s[j] >> 6) << 4   (j >= 4)
+    """
+    _check_array(w, _BYTES)
+
+    def codegen(context, builder, sig, args):
+        s = _bytes_at(context, builder, sig, args, 12)
+        pick = lambda idx: _shuffle(builder, s, s, idx)          # noqa: E731
+        a = pick([0, 1, 2, 3, 8, 9, 10, 11])                      # s[j] | s[j + 4]
+        b = pick([0, 1, 2, 3, 0, 1, 2, 3])                        # (unused) | s[j - 4]
+        c = pick([4, 5, 6, 7, 8, 9, 10, 11])                      # s[j + 4]
+        d = pick([4, 5, 6, 7, 4, 5, 6, 7])                        # (unused) | s[j]
+        low = ir.Constant(_vec(ir.IntType(1), 8), [1, 1, 1, 1, 0, 0, 0, 0])
+        k = lambda v: _const(_I8, 8, v)                           # noqa: E731
+        high_bits = lambda v: builder.shl(builder.lshr(v, k(6)), k(4))  # noqa: E731
+        sc = builder.select(low, builder.and_(a, k(63)), builder.or_(builder.and_(a, k(15)), high_bits(b)))
+        mn = builder.select(low, builder.and_(c, k(63)), builder.or_(builder.lshr(c, k(4)), high_bits(d)))
+        return _pair(context, builder, builder.uitofp(sc, _vec(_F32, 8)), builder.uitofp(mn, _vec(_F32, 8)))
+    return _PAIR(w, types.intp), codegen
+
+
+@intrinsic
+def i8x16_scales(typingctx, w, i):
+    """Q6_K: the 16 int8 scales at w[i] as two F32x8 (sub-blocks 0..7 and 8..15)."""
+    _check_array(w, _BYTES)
+
+    def codegen(context, builder, sig, args):
+        f = builder.sitofp(_bytes_at(context, builder, sig, args, 16), _vec(_F32, 16))
+        return _pair(context, builder, _shuffle(builder, f, f, range(8)), _shuffle(builder, f, f, range(8, 16)))
+    return _PAIR(w, types.intp), codegen
+
+
+@intrinsic
+def k3_scales(typingctx, w, i):
+    """Q3_K: the 16 six-bit scales (minus 32) in the 12 bytes at w[i] as two F32x8: scale j has its low 4
+    bits in nibble j // 8 of byte j % 8 and its high 2 bits at bits 2 * (j // 4) of byte 8 + j % 4."""
+    _check_array(w, _BYTES)
+
+    def codegen(context, builder, sig, args):
+        s = _bytes_at(context, builder, sig, args, 12)
+        k = lambda v: _const(_I8, 16, v)                          # noqa: E731
+        low_src = _shuffle(builder, s, s, [j % 8 for j in range(16)])
+        low = builder.and_(builder.lshr(low_src, k([4 * (j // 8) for j in range(16)])), k(15))
+        high_src = _shuffle(builder, s, s, [8 + j % 4 for j in range(16)])
+        high = builder.and_(builder.lshr(high_src, k([2 * (j // 4) for j in range(16)])), k(3))
+        value = builder.sub(builder.or_(low, builder.shl(high, k(4))), k(32))
+        f = builder.sitofp(value, _vec(_F32, 16))
+        return _pair(context, builder, _shuffle(builder, f, f, range(8)), _shuffle(builder, f, f, range(8, 16)))
+    return _PAIR(w, types.intp), codegen
+
+
+@intrinsic
+def k2_scales(typingctx, w, i):
+    """Q2_K: the 16 scale bytes at w[i] (scale in the low nibble, min in the high) as four F32x8:
+    scales of sub-blocks 0..7, 8..15, then mins of 0..7, 8..15."""
+    _check_array(w, _BYTES)
+
+    def codegen(context, builder, sig, args):
+        s = _bytes_at(context, builder, sig, args, 16)
+        sc = builder.uitofp(builder.and_(s, _const(_I8, 16, 15)), _vec(_F32, 16))
+        mn = builder.uitofp(builder.lshr(s, _const(_I8, 16, 4)), _vec(_F32, 16))
+        parts = [_shuffle(builder, v, v, r) for v in (sc, mn) for r in (range(8), range(8, 16))]
+        return context.make_tuple(builder, types.UniTuple(F32x8, 4), parts)
+    return types.UniTuple(F32x8, 4)(w, types.intp), codegen
+
+
+@intrinsic
+def repeat2(typingctx, v, half):
+    """F32x8 [v[4h], v[4h], v[4h+1], v[4h+1], ..., v[4h+3], v[4h+3]] for the constant h = `half`: the scale
+    of each 32-value x block repeated for its two 16-value sub-blocks."""
+    _require_literals(half)
+
+    def codegen(context, builder, sig, args):
+        h = sig.args[1].literal_value
+        return _shuffle(builder, args[0], args[0], [4 * h + j // 2 for j in range(8)])
+    return F32x8(F32x8, half), codegen

@@ -101,6 +101,17 @@ def hsum8(typingctx, v):
 
 
 @intrinsic
+def hsum8_hadd(typingctx, v):
+    """The last steps of GGML_F32x8_REDUCE (ggml_vec_dot_f16): t_l = a_l + a_{l+4}, then two hadds:
+    (t0 + t1) + (t2 + t3)."""
+    def codegen(context, builder, sig, args):
+        a = [_lane(builder, args[0], i) for i in range(8)]
+        t = [builder.fadd(a[i], a[4 + i]) for i in range(4)]
+        return builder.fadd(builder.fadd(t[0], t[1]), builder.fadd(t[2], t[3]))
+    return types.float32(F32x8), codegen
+
+
+@intrinsic
 def f32_bits(typingctx, x):
     """The IEEE bits of a float32, as int64 in 0 .. 2**32 - 1."""
     def codegen(context, builder, sig, args):

@@ -2,9 +2,15 @@
 
 Every kernel works on a batch of B rows, and each row carries its own (slot, position): a prefill chunk is B
 consecutive positions of one slot; a batched decode step (the server, later) is B sequences in B slots, one
-position each. Output first, arrays and scalars only, nothing allocated.
+position each. Output first, arrays and scalars only.
 
-KV cache layout: k_cache, v_cache float32 (slots, layers, n_ctx, n_head_kv, head_dim).
+The arithmetic is llama.cpp's (ggml-cpu, x86 AVX2 + FMA build), operation for operation, so that together
+with `quant.ggml_exact` a SmolLM2 forward gives llama.cpp's logits bit for bit. Each kernel names the ggml
+function it reproduces. They are compiled without fast-math (`exact_kernel`): the order of the f32
+operations is what makes them exact.
+
+KV cache layout: k_cache, v_cache float32 (slots, layers, n_ctx, n_head_kv, head_dim), C-contiguous, holding
+values rounded to fp16 (llama.cpp's cache is F16; its values, not its storage, are what the arithmetic sees).
 """
 
 from __future__ import annotations
@@ -14,24 +20,39 @@ import math
 import numpy as np
 from numba import prange
 
-from ..quant.jit import kernel, parallel_kernel
+from ..quant.ggml_exact import (exact_kernel, exact_parallel_kernel, fma1, fma8, hsum8, hsum8_hadd, round_f16,
+                                v_expf)
+from ..quant.jit import kernel
+from ..quant.simd import load_f32x8, splat, store_f32x8, zeros
+
+f32 = np.float32
 
 
-@kernel
+@exact_kernel
+def _rms_scale(x, b, o, n, eps):
+    """1 / sqrt(mean(x[b, o:o+n]²) + eps) as ggml_compute_forward_rms_norm_f32: each square rounded to f32,
+    summed in order in double; mean = (float)(sum / n); scale = 1.0f / sqrtf(mean + eps)."""
+    total = 0.0
+    for i in range(n):
+        v = x[b, o + i]
+        total += np.float64(v * v)
+    mean = f32(total / n)
+    # sqrt in double then rounded is sqrtf: both are correctly rounded, and 53 >= 2 * 24 + 2
+    return f32(1) / f32(math.sqrt(mean + f32(eps)))
+
+
+@exact_kernel
 def rmsnorm(out, x, weight, eps):
-    """out[b] = x[b] / sqrt(mean(x[b]²) + eps) * weight, for rows of x (B, n); weight (n,).
-    The sum of squares is accumulated in float64, as ggml does (ggml_float)."""
+    """out[b] = x[b] / sqrt(mean(x[b]²) + eps) * weight, for rows of x (B, n); weight (n,); out may be x.
+    As ggml: rms_norm rounds x * scale, then a separate mul by the weight rounds again."""
     B, n = x.shape
     for b in range(B):
-        ss = 0.0
+        scale = _rms_scale(x, b, 0, n, eps)
         for i in range(n):
-            ss += np.float64(x[b, i]) * x[b, i]
-        scale = np.float32(1.0 / math.sqrt(ss / n + eps))
-        for i in range(n):
-            out[b, i] = x[b, i] * scale * weight[i]
+            out[b, i] = (x[b, i] * scale) * weight[i]
 
 
-@kernel
+@exact_kernel
 def rmsnorm_heads(x, weight, n_heads, head_dim, eps):
     """In place, per head: x (B, n_heads*head_dim) viewed as (B, n_heads, head_dim), each head-vector
     RMS-normalised and scaled by weight (head_dim,) — Gemma 3's q/k norms."""
@@ -39,28 +60,30 @@ def rmsnorm_heads(x, weight, n_heads, head_dim, eps):
     for b in range(B):
         for h in range(n_heads):
             o = h * head_dim
-            ss = 0.0
+            scale = _rms_scale(x, b, o, head_dim, eps)
             for i in range(head_dim):
-                ss += np.float64(x[b, o + i]) * x[b, o + i]
-            scale = np.float32(1.0 / math.sqrt(ss / head_dim + eps))
-            for i in range(head_dim):
-                x[b, o + i] = x[b, o + i] * scale * weight[i]
+                x[b, o + i] = (x[b, o + i] * scale) * weight[i]
 
 
-@kernel
+@exact_kernel
 def rope(x, positions, n_heads, head_dim, rope_dim, base, neox):
     """Rotary position embedding in place on x (B, n_heads*head_dim), row b at position positions[b].
     Pair i (i < rope_dim/2) rotates by angle pos * base^(-2i/rope_dim). llama.cpp's two layouts:
     normal (llama: GGUF conversion permuted Q/K so pairs are adjacent, (2i, 2i+1)) and NEOX (qwen2, gemma3:
-    pairs are (i, i + rope_dim/2), HF's rotate_half)."""
+    pairs are (i, i + rope_dim/2), HF's rotate_half).
+
+    As ggml_rope_cache_init and rotate_pairs: theta_scale = powf(base, -2.0f / n_dims); the angle starts at
+    the position and is multiplied by theta_scale in f32 from pair to pair; cos and sin are libm's cosf and
+    sinf (Numba lowers math.cos of a float32 to llvm.cos.f32, a call to cosf; llvm.pow.f32 is powf); GCC
+    contracts x0*cos - x1*sin into fma(x0, cos, -(x1*sin)) and x0*sin + x1*cos into fma(x0, sin, x1*cos)."""
     B = x.shape[0]
     half = rope_dim // 2
+    theta_scale = f32(base) ** (f32(-2.0) / f32(rope_dim))
     for b in range(B):
-        pos = np.float64(positions[b])
+        theta = f32(positions[b])
         for i in range(half):
-            theta = pos * base ** (-2.0 * i / rope_dim)
-            c = np.float32(math.cos(theta))
-            s = np.float32(math.sin(theta))
+            c = math.cos(theta)
+            s = math.sin(theta)
             for h in range(n_heads):
                 o = h * head_dim
                 if neox:
@@ -69,72 +92,165 @@ def rope(x, positions, n_heads, head_dim, rope_dim, base, neox):
                     i0, i1 = o + 2 * i, o + 2 * i + 1
                 x0 = x[b, i0]
                 x1 = x[b, i1]
-                x[b, i0] = x0 * c - x1 * s
-                x[b, i1] = x0 * s + x1 * c
+                x[b, i0] = fma1(x0, c, -(x1 * s))
+                x[b, i1] = fma1(x0, s, x1 * c)
+            theta = theta * theta_scale
 
 
-@kernel
+@exact_kernel
 def kv_store(k_cache, v_cache, layer, slots, positions, k, v, n_head_kv, head_dim):
-    """Write rows of k, v (B, n_head_kv*head_dim) into the cache at (slots[b], layer, positions[b])."""
+    """Write rows of k, v (B, n_head_kv*head_dim) into the cache at (slots[b], layer, positions[b]), rounded
+    to fp16 as llama.cpp's F16 cache stores them."""
     for b in range(k.shape[0]):
         s, p = slots[b], positions[b]
         for h in range(n_head_kv):
             for i in range(head_dim):
-                k_cache[s, layer, p, h, i] = k[b, h * head_dim + i]
-                v_cache[s, layer, p, h, i] = v[b, h * head_dim + i]
+                k_cache[s, layer, p, h, i] = round_f16(k[b, h * head_dim + i])
+                v_cache[s, layer, p, h, i] = round_f16(v[b, h * head_dim + i])
 
 
-@parallel_kernel
+# ---- attention ----
+#
+# llama.cpp without flash attention computes kq = K·Q, a softmax, and kqv = V·P as F16 matmuls whose lane
+# structure depends on how many query rows the batch has. With 2 or more, llamafile's tinyBLAS<F16>: 8 f32
+# lanes, lane l taking k = l, l+8, l+16, ..., summed by hsum_float_8. With one (decode), tinyBLAS declines
+# (n < 2) and ggml_vec_dot_f16 runs: 32 lanes in four 8-wide accumulators, lane L taking k = L, L+32, ...,
+# reduced by GGML_F32x8_REDUCE. The reduction runs over the head dimension for kq and over the KV cells for
+# kqv; cell indices are absolute (cell = position), and masked cells add exact zeros, so they are skipped.
+
+
+@exact_kernel
+def _kq(k, kb, q16, head_dim, lanes32):
+    """K[cell]·q16 for the cached key at flat element index kb of k (the cache, flattened)."""
+    if lanes32:
+        s0, s1, s2, s3 = zeros(), zeros(), zeros(), zeros()
+        n32 = head_dim - head_dim % 32
+        for i in range(0, n32, 32):
+            s0 = fma8(load_f32x8(k, kb + i), load_f32x8(q16, i), s0)
+            s1 = fma8(load_f32x8(k, kb + i + 8), load_f32x8(q16, i + 8), s1)
+            s2 = fma8(load_f32x8(k, kb + i + 16), load_f32x8(q16, i + 16), s2)
+            s3 = fma8(load_f32x8(k, kb + i + 24), load_f32x8(q16, i + 24), s3)
+        total = np.float64(hsum8_hadd((s0 + s2) + (s1 + s3)))
+        for i in range(n32, head_dim):     # ggml_vec_dot_f16's leftovers: each product added in double
+            total += np.float64(k[kb + i] * q16[i])
+        return f32(total)
+    n8 = head_dim - head_dim % 8
+    a = zeros()
+    for i in range(0, n8, 8):
+        a = fma8(load_f32x8(k, kb + i), load_f32x8(q16, i), a)
+    r = hsum8(a)
+    for i in range(n8, head_dim):          # (tinyBLAS needs head_dim % 8 == 0; not llama.cpp's order here)
+        r = fma1(k[kb + i], q16[i], r)
+    return r
+
+
+@exact_parallel_kernel
 def attention(out, q, k_cache, v_cache, layer, slots, positions, n_head, n_head_kv, head_dim, scale, window):
     """Causal multi-head attention with grouped K/V heads, for rows q (B, n_head*head_dim) -> out (same).
     Row b (slot s, position p) attends to cached positions j <= p of slot s, and with a sliding window
-    (window > 0) only to p - j < window (llama.cpp's standard SWA mask). Softmax is computed online
-    (running max and sum, flash-attention style), so no score buffer is needed and nothing is allocated;
-    the output row itself is the accumulator."""
+    (window > 0) only to p - j < window (llama.cpp's standard SWA mask).
+
+    As llama.cpp without flash attention: q rounded to fp16; kq[j] = K[j]·q16 (lanes above), times scale;
+    softmax as ggml_compute_forward_soft_max_f32: e = ggml_v_expf(w - max), the denominator a double sum of
+    each 8-cell group's hsum_float_8, p = e * (float)(1.0 / sum) rounded to fp16; out = Σ_j p16[j] V[j]
+    (lanes above). One task per (row, head), each with a small score buffer."""
     B = q.shape[0]
     group = n_head // n_head_kv
+    lanes32 = B == 1
+    n_lanes = 32 if lanes32 else 8
+    cell = n_head_kv * head_dim                 # flat distance from one cached position to the next
+    layer_size = k_cache.shape[2] * cell
+    kf = k_cache.reshape(-1)
+    vf = v_cache.reshape(-1)
+    scale = f32(scale)
+    n8 = head_dim - head_dim % 8
     for bh in prange(B * n_head):
         b = bh // n_head
         h = bh % n_head
-        hk = h // group
         s, p = slots[b], positions[b]
         o = h * head_dim
         j0 = 0
         if window > 0 and p - window + 1 > 0:
             j0 = p - window + 1
+        g0 = j0 // 8 * 8                        # scores are kept for whole 8-cell groups, g0 .. p
+        n_sc = p // 8 * 8 + 8 - g0
+        buf = np.empty(head_dim + n_sc + n_lanes * head_dim, np.float32)
+        q16 = buf[:head_dim]
+        sc = buf[head_dim:head_dim + n_sc]
+        acc = buf[head_dim + n_sc:]
         for i in range(head_dim):
-            out[b, o + i] = 0.0
-        m = -np.inf
-        total = np.float32(0.0)
+            q16[i] = round_f16(q[b, o + i])
+        base = (s * k_cache.shape[1] + layer) * layer_size + (h // group) * head_dim   # cell 0 of this head
+        # kq, scaled (ggml_vec_scale_f32), and its maximum over the unmasked cells
+        mx = f32(-np.inf)
         for j in range(j0, p + 1):
-            dot = np.float32(0.0)
-            for i in range(head_dim):
-                dot += q[b, o + i] * k_cache[s, layer, j, hk, i]
-            score = dot * scale
-            if score > m:
-                # rescale what was accumulated under the old maximum
-                corr = np.float32(math.exp(m - score)) if m != -np.inf else np.float32(0.0)
-                total *= corr
-                for i in range(head_dim):
-                    out[b, o + i] *= corr
-                m = score
-            w = np.float32(math.exp(score - m))
-            total += w
-            for i in range(head_dim):
-                out[b, o + i] += w * v_cache[s, layer, j, hk, i]
-        inv = np.float32(1.0) / total
+            w = _kq(kf, base + j * cell, q16, head_dim, lanes32) * scale
+            sc[j - g0] = w
+            mx = max(mx, w)
+        # ggml_vec_soft_max_f32: exp per cell, Σ in double of each 8-group's hsum_float_8 (masked cells are 0)
+        total = 0.0
+        for g in range(0, n_sc, 8):
+            for t in range(8):
+                j = g0 + g + t
+                sc[g + t] = v_expf(sc[g + t] - mx) if j0 <= j and j <= p else f32(0)
+            r0 = sc[g + 4] + sc[g]
+            r1 = sc[g + 5] + sc[g + 1]
+            r2 = sc[g + 6] + sc[g + 2]
+            r3 = sc[g + 7] + sc[g + 3]
+            total += np.float64((r0 + r2) + (r1 + r3))
+        inv = f32(1.0 / total)
+        for t in range(n_sc):
+            sc[t] = round_f16(sc[t] * inv)     # p, rounded to fp16 for the F16 matmul
+        # kqv: lane (j mod n_lanes) of each output element accumulates p16[j] * V[j] over the cells in order
+        acc[:] = 0
+        for j in range(j0, p + 1):
+            pj = sc[j - g0]
+            a = (j % n_lanes) * head_dim
+            vb = base + j * cell
+            for i in range(0, n8, 8):
+                store_f32x8(acc, a + i, fma8(splat(pj), load_f32x8(vf, vb + i), load_f32x8(acc, a + i)))
+            for i in range(n8, head_dim):
+                acc[a + i] = fma1(pj, vf[vb + i], acc[a + i])
         for i in range(head_dim):
-            out[b, o + i] *= inv
+            if lanes32:
+                out[b, o + i] = _reduce32(acc, i, head_dim)
+            else:
+                # hsum_float_8: ((a4 + a0) + (a6 + a2)) + ((a5 + a1) + (a7 + a3))
+                r0 = acc[4 * head_dim + i] + acc[i]
+                r1 = acc[5 * head_dim + i] + acc[head_dim + i]
+                r2 = acc[6 * head_dim + i] + acc[2 * head_dim + i]
+                r3 = acc[7 * head_dim + i] + acc[3 * head_dim + i]
+                out[b, o + i] = (r0 + r2) + (r1 + r3)
 
 
-@kernel
+@exact_kernel
+def _reduce32(acc, i, n):
+    """GGML_F32x8_REDUCE of element i over 32 lanes acc[L * n + i] (four accumulators S0..S3 of 8 lanes):
+    A_l = (S0_l + S2_l) + (S1_l + S3_l), t_l = A_l + A_l+4, result (t0 + t1) + (t2 + t3)."""
+    a0 = (acc[i] + acc[16 * n + i]) + (acc[8 * n + i] + acc[24 * n + i])
+    a1 = (acc[n + i] + acc[17 * n + i]) + (acc[9 * n + i] + acc[25 * n + i])
+    a2 = (acc[2 * n + i] + acc[18 * n + i]) + (acc[10 * n + i] + acc[26 * n + i])
+    a3 = (acc[3 * n + i] + acc[19 * n + i]) + (acc[11 * n + i] + acc[27 * n + i])
+    a4 = (acc[4 * n + i] + acc[20 * n + i]) + (acc[12 * n + i] + acc[28 * n + i])
+    a5 = (acc[5 * n + i] + acc[21 * n + i]) + (acc[13 * n + i] + acc[29 * n + i])
+    a6 = (acc[6 * n + i] + acc[22 * n + i]) + (acc[14 * n + i] + acc[30 * n + i])
+    a7 = (acc[7 * n + i] + acc[23 * n + i]) + (acc[15 * n + i] + acc[31 * n + i])
+    return ((a0 + a4) + (a1 + a5)) + ((a2 + a6) + (a3 + a7))
+
+
+@exact_kernel
 def silu_mul(gate, up):
-    """gate = silu(gate) * up, in place (SwiGLU: llama, qwen2)."""
+    """gate = silu(gate) * up, in place (SwiGLU: llama, qwen2), as ggml_vec_swiglu_f32 (AVX2):
+    x / (1 + ggml_v_expf(-x)) * u per element; a row's tail past a multiple of 8 uses libm's expf."""
     B, n = gate.shape
+    n8 = n - n % 8
     for b in range(B):
-        for i in range(n):
+        for i in range(n8):
             g = gate[b, i]
-            gate[b, i] = g / (np.float32(1.0) + np.float32(math.exp(-g))) * up[b, i]
+            gate[b, i] = (g / (f32(1) + v_expf(-g))) * up[b, i]
+        for i in range(n8, n):
+            g = gate[b, i]
+            gate[b, i] = (g / (f32(1) + math.exp(-g))) * up[b, i]
 
 
 GELU_COEF_A = 0.044715

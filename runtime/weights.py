@@ -16,7 +16,7 @@ import numpy as np
 from ..errors import ModelFormatError
 from ..formats.gguf import GGUFFile, TensorInfo
 from .. import quant
-from ..quant import kernels
+from ..quant import ggml_exact, kernels
 
 # our name -> GGUF name ("{}" is the block index)
 TENSOR_NAMES = {
@@ -103,13 +103,16 @@ class Scratch:
 
 
 def linear(out: np.ndarray, x: np.ndarray, w: Linear, scratch: Scratch) -> None:
-    """out (B, m) = x (B, k) @ W.T, through the fused quantized kernels; allocates nothing."""
+    """out (B, m) = x (B, k) @ W.T, through the fused quantized kernels; allocates nothing. Q4_1 and Q8_0 go to
+    `quant.ggml_exact`, which computes each output bit for bit as llama.cpp does; other types to
+    `quant.kernels`."""
     B, k = x.shape
+    mod = ggml_exact if w.qtype in ggml_exact.EXACT_TYPES else kernels
     if B == 1:
-        kernels.matvec(out[0], x[0], scratch.xq[:k], scratch.xs[:k // 16], w.data, w.qtype, w.m, k)
+        mod.matvec(out[0], x[0], scratch.xq[:k], scratch.xs[:k // 16], w.data, w.qtype, w.m, k)
     else:
-        kernels.gemm(out, x, scratch.xq[:B * k].reshape(B, k), scratch.xs[:B * k // 16].reshape(B, k // 16),
-                     w.data, w.qtype, w.m, k)
+        mod.gemm(out, x, scratch.xq[:B * k].reshape(B, k), scratch.xs[:B * k // 16].reshape(B, k // 16),
+                 w.data, w.qtype, w.m, k)
 
 
 def embed(out: np.ndarray, tokens: np.ndarray, w: Linear) -> None:

@@ -31,7 +31,7 @@ from .jit import kernel, parallel_kernel
 from .simd import (bf16x8_at, bits32, bytes32, deinterleave, dot_i8, dot_u8, f16x8_at, f32x8_at, fma, hsum,
                    i8_to_f32, i8x16_scales, k2_scales, k3_scales, k4_scales, lane, lanes, load_bf16, load_f16,
                    load_f32, load_f32x8, load_i8, load_u8, load_u32, nibbles16, repeat2, store_f32x8, to_f32,
-                   u8_to_f32, zeros)
+                   transpose_8x8, u8_to_f32, zeros)
 
 f32 = np.float32
 
@@ -43,8 +43,8 @@ QK_K = 256
 SERIAL_WEIGHTS = 1 << 16
 MATVEC_TASK_ROWS = 16    # rows per parallel task in matvec
 GEMM_TILE_ROWS = 16      # weight rows dequantized at a time by gemm
-GEMM_TASKS = 64          # parallel tasks in gemm, each with its own tile buffer
-GEMM_MIN_ROWS = 4        # below this many activation rows, gemm runs one matvec per row
+GEMM_TASKS = 64         # parallel tasks in gemm, each with its own tile buffer
+GEMM_MIN_ROWS = 2        # below this many activation rows, gemm runs one matvec per row
 
 
 @kernel
@@ -675,66 +675,88 @@ def dequantize_rows(out, w, qtype, m, k):
 
 
 # ---- prefill ----
+#
+# gemm dequantizes GEMM_TILE_ROWS = 16 weight rows at a time and stores them transposed, k-major
+# (tile[t, j] = W[r0 + j, t]), so that one k step of the micro-kernel reads the 16 rows' values at t as two
+# F32x8. The micro-kernel keeps a 6 × 16 block of `out` in 12 registers and for each t adds x[i, t] times
+# those 16 values (an outer product: 12 FMAs for 2 loads and 6 broadcasts), then stores the block once; no
+# horizontal sums. Each thread takes its own tiles; x (n, k) is read by every tile from cache.
 
 @kernel
-def _dot_4x4(out, x, tile, i0, j0, col, k):
-    """out[i0:i0+4, col:col+4] = x[i0:i0+4] @ tile[j0:j0+4].T over k (a multiple of 8, any tail added by the
-    caller), 16 accumulators in registers."""
-    x0, x1, x2, x3 = x[i0], x[i0 + 1], x[i0 + 2], x[i0 + 3]
-    w0, w1, w2, w3 = tile[j0], tile[j0 + 1], tile[j0 + 2], tile[j0 + 3]
-    c00 = zeros(); c01 = zeros(); c02 = zeros(); c03 = zeros()
-    c10 = zeros(); c11 = zeros(); c12 = zeros(); c13 = zeros()
-    c20 = zeros(); c21 = zeros(); c22 = zeros(); c23 = zeros()
-    c30 = zeros(); c31 = zeros(); c32 = zeros(); c33 = zeros()
-    for i in range(0, k - k % 8, 8):
-        b0 = load_f32x8(w0, i); b1 = load_f32x8(w1, i); b2 = load_f32x8(w2, i); b3 = load_f32x8(w3, i)
-        a = load_f32x8(x0, i)
-        c00 = fma(a, b0, c00); c01 = fma(a, b1, c01); c02 = fma(a, b2, c02); c03 = fma(a, b3, c03)
-        a = load_f32x8(x1, i)
-        c10 = fma(a, b0, c10); c11 = fma(a, b1, c11); c12 = fma(a, b2, c12); c13 = fma(a, b3, c13)
-        a = load_f32x8(x2, i)
-        c20 = fma(a, b0, c20); c21 = fma(a, b1, c21); c22 = fma(a, b2, c22); c23 = fma(a, b3, c23)
-        a = load_f32x8(x3, i)
-        c30 = fma(a, b0, c30); c31 = fma(a, b1, c31); c32 = fma(a, b2, c32); c33 = fma(a, b3, c33)
-    out[i0, col] = hsum(c00); out[i0, col + 1] = hsum(c01); out[i0, col + 2] = hsum(c02); out[i0, col + 3] = hsum(c03)
-    out[i0 + 1, col] = hsum(c10); out[i0 + 1, col + 1] = hsum(c11)
-    out[i0 + 1, col + 2] = hsum(c12); out[i0 + 1, col + 3] = hsum(c13)
-    out[i0 + 2, col] = hsum(c20); out[i0 + 2, col + 1] = hsum(c21)
-    out[i0 + 2, col + 2] = hsum(c22); out[i0 + 2, col + 3] = hsum(c23)
-    out[i0 + 3, col] = hsum(c30); out[i0 + 3, col + 1] = hsum(c31)
-    out[i0 + 3, col + 2] = hsum(c32); out[i0 + 3, col + 3] = hsum(c33)
-
-
-@kernel
-def _dot_1x1(a, b, k):
-    acc = zeros()
+def _dequantize_tile(tile, rows_buf, w, qtype, r0, rows, k):
+    """tile[t, j] = W[r0 + j, t] for j < rows, 0 for rows <= j < 16 (rows_buf: f32[16, k] scratch)."""
+    for j in range(rows):
+        dequantize_row(rows_buf[j], w, qtype, r0 + j, k)
+    for j in range(rows, GEMM_TILE_ROWS):
+        rows_buf[j, :] = f32(0)
+    flat_rows, flat_tile = rows_buf.reshape(-1), tile.reshape(-1)
     k8 = k - k % 8
-    for i in range(0, k8, 8):
-        acc = fma(load_f32x8(a, i), load_f32x8(b, i), acc)
-    total = hsum(acc)
-    for i in range(k8, k):
-        total += a[i] * b[i]
-    return total
+    for t in range(0, k8, 8):
+        transpose_8x8(flat_rows, t, k, flat_tile, GEMM_TILE_ROWS * t, GEMM_TILE_ROWS)
+        transpose_8x8(flat_rows, 8 * k + t, k, flat_tile, GEMM_TILE_ROWS * t + 8, GEMM_TILE_ROWS)
+    for t in range(k8, k):
+        for j in range(GEMM_TILE_ROWS):
+            tile[t, j] = rows_buf[j, t]
 
 
 @kernel
-def _tile_product(out, x, tile, rows, col, k):
-    """out[:, col:col + rows] = x @ tile[:rows].T."""
-    n = x.shape[0]
-    n4 = n - n % 4
-    rows4 = rows - rows % 4
-    k8 = k - k % 8
-    for i0 in range(0, n4, 4):
-        for j0 in range(0, rows4, 4):
-            _dot_4x4(out, x, tile, i0, j0, col + j0, k)
-            if k8 < k:
-                for i in range(i0, i0 + 4):
-                    for j in range(j0, j0 + 4):
-                        for t in range(k8, k):
-                            out[i, col + j] += x[i, t] * tile[j, t]
-    for i in range(n):
-        for j in range(rows4 if i < n4 else 0, rows):
-            out[i, col + j] = _dot_1x1(x[i], tile[j], k)
+def _outer_6x16(out, x, tile, i0, n_rows, col, cols, k):
+    """out[i0:i0+n_rows, col:col+cols] = x[i0:i0+n_rows] @ W_tile[:cols].T, tile k-major, n_rows <= 6 and
+    cols <= 16. Missing rows (n_rows < 6) repeat row i0 and are not stored."""
+    x0 = x[i0]
+    x1 = x[i0 + 1] if n_rows > 1 else x0
+    x2 = x[i0 + 2] if n_rows > 2 else x0
+    x3 = x[i0 + 3] if n_rows > 3 else x0
+    x4 = x[i0 + 4] if n_rows > 4 else x0
+    x5 = x[i0 + 5] if n_rows > 5 else x0
+    c00, c01, c10, c11, c20, c21 = zeros(), zeros(), zeros(), zeros(), zeros(), zeros()
+    c30, c31, c40, c41, c50, c51 = zeros(), zeros(), zeros(), zeros(), zeros(), zeros()
+    for t in range(k):
+        b0 = load_f32x8(tile[t], 0)
+        b1 = load_f32x8(tile[t], 8)
+        a = x0[t]
+        c00 = fma(b0, a, c00)
+        c01 = fma(b1, a, c01)
+        a = x1[t]
+        c10 = fma(b0, a, c10)
+        c11 = fma(b1, a, c11)
+        a = x2[t]
+        c20 = fma(b0, a, c20)
+        c21 = fma(b1, a, c21)
+        a = x3[t]
+        c30 = fma(b0, a, c30)
+        c31 = fma(b1, a, c31)
+        a = x4[t]
+        c40 = fma(b0, a, c40)
+        c41 = fma(b1, a, c41)
+        a = x5[t]
+        c50 = fma(b0, a, c50)
+        c51 = fma(b1, a, c51)
+    _store_16(out[i0], col, cols, c00, c01)
+    if n_rows > 1:
+        _store_16(out[i0 + 1], col, cols, c10, c11)
+    if n_rows > 2:
+        _store_16(out[i0 + 2], col, cols, c20, c21)
+    if n_rows > 3:
+        _store_16(out[i0 + 3], col, cols, c30, c31)
+    if n_rows > 4:
+        _store_16(out[i0 + 4], col, cols, c40, c41)
+    if n_rows > 5:
+        _store_16(out[i0 + 5], col, cols, c50, c51)
+
+
+@kernel
+def _store_16(out_row, col, cols, lo, hi):
+    """out_row[col:col + cols] = the first `cols` of the 16 lanes lo, hi."""
+    if cols == 16:
+        store_f32x8(out_row, col, lo)
+        store_f32x8(out_row, col + 8, hi)
+    else:
+        spill = np.empty(16, np.float32)
+        store_f32x8(spill, 0, lo)
+        store_f32x8(spill, 8, hi)
+        for j in range(cols):
+            out_row[col + j] = spill[j]
 
 
 @parallel_kernel
@@ -747,12 +769,13 @@ def gemm(out, x, xq, xs, w, qtype, m, k):
             matvec(out[i], x[i], xq[i], xs[i], w, qtype, m, k)
         return
     n_tiles = (m + GEMM_TILE_ROWS - 1) // GEMM_TILE_ROWS
-    n_chunks = min(n_tiles, GEMM_TASKS)
-    for c in prange(n_chunks):
-        tile = np.empty((GEMM_TILE_ROWS, k), np.float32)
-        for t in range(c * n_tiles // n_chunks, (c + 1) * n_tiles // n_chunks):
+    n_tasks = min(n_tiles, GEMM_TASKS)
+    for task in prange(n_tasks):
+        tile = np.empty((k, GEMM_TILE_ROWS), np.float32)
+        rows_buf = np.empty((GEMM_TILE_ROWS, k), np.float32)
+        for t in range(task * n_tiles // n_tasks, (task + 1) * n_tiles // n_tasks):
             r0 = t * GEMM_TILE_ROWS
-            rows = min(GEMM_TILE_ROWS, m - r0)
-            for j in range(rows):
-                dequantize_row(tile[j], w, qtype, r0 + j, k)
-            _tile_product(out, x, tile, rows, r0, k)
+            cols = min(GEMM_TILE_ROWS, m - r0)
+            _dequantize_tile(tile, rows_buf, w, qtype, r0, cols, k)
+            for i0 in range(0, n, 6):
+                _outer_6x16(out, x, tile, i0, min(6, n - i0), r0, cols, k)

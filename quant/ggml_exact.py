@@ -232,23 +232,15 @@ def _rows_q4_1(out, xq, xs, w, r0, r1, nb):
 
 @exact_kernel
 def _rows_q8_0(out, xq, xs, w, r0, r1, nb):
-    # block: d f16 | 32 int8: 34 bytes
-    r = r0
-    while r < r1:
-        two = r + 1 < r1
-        p0 = r * nb * 34
-        p1 = p0 + nb * 34 if two else p0
-        a0, a1 = zeros(), zeros()
+    # block: d f16 | 32 int8: 34 bytes. One row at a time: the output matrix (tied to the 30 MB embedding)
+    # streams from memory, and interleaving rows measured 3x slower there.
+    for r in range(r0, r1):
+        p = r * nb * 34
+        acc = zeros()
         for b in range(nb):
-            dx = xs[2 * b]
-            a0 = fma8(splat(load_f16(w, p0) * dx), to_f32(dot_i8(bytes32(w, p0 + 2), xq, 32 * b)), a0)
-            a1 = fma8(splat(load_f16(w, p1) * dx), to_f32(dot_i8(bytes32(w, p1 + 2), xq, 32 * b)), a1)
-            p0 += 34
-            p1 += 34
-        out[r] = hsum8(a0)
-        if two:
-            out[r + 1] = hsum8(a1)
-        r += 2
+            acc = fma8(splat(load_f16(w, p) * xs[2 * b]), to_f32(dot_i8(bytes32(w, p + 2), xq, 32 * b)), acc)
+            p += 34
+        out[r] = hsum8(acc)
 
 
 @exact_kernel

@@ -1,0 +1,278 @@
+"""llama.cpp's arithmetic, bit for bit: the kernels of quant.ggml_exact and runtime.ops against slow numpy
+transcriptions of the ggml code they reproduce, then SmolLM2 end to end against llama.cpp's logits.
+
+The numpy references write each ggml step out in order; a fused multiply-add is computed in float64 (the
+product of two float32 is exact there) and rounded once more to float32, which equals a true fma except
+at exact float32 ties, which the fixed inputs here do not hit."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import nibble
+from nibble.formats.gguf import GGUFFile
+from nibble.quant import ggml_exact
+from nibble.runtime import ops
+
+F32, F64 = np.float32, np.float64
+
+
+def fma(a, b, c):
+    return (np.asarray(a, F64) * np.asarray(b, F64) + np.asarray(c, F64)).astype(F32)
+
+
+def f16(a):
+    return np.asarray(a, F32).astype(np.float16).astype(F32)
+
+
+def hsum8(a):
+    """hsum_float_8 over the last axis (8): ((a4 + a0) + (a6 + a2)) + ((a5 + a1) + (a7 + a3))."""
+    r = (a[..., 4:] + a[..., :4]).astype(F32)
+    return ((r[..., 0] + r[..., 2]).astype(F32) + (r[..., 1] + r[..., 3]).astype(F32)).astype(F32)
+
+
+def reduce32(a):
+    """GGML_F32x8_REDUCE over the last axis (32 = four accumulators of 8 lanes)."""
+    s = a.reshape(a.shape[:-1] + (4, 8))
+    v = ((s[..., 0, :] + s[..., 2, :]).astype(F32) + (s[..., 1, :] + s[..., 3, :]).astype(F32)).astype(F32)
+    t = (v[..., :4] + v[..., 4:]).astype(F32)
+    return ((t[..., 0] + t[..., 1]).astype(F32) + (t[..., 2] + t[..., 3]).astype(F32)).astype(F32)
+
+
+def quantize_q8_ref(x):
+    """quantize_row_q8_1 (x86): q (nb, 32) int, d16 (nb,), s16 (nb,)."""
+    xb = np.asarray(x, F32).reshape(-1, 32)
+    amax = np.abs(xb).max(1)
+    d = (amax / F32(127)).astype(F32)
+    inv = np.where(amax > 0, F32(127) / np.where(amax > 0, amax, F32(1)), F32(0)).astype(F32)
+    q = np.rint((xb * inv[:, None]).astype(F32)).astype(np.int64)
+    return q, f16(d), f16((d * q.sum(1).astype(F32)).astype(F32))
+
+
+def matvec_ref(w: np.ndarray, qtype: int, m: int, k: int, x: np.ndarray) -> np.ndarray:
+    """ggml_vec_dot_q4_1_q8_1 / ggml_vec_dot_q8_0_q8_0 (AVX2) for every row, in numpy."""
+    nb = k // 32
+    qx, dx, sx = quantize_q8_ref(x)
+    if qtype == ggml_exact.Q4_1:
+        blk = w.reshape(m, nb, 20)
+        d = blk[..., 0:2].copy().view(np.float16)[..., 0].astype(F32)
+        mn = blk[..., 2:4].copy().view(np.float16)[..., 0].astype(F32)
+        qs = blk[..., 4:].astype(np.int64)
+        qw = np.concatenate([qs & 15, qs >> 4], -1)                              # (m, nb, 32)
+    else:
+        blk = w.reshape(m, nb, 34)
+        d = blk[..., 0:2].copy().view(np.float16)[..., 0].astype(F32)
+        qw = blk[..., 2:].copy().view(np.int8).astype(np.int64)
+    isum = (qw * qx[None]).reshape(m, nb, 8, 4).sum(-1).astype(F32)             # (m, nb, 8) exact
+    acc = np.zeros((m, 8), F32)
+    summs = np.zeros(m, F32)
+    for b in range(nb):
+        acc = fma((d[:, b] * dx[b]).astype(F32)[:, None], isum[:, b], acc)
+        if qtype == ggml_exact.Q4_1:
+            summs = fma(mn[:, b], sx[b], summs)
+    out = hsum8(acc)
+    return (out + summs).astype(F32) if qtype == ggml_exact.Q4_1 else out
+
+
+def v_expf_ref(x):
+    """ggml_v_expf (AVX2), elementwise."""
+    x = np.asarray(x, F32)
+    h = lambda s: F32(float.fromhex(s))  # noqa: E731
+    r = h("0x1.8p23")
+    with np.errstate(all="ignore"):
+        z = fma(x, h("0x1.715476p+0"), r)
+        n = (z - r).astype(F32)
+        b = fma(-n, h("0x1.7f7d1cp-20"), fma(-n, h("0x1.62e4p-1"), x))
+        e = (z.view(np.uint32) << np.uint32(23)).astype(np.uint32)
+        k = (e + np.array(1.0, F32).view(np.uint32)).astype(np.uint32).view(F32)
+        u = (b * b).astype(F32)
+        j = fma(fma(fma(h("0x1.0e4020p-7"), b, h("0x1.573e2ep-5")), u, fma(h("0x1.555e66p-3"), b, h("0x1.fffdb6p-2"))),
+                u, (h("0x1.ffffecp-1") * b).astype(F32))
+        g = np.where(n <= 0, np.uint32(0x82000000), np.uint32(0))
+        s1 = (g + np.uint32(0x7F000000)).astype(np.uint32).view(F32)
+        s2 = (e - g).astype(np.uint32).view(F32)
+        big = np.abs(n) > 126
+        huge = np.abs(n) > 192
+        return np.where(huge, (s1 * s1).astype(F32),
+                        np.where(big, (fma(s2, j, s2) * s1).astype(F32), fma(k, j, k))).astype(F32)
+
+
+# ---- scalar helpers ----
+
+def test_round_f16_is_ieee_round_to_nearest_even():
+    rng = np.random.default_rng(0)
+    x = np.concatenate([
+        (rng.standard_normal(20000) * 10.0 ** rng.integers(-9, 6, 20000)).astype(F32),
+        rng.integers(0, 2**32, 20000, dtype=np.uint64).astype(np.uint32).view(F32),       # every bit pattern
+        np.array([0.0, -0.0, 65504, 65519.99, 65520, -65520, 2**-24, 2**-25, 3 * 2**-26, 2**-14, np.inf, -np.inf],
+                 F32),
+        (np.arange(1, 2049, dtype=F32) + F32(0.5)) * F32(2**-13),                            # halfway cases
+    ])
+    ours = np.array([ggml_exact.round_f16(v) for v in x], F32)
+    expected = f16(x)
+    same = (ours == expected) | (np.isnan(ours) & np.isnan(expected))
+    assert same.all(), x[~same][:5]
+    assert (np.signbit(ours) == np.signbit(expected))[~np.isnan(x)].all()
+
+
+def test_v_expf_matches_ggml_v_expf():
+    x = np.concatenate([np.linspace(-200, 100, 30001, dtype=F32),
+                        np.random.default_rng(1).standard_normal(5000).astype(F32) * 4,
+                        np.array([0.0, -0.0, -87.5, -88.8, -103.9, -104.0, 88.7, -np.inf], F32)])
+    ours = np.array([ggml_exact.v_expf(v) for v in x], F32)
+    assert np.array_equal(ours, v_expf_ref(x))
+    assert ggml_exact.v_expf(F32(-np.inf)) == 0
+    close = np.abs(x) < 80
+    assert np.allclose(ours[close], np.exp(x[close].astype(F64)), rtol=2e-7, atol=0)   # and it is exp
+
+
+def test_quantize_q8_matches_quantize_row_q8_1():
+    rng = np.random.default_rng(2)
+    x = (rng.standard_normal(32 * 64) * 10.0 ** rng.integers(-3, 4, 32 * 64)).astype(F32)
+    x[:32] = 0                                                      # amax = 0: d = 0, every q = 0
+    x[32:64] = np.arange(32, dtype=F32) - F32(15.5)                 # exact .5 ties: round half to even
+    xq, xs = np.zeros(x.size, np.int8), np.zeros(x.size // 16, F32)
+    ggml_exact.quantize_q8(x, xq, xs)
+    q, d16, s16 = quantize_q8_ref(x)
+    assert np.array_equal(xq.astype(np.int64), q.reshape(-1))
+    assert np.array_equal(xs[0::2], d16) and np.array_equal(xs[1::2], s16)
+
+
+# ---- matmuls on the real SmolLM2 tensors ----
+
+@pytest.fixture(scope="module")
+def smollm2(pulled):
+    return GGUFFile(pulled("smollm2-135m"))
+
+
+@pytest.mark.parametrize("name", ["blk.0.attn_k.weight", "blk.3.ffn_down.weight", "blk.29.ffn_gate.weight",
+                                  "token_embd.weight"])
+def test_matvec_and_gemm_are_ggml_vec_dot(smollm2, name):
+    t = smollm2.tensors[name]
+    m, k = t.shape
+    qtype = int(t.qtype)
+    assert qtype in ggml_exact.EXACT_TYPES
+    rows = np.arange(m) if m <= 2048 else np.r_[0:700, m - 300:m]        # the reference is slow on 49152 rows
+    w = np.asarray(t.data).reshape(m, -1)[rows].reshape(-1)
+    rng = np.random.default_rng(3)
+    x = (rng.standard_normal((5, k)) * rng.gamma(0.5, 20, (5, k))).astype(F32)   # heavy-tailed, like SmolLM2's
+    expected = np.stack([matvec_ref(w, qtype, len(rows), k, xi) for xi in x])[:, :]
+
+    out = np.zeros(m, F32)
+    ggml_exact.matvec(out, x[0], np.zeros(k, np.int8), np.zeros(k // 16, F32), t.data, qtype, m, k)
+    assert np.array_equal(out[rows], expected[0])
+    # gemm gives every row the same bits as matvec (llama.cpp's results do not depend on the batch size)
+    out2 = np.zeros((5, m), F32)
+    ggml_exact.gemm(out2, x, np.zeros((5, k), np.int8), np.zeros((5, k // 16), F32), t.data, qtype, m, k)
+    assert np.array_equal(out2[:, rows], expected)
+
+
+# ---- the non-matmul kernels ----
+
+def rmsnorm_ref(x, w, eps):
+    sq = (x * x).astype(F32).astype(F64)
+    total = np.zeros(x.shape[0], F64)
+    for i in range(x.shape[1]):
+        total = total + sq[:, i]
+    mean = (total / x.shape[1]).astype(F32)
+    scale = (F32(1) / np.sqrt((mean + F32(eps)).astype(F32))).astype(F32)
+    return ((x * scale[:, None]).astype(F32) * w).astype(F32)
+
+
+def test_rmsnorm_and_silu_mul():
+    rng = np.random.default_rng(4)
+    x = (rng.standard_normal((3, 576)) * 30).astype(F32)
+    w = rng.standard_normal(576).astype(F32)
+    out = np.zeros_like(x)
+    ops.rmsnorm(out, x, w, 1e-5)
+    assert np.array_equal(out, rmsnorm_ref(x, w, 1e-5))
+    g, u = (rng.standard_normal((2, 1536)) * 6).astype(F32), rng.standard_normal((2, 1536)).astype(F32)
+    expected = ((g / (F32(1) + v_expf_ref(-g)).astype(F32)).astype(F32) * u).astype(F32)
+    ops.silu_mul(g, u)
+    assert np.array_equal(g, expected)
+
+
+def attention_ref(q, k, v, scale, lanes):
+    """One (row, head): q (D,), k, v (n, D) as cached (fp16 values), llama.cpp's non-flash path with the
+    F16 matmul of tinyBLAS (lanes 8) or ggml_vec_dot_f16 (lanes 32)."""
+    n, D = k.shape
+    q16 = f16(q)
+    if lanes == 8:
+        acc = np.zeros((n, 8), F32)
+        for i in range(0, D, 8):
+            acc = fma(k[:, i:i + 8], q16[i:i + 8], acc)
+        kq = hsum8(acc)
+    else:
+        acc = np.zeros((n, 32), F32)
+        for i in range(0, D, 32):
+            acc = fma(k[:, i:i + 32], q16[i:i + 32], acc)
+        kq = reduce32(acc)
+    w = (kq * F32(scale)).astype(F32)
+    n8 = -(-n // 8) * 8
+    e = np.zeros(n8, F32)
+    e[:n] = v_expf_ref((w - w.max()).astype(F32))
+    total = 0.0
+    for s in hsum8(e.reshape(-1, 8)):
+        total += float(s)
+    p = f16((e[:n] * F32(1.0 / total)).astype(F32))
+    nl = -(-n // lanes) * lanes
+    pp, vv = np.zeros(nl, F32), np.zeros((nl, D), F32)
+    pp[:n], vv[:n] = p, v
+    acc = np.zeros((D, lanes), F32)
+    for j in range(0, nl, lanes):
+        acc = fma(vv[j:j + lanes].T, pp[j:j + lanes], acc)
+    return hsum8(acc) if lanes == 8 else reduce32(acc)
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_attention_lanes_follow_the_batch_size(batch):
+    """One query row (decode) takes ggml_vec_dot_f16's 32 lanes, several take tinyBLAS's 8."""
+    rng = np.random.default_rng(5)
+    H, Hk, D, n_ctx, layer = 6, 2, 64, 80, 1
+    k_cache = np.zeros((2, 2, n_ctx, Hk, D), F32)
+    v_cache = np.zeros_like(k_cache)
+    n = 70                                                     # cached positions 0..69 of slot 1
+    k = (rng.standard_normal((n, Hk * D)) * 3).astype(F32)
+    v = rng.standard_normal((n, Hk * D)).astype(F32)
+    ops.kv_store(k_cache, v_cache, layer, np.ones(n, np.int64), np.arange(n), k, v, Hk, D)
+    assert np.array_equal(k_cache[1, layer, :n], f16(k).reshape(n, Hk, D))
+    positions = np.arange(n - batch, n)
+    q = (rng.standard_normal((batch, H * D)) * 3).astype(F32)
+    out = np.zeros_like(q)
+    ops.attention(out, q, k_cache, v_cache, layer, np.ones(batch, np.int64), positions, H, Hk, D, F32(0.125), 0)
+    lanes = 32 if batch == 1 else 8
+    for b, p in enumerate(positions):
+        for h in range(H):
+            hk = h // (H // Hk)
+            expected = attention_ref(q[b, h * D:(h + 1) * D], k_cache[1, layer, :p + 1, hk], v_cache[1, layer, :p + 1, hk],
+                                     0.125, lanes)
+            assert np.array_equal(out[b, h * D:(h + 1) * D], expected), (b, h)
+
+
+# ---- SmolLM2 end to end ----
+
+@pytest.fixture(scope="module")
+def smol_model(pulled):
+    return nibble.load(pulled("smollm2-135m"), n_ctx=512)
+
+
+def test_smollm2_logits_are_llama_cpps_bit_for_bit(smol_model, ref):
+    """Prefill (tinyBLAS lanes, the 64-row output matmul) and the last position's logits equal llama.cpp's
+    reference exactly (it was produced on this kind of CPU: x86 AVX2 + FMA, glibc's cosf/sinf/powf)."""
+    for i, p in enumerate(ref("smollm2-135m", "prompts.json")):
+        logits = smol_model.logits(p["ids"])
+        expected = np.load(ref("smollm2-135m", p["last_logits_file"]))
+        assert np.array_equal(logits[-1], expected), f"prompt {i}: NMSE " \
+            f"{((logits[-1] - expected) ** 2).sum() / (expected ** 2).sum():.2e}"
+        assert logits.argmax(1).tolist() == [row[0] for row in p["top10_per_position"]]
+
+
+def test_smollm2_greedy_decoding_is_llama_cpps(smol_model, ref):
+    """Token by token (one-row matmuls, 32-lane attention), every reference greedy token, not only 16."""
+    for i, p in enumerate(ref("smollm2-135m", "prompts.json")):
+        smol_model.reset()
+        out = [int(smol_model.eval(p["ids"]).argmax())]
+        while len(out) < len(p["greedy_ids"]):
+            out.append(int(smol_model.eval(out[-1:]).argmax()))
+        assert out == p["greedy_ids"], f"prompt {i}"

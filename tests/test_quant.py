@@ -262,3 +262,66 @@ def test_supported_types_and_the_error_for_the_rest():
         quant.check_supported(99, "output.weight")
     with pytest.raises(UnsupportedQuantError, match="IQ2_XXS"):
         quant.dequantize(np.zeros(66, np.uint8), T.IQ2_XXS, (256,))
+
+
+# ---- the portable code paths (no AVX2 pmaddubsw, no F16C), as used on CPUs other than recent x86 ----
+
+PORTABLE_CHECK = r"""
+import numpy as np
+from numba import njit
+from nibble.quant import simd
+from nibble.quant.simd import (bits32, bytes32, dot_i8, dot_u8, f16x8_at, half_to_float, hsum, load_f16,
+                               nibbles16, store_f32x8, to_f32)
+assert not simd.USE_PMADDUBSW and not simd._F16C
+
+@njit
+def halves(bits, out, out8):
+    for i in range(bits.size):
+        out[i] = half_to_float(bits[i])
+    raw = bits.view(np.uint8)
+    for i in range(0, bits.size, 8):
+        store_f32x8(out8, i, f16x8_at(raw, 2 * i))
+
+@njit
+def dots(w, xq, out):
+    for b in range(w.size // 32):
+        out[b, 0] = hsum(to_f32(dot_u8(nibbles16(w, 32 * b) | (bits32(np.uint32(b * 2654435761)) << 4), xq, 32 * b)))
+        out[b, 1] = hsum(to_f32(dot_i8(bytes32(w, 32 * b), xq, 32 * b)))
+        out[b, 2] = load_f16(w, 32 * b)
+
+bits = np.arange(65536, dtype=np.uint16)
+out, out8 = np.empty(65536, np.float32), np.empty(65536, np.float32)
+halves(bits, out, out8)
+ref = bits.view(np.float16).astype(np.float32)
+finite = ~np.isnan(ref)          # every half but NaNs (whose payload bits may differ), infinities included
+assert np.array_equal(out.view(np.uint32)[finite], ref.view(np.uint32)[finite])
+assert np.array_equal(out8.view(np.uint32)[finite], ref.view(np.uint32)[finite])
+assert np.isnan(out[np.isnan(ref)]).all() and np.isnan(out8[np.isnan(ref)]).all()
+
+rng = np.random.default_rng(0)
+w = rng.integers(0, 256, size=32 * 64, dtype=np.uint8)
+xq = rng.integers(-127, 128, size=32 * 64).astype(np.int8)
+got = np.empty((64, 3), np.float32)
+dots(w, xq, got)
+for b in range(64):
+    block = w[32 * b:32 * b + 16]
+    nib = np.concatenate([block & 15, block >> 4]).astype(np.int64)
+    fifth = (np.uint32(b * 2654435761 % 2**32) >> np.arange(32, dtype=np.uint32)) & 1
+    x = xq[32 * b:32 * b + 32].astype(np.int64)
+    assert got[b, 0] == ((nib | (fifth.astype(np.int64) << 4)) * x).sum()
+    assert got[b, 1] == (w[32 * b:32 * b + 32].view(np.int8).astype(np.int64) * x).sum()
+    half = w[32 * b:32 * b + 2].view(np.float16).astype(np.float32)[0]
+    assert got[b, 2] == half or (np.isnan(half) and np.isnan(got[b, 2]))
+print("portable ok")
+"""
+
+
+def test_portable_simd_paths(tmp_path):
+    import os
+    import subprocess
+    import sys
+    env = dict(os.environ, NUMBA_CPU_NAME="generic", NUMBA_CACHE_DIR=str(tmp_path))
+    env.pop("NUMBA_CPU_FEATURES", None)
+    result = subprocess.run([sys.executable, "-c", PORTABLE_CHECK], env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0 and "portable ok" in result.stdout, result.stderr[-3000:]

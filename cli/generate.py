@@ -77,7 +77,10 @@ def parse_logit_bias(items: list[str]) -> dict[int, float]:
 
 def load_model(name: str, n_ctx: int | None, threads: int | None):
     from ..runtime.model import load
-    return load(name, n_ctx=n_ctx, threads=threads)
+    try:
+        return load(name, n_ctx=n_ctx, threads=threads)
+    except KeyboardInterrupt:
+        raise typer.Exit(130) from None
 
 
 def load_template(model, path: Path | None):
@@ -201,7 +204,7 @@ def report_timings(model, stream) -> None:
                      f"{t.tokens_per_second:.1f} tokens/s = {bandwidth / 1e9:.2f} GB/s")
     lines.append(f"total       {t.total_ms:.0f} ms")
     for line in lines:
-        err.print(f"[dim]{escape(line)}[/]", highlight=False)
+        err.print(f"[dim]{escape(line)}[/]", highlight=False, soft_wrap=True)
 
 
 # ---- nibble chat ----
@@ -260,7 +263,7 @@ class Repl:
             import readline  # noqa: F401  (line editing and history for input())
             m = self.session.model
             out.print(f"[dim]nibble chat · {escape(m.name)} · n_ctx {m.n_ctx} · /help for commands, "
-                      f"/exit or Ctrl-D to leave[/]", highlight=False)
+                      f"/exit or Ctrl-D to leave[/]", highlight=False, soft_wrap=True)
         while True:
             try:
                 message = self.read()
@@ -271,10 +274,16 @@ class Repl:
             if message is None:
                 continue
             if message.startswith("/"):
-                if not self.command(message):
-                    return
+                try:
+                    if not self.command(message):
+                        return
+                except KeyboardInterrupt:
+                    out.print("[dim]interrupted[/]", soft_wrap=True)
             elif message.strip():
-                self.answer(message)
+                try:
+                    self.answer(message)
+                except KeyboardInterrupt:   # only in the instant before the handler is installed
+                    out.print("\n[dim]interrupted[/]", soft_wrap=True)
 
     def read(self) -> str | None:
         """One message: a line, or the lines between two \"\"\" lines. None when a multi-line message
@@ -308,15 +317,15 @@ class Repl:
         return line.rstrip("\n")
 
     def answer(self, message: str) -> None:
-        from ..errors import NibbleError
+        from ..errors import ContextOverflowError, NibbleError
         cancel = threading.Event()
-        try:
-            stream = self.session.send(message, cancel=cancel)
-        except (NibbleError, ValueError) as e:
-            err.print(f"[bold red]error:[/] {escape(str(e))}" +
-                      (" (/reset starts over)" if "context" in str(e) else ""), highlight=False)
-            return
-        with ctrl_c_sets(cancel):
+        with ctrl_c_sets(cancel):   # from the moment the message is in: Ctrl-C never leaves the REPL here
+            try:
+                stream = self.session.send(message, cancel=cancel)
+            except (NibbleError, ValueError) as e:
+                hint = " (/reset starts over)" if isinstance(e, ContextOverflowError) else ""
+                err.print(f"[bold red]error:[/] {escape(str(e))}{hint}", highlight=False, soft_wrap=True)
+                return
             for piece in stream:
                 sys.stdout.write(piece)
                 sys.stdout.flush()
@@ -326,7 +335,7 @@ class Repl:
             note = " · interrupted" if stream.finish_reason == "cancelled" else \
                    " · context full" if stream.finish_reason == "length" and self.session.n_past >= \
                    self.session.model.n_ctx else ""
-            out.print(f"[dim]{escape(timing_line(stream))}{note}[/]", highlight=False)
+            out.print(f"[dim]{escape(timing_line(stream))}{note}[/]", highlight=False, soft_wrap=True)
 
     def command(self, line: str) -> bool:
         """Run a /command; False means leave."""
@@ -338,16 +347,16 @@ class Repl:
             if name in ("/exit", "/quit", "/bye"):
                 return False
             elif name in ("/help", "/?"):
-                out.print(escape(HELP), highlight=False)
+                out.print(escape(HELP), highlight=False, soft_wrap=True)
             elif name == "/reset":
                 s.reset()
-                out.print("[dim]conversation cleared[/]")
+                out.print("[dim]conversation cleared[/]", soft_wrap=True)
             elif name == "/system":
                 if arg:
                     s.system = arg
-                    out.print("[dim]system prompt set[/]")
+                    out.print("[dim]system prompt set[/]", soft_wrap=True)
                 else:
-                    out.print(escape(s.system or "(no system prompt)"), highlight=False)
+                    out.print(escape(s.system or "(no system prompt)"), highlight=False, soft_wrap=True)
             elif name == "/set":
                 self.set(arg)
             elif name == "/stats":
@@ -355,7 +364,8 @@ class Repl:
             elif name == "/save":
                 if not arg:
                     raise ValueError("/save PATH")
-                out.print(f"[dim]saved to {escape(str(s.save(Path(arg).expanduser())))}[/]", highlight=False)
+                saved = s.save(Path(arg).expanduser())
+                out.print(f"[dim]saved to {escape(str(saved))}[/]", highlight=False, soft_wrap=True)
             elif name == "/load":
                 if not arg:
                     raise ValueError("/load PATH")
@@ -363,18 +373,18 @@ class Repl:
                 self.session = Session.load(s.model, Path(arg).expanduser(), **s.defaults)
                 self.session.template = s.template
                 out.print(f"[dim]loaded {len(self.session.messages) // 2} turn(s), "
-                          f"{self.session.n_past} tokens[/]", highlight=False)
+                          f"{self.session.n_past} tokens[/]", highlight=False, soft_wrap=True)
             else:
-                out.print(f"unknown command {escape(name)}; /help lists them", highlight=False)
+                out.print(f"unknown command {escape(name)}; /help lists them", highlight=False, soft_wrap=True)
         except (NibbleError, ValueError, OSError) as e:
-            err.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False)
+            err.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
         return True
 
     def set(self, arg: str) -> None:
         d = self.session.defaults
         if not arg:
             for k in (*SETTABLE, "stop"):
-                out.print(f"{k:18} {d.get(k)!r}", highlight=False)
+                out.print(f"{k:18} {d.get(k)!r}", highlight=False, soft_wrap=True)
             return
         key, _, value = arg.partition(" ")
         key, value = key.replace("-", "_"), value.strip()
@@ -397,17 +407,17 @@ class Repl:
                 d[key] = new
         else:
             raise ValueError(f"/set: unknown setting {key!r}; settable: {', '.join([*SETTABLE, 'stop'])}")
-        out.print(f"[dim]{key} = {d[key]!r}[/]", highlight=False)
+        out.print(f"[dim]{key} = {d[key]!r}[/]", highlight=False, soft_wrap=True)
 
     def stats(self) -> None:
         s = self.session
         used = f"context {s.n_past} / {s.model.n_ctx} tokens"
         if s.last is None or s.last.timings is None:
-            out.print(f"[dim]no answer yet · {used}[/]")
+            out.print(f"[dim]no answer yet · {used}[/]", soft_wrap=True)
             return
         t, u = s.last.timings, s.last.usage
         parts = [f"TTFT {t.ttft_ms:.0f} ms" if t.ttft_ms is not None else "TTFT -",
                  f"{t.tokens_per_second:.1f} tokens/s" if t.tokens_per_second else "tokens/s -",
                  f"prompt {u.prompt_tokens} tokens ({u.cached_tokens} cached)",
                  f"answer {u.completion_tokens} tokens", used]
-        out.print(" · ".join(parts), highlight=False)
+        out.print(" · ".join(parts), highlight=False, soft_wrap=True)

@@ -15,8 +15,8 @@ token (`stop`), a user stop string (`stop`, the string itself never emitted), `m
 KV cache after each ending: the prompt and every generated token, except that the last one is not
 evaluated when generation ends by `max_tokens` or a stop string, and an end-of-generation token never is;
 after `cancelled`, exactly the prompt and the tokens shown. The context never holds more than `n_ctx`
-tokens: generation stops with `length` when it is full. A later call with a prompt that starts with these
-tokens prefills only the rest.
+tokens: generation stops with `length` when it is full. A later call with `cache_prompt=True` (sessions)
+whose prompt starts with these tokens prefills only the rest.
 """
 
 from __future__ import annotations
@@ -84,18 +84,18 @@ def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     return int(diff[0]) if len(diff) else n
 
 
-def prefill(model, ids: Sequence[int], slot: int = 0) -> tuple[np.ndarray, int]:
+def prefill(model, ids: Sequence[int], slot: int = 0, reuse: bool = True) -> tuple[np.ndarray, int]:
     """Bring the slot's KV cache to exactly `ids` and return (logits after the last id, tokens reused).
 
-    The longest common prefix of `ids` and the cached tokens is kept; the cache is rolled back to it and
-    only the rest is evaluated. When the cache already holds all of `ids`, the last one is evaluated again
-    because its logits are needed. Raises ContextOverflowError, with the cache untouched, if `ids` does not
-    fit in the context."""
+    With `reuse`, the longest common prefix of `ids` and the cached tokens is kept; the cache is rolled back
+    to it and only the rest is evaluated. When the cache already holds all of `ids`, the last one is
+    evaluated again because its logits are needed. Without `reuse` the cache is emptied first. Raises
+    ContextOverflowError, with the cache untouched, if `ids` does not fit in the context."""
     if len(ids) == 0:
         raise ValueError("the prompt is empty: give at least one token")
     if len(ids) > model.n_ctx:
         raise ContextOverflowError(len(ids), model.n_ctx)
-    n_keep = min(common_prefix(model.cached_tokens(slot), ids), len(ids) - 1)
+    n_keep = min(common_prefix(model.cached_tokens(slot), ids), len(ids) - 1) if reuse else 0
     if model.n_past(slot) != n_keep:
         model.truncate(n_keep, slot)
     logits = model.eval(list(ids[n_keep:]), slot)
@@ -142,8 +142,8 @@ class Stream:
     and dropping it) ends generation with finish reason `cancelled`."""
 
     def __init__(self, model, prompt_ids: list[int], sampler: Sampler, *, max_tokens: int | None,
-                 stop: Sequence[str], cancel: threading.Event | None, slot: int, t_start: float,
-                 on_finish: Callable[["Stream"], None] | None = None):
+                 stop: Sequence[str], cancel: threading.Event | None, slot: int, cache_prompt: bool,
+                 t_start: float, on_finish: Callable[["Stream"], None] | None = None):
         self.model = model
         self.prompt_ids = prompt_ids
         self.sampler = sampler
@@ -151,6 +151,7 @@ class Stream:
         self.stop = tuple(stop)
         self.cancel = cancel
         self.slot = slot
+        self.cache_prompt = cache_prompt
         self.finish_reason: str | None = None
         self.tokens: list[int] = []
         self.text = ""
@@ -191,7 +192,7 @@ class Stream:
             if self._cancelled():
                 self.finish_reason = "cancelled"
                 return
-            logits, self.usage.cached_tokens = prefill(model, self.prompt_ids, slot)
+            logits, self.usage.cached_tokens = prefill(model, self.prompt_ids, slot, self.cache_prompt)
             self._t_prompt = time.perf_counter()
             while True:
                 if self._cancelled():
@@ -266,14 +267,17 @@ def stream(model, prompt: str | Sequence[int], *, max_tokens: int | None = None,
            top_k: int = 40, top_p: float = 0.95, min_p: float = 0.05, repeat_penalty: float = 1.0,
            repeat_last_n: int = 64, presence_penalty: float = 0.0, frequency_penalty: float = 0.0,
            logit_bias: dict[int, float] | None = None, seed: int | None = None, stop: Sequence[str] = (),
-           cancel: threading.Event | None = None, slot: int = 0) -> Stream:
+           cancel: threading.Event | None = None, cache_prompt: bool = False, slot: int = 0) -> Stream:
     """Generate from `prompt` (text, tokenized with the model's BOS rule, or token ids), streaming text.
 
     Sampling parameters and their defaults are llama.cpp's (see `runtime.sampling`); `temperature=0` is
     greedy; `seed` makes the draw reproducible; `stop` strings end generation and are not emitted;
     `cancel` (a threading.Event) ends it with finish reason `cancelled`. `max_tokens=None` generates until
     an end-of-generation token or a full context. Raises ContextOverflowError if the prompt alone does not
-    fit in `model.n_ctx`. The prompt is evaluated, reusing the cached prefix, on the first `next()`."""
+    fit in `model.n_ctx`. The prompt is evaluated on the first `next()`: from an empty cache, or, with
+    `cache_prompt`, after the longest prefix of it that the slot's KV cache already holds (what sessions do;
+    the logits then come from different batch shapes, so a seed reproduces text only from the same cache
+    state)."""
     t_start = time.perf_counter()
     params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                             repeat_penalty=repeat_penalty, repeat_last_n=repeat_last_n,
@@ -290,7 +294,7 @@ def stream(model, prompt: str | Sequence[int], *, max_tokens: int | None = None,
         raise ContextOverflowError(len(ids), model.n_ctx)
     sampler = Sampler(params, model.n_vocab)
     return Stream(model, ids, sampler, max_tokens=max_tokens, stop=stop, cancel=cancel, slot=slot,
-                  t_start=t_start)
+                  cache_prompt=cache_prompt, t_start=t_start)
 
 
 def generate(model, prompt: str | Sequence[int], **kw) -> Completion:

@@ -72,7 +72,8 @@ class Session:
         """Stream the assistant's reply to `message`; the turn joins the conversation when the stream ends.
         Raises ContextOverflowError (conversation unchanged) when the conversation no longer fits."""
         ids = generate.chat_prompt(self.model, self.conversation(message), template=self.template)
-        stream = generate.stream(self.model, ids, cancel=cancel, slot=self.slot, **{**self.defaults, **kw})
+        stream = generate.stream(self.model, ids, cancel=cancel, slot=self.slot, cache_prompt=True,
+                                 **{**self.defaults, **kw})
         stream._on_finish = lambda s: self._record(message, s)
         self.last = stream
         return stream

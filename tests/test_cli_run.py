@@ -69,10 +69,16 @@ def test_same_seed_same_text_other_seed_other_text(cli):
 
 
 def test_stop_string_is_honoured_and_not_printed(cli):
-    r = cli("run", "smollm2-135m", CAPITAL, "--raw", "--temperature", "0", "--max-tokens", "16",
-            "--stop", "United", "--stop", "never appears")
+    args = ["run", "smollm2-135m", CAPITAL, "--raw", "--temperature", "0", "--max-tokens", "16"]
+    full = json.loads(cli(*args, "--json").stdout)["text"]
+    # a stop string that starts in the middle of the text and spans tokens
+    i = next(i for i in range(len(full) // 3, len(full) - 6) if full.find(full[i:i + 6]) == i)
+    stop = full[i:i + 6]
+    r = cli(*args, "--stop", stop, "--stop", "never appears")
     assert r.returncode == 0, r.stderr
-    assert r.stdout == " Paris.\n\nThe "
+    assert r.stdout == full[:i]
+    obj = json.loads(cli(*args, "--stop", stop, "--json").stdout)
+    assert (obj["text"], obj["finish_reason"]) == (full[:i], "stop")
 
 
 def test_chat_template_is_applied_unless_raw(cli):

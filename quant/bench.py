@@ -84,19 +84,26 @@ def read_bandwidth(n_bytes: int, min_time: float = 0.3) -> float:
     return n_bytes / _best_time(lambda: _read_all(w, partial), min_time) / 1e9
 
 
-def run(size_mb: float = 64, types=None, threads=(1, 2), n_prefill: int = 512, min_time: float = 0.3,
+def run(size_mb: float = 64, types=None, threads=None, n_prefill: int = 512, min_time: float | None = None,
         prefill: bool = True) -> list[dict]:
-    """Benchmark each type; returns one dict per type:
+    """Benchmark each type (all supported types by default) with 1, 2 and the configured number of threads
+    (or `threads`); each timing is the best of repeated runs over `min_time` seconds (default 0.3, or 0.05
+    for a smoke run under 16 MB). Returns one dict per type:
 
         type, bits_per_weight, matvec_shape [m, k], matvec_mb,
         matvec_gbs_<t>t    GB/s of weights read by the decode matvec with t threads
         read_gbs_<t>t      GB/s of a plain streaming read of the same number of bytes with t threads
-        prefill_gflops     GFLOP/s of the n_prefill-row gemm with max(threads) threads
+        prefill_gflops     GFLOP/s of the n_prefill-row gemm (x @ W.T, W PREFILL_ROWS × 4096) with
+                           prefill_threads = max(threads) threads; prefill_rows = n_prefill
     """
     qtypes = sorted(SUPPORTED_TYPES if types is None else [GGMLQuantizationType[t] if isinstance(t, str)
                                                            else GGMLQuantizationType(t) for t in types])
     before = get_threads()
-    threads = [t for t in threads if t >= 1]
+    if threads is None:
+        threads = (1, 2, before)
+    threads = sorted({set_threads(t) for t in threads if t >= 1})  # clamped to Numba's pool
+    if min_time is None:
+        min_time = 0.3 if size_mb >= 16 else 0.05
     rows = []
     try:
         read = {}
@@ -129,6 +136,7 @@ def run(size_mb: float = 64, types=None, threads=(1, 2), n_prefill: int = 512, m
                 dt = _best_time(lambda: kernels.gemm(outp, xp, xqp, xsp, wp, q, mp, k), min_time)
                 row["prefill_gflops"] = round(2 * n_prefill * mp * K / dt / 1e9, 1)
                 row["prefill_threads"] = max(threads)
+                row["prefill_rows"] = n_prefill
             rows.append(row)
     finally:
         set_threads(before)
@@ -143,7 +151,7 @@ def markdown(rows: list[dict]) -> str:
     threads = sorted(int(key[len("matvec_gbs_"):-1]) for key in rows[0] if key.startswith("matvec_gbs_"))
     head = ["type", "bits/weight", "matrix"] + [f"matvec {t}T GB/s" for t in threads]
     if "prefill_gflops" in rows[0]:
-        head.append(f"prefill n=512 {rows[0]['prefill_threads']}T GFLOP/s")
+        head.append(f"prefill n={rows[0]['prefill_rows']} {rows[0]['prefill_threads']}T GFLOP/s")
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
     for r in rows:
         cells = [r["type"], f"{r['bits_per_weight']:.2f}", f"{r['matvec_shape'][0]}×{r['matvec_shape'][1]} "

@@ -30,7 +30,7 @@ from numba import prange
 from .jit import kernel, parallel_kernel
 from .simd import (bf16x8_at, bits32, bytes32, deinterleave, dot_i8, dot_u8, f16x8_at, f32x8_at, fma, hsum,
                    i8_to_f32, i8x16_scales, k2_scales, k3_scales, k4_scales, lane, lanes, load_bf16, load_f16,
-                   load_f32, load_f32x8, load_i8, load_u8, load_u32, nibbles16, repeat2, store_f32x8, to_f32,
+                   load_f32, load_f32x8, load_i8, load_u8, load_u32, nibbles16, quantize32, repeat2, store_f32x8, to_f32,
                    transpose_8x8, u8_to_f32, zeros)
 
 f32 = np.float32
@@ -87,18 +87,7 @@ def quantize_activations(x, xq, xs):
     """x f32[k] -> xq int8[k] (round to nearest, |q| <= 127 per 32-block), xs[2b] = scale, xs[2b+1] =
     scale * Σ q (ggml's Q8_1 block, kept in two plain arrays). k must be a multiple of 32."""
     for b in range(x.size // 32):
-        amax = f32(0)
-        for j in range(32):
-            amax = max(amax, abs(x[32 * b + j]))
-        d = amax / f32(127)
-        inv = f32(1) / d if d > f32(0) else f32(0)
-        total = f32(0)
-        for j in range(32):
-            q = np.rint(x[32 * b + j] * inv)
-            xq[32 * b + j] = np.int8(q)
-            total += q
-        xs[2 * b] = d
-        xs[2 * b + 1] = d * total
+        xs[2 * b], xs[2 * b + 1] = quantize32(x, 32 * b, xq)
 
 
 # ---- decode: fused row kernels (rows r0 .. r1 - 1) ----

@@ -677,3 +677,42 @@ def transpose_8x8(typingctx, src, src_at, src_stride, dst, dst_at, dst_stride):
             builder.store(column, _element_ptr(context, builder, dst_ty, args[3], at, vt), align=4)
         return context.get_dummy_value()
     return types.none(src, types.intp, types.intp, dst, types.intp, types.intp), codegen
+
+
+@intrinsic
+def quantize32(typingctx, x, i, xq):
+    """Quantize x[i:i + 32] (float32) to int8 xq[i:i + 32] with scale d = max|x| / 127, rounding to nearest
+    even; returns (d, d * Σ q). An all-zero block gets d = 0 and q = 0."""
+    _check_array(x, ("float32",))
+    _check_array(xq, ("int8",))
+    rt = types.UniTuple(types.float32, 2)
+
+    def codegen(context, builder, sig, args):
+        v32 = _vec(_F32, 32)
+        v = builder.load(_element_ptr(context, builder, sig.args[0], args[0], args[1], v32), align=4)
+        module = builder.module
+        fabs = cgutils.get_or_insert_function(module, ir.FunctionType(v32, [v32]), "llvm.fabs.v32f32")
+        rint = cgutils.get_or_insert_function(module, ir.FunctionType(v32, [v32]), "llvm.rint.v32f32")
+        iadd = cgutils.get_or_insert_function(module, ir.FunctionType(_I32, [_vec(_I32, 32)]),
+                                              "llvm.vector.reduce.add.v32i32")
+        # max |x| as a tree of compare-and-select (plain maxps; reduce.fmax would add NaN handling)
+        m = builder.call(fabs, [v])
+        for width in (16, 8, 4, 2, 1):
+            a = _shuffle(builder, m, m, range(width))
+            b = _shuffle(builder, m, m, range(width, 2 * width))
+            m = builder.select(builder.fcmp_ordered(">", a, b), a, b)
+        amax = builder.extract_element(m, _I32(0))
+        d = builder.fdiv(amax, ir.Constant(_F32, 127.0))
+        positive = builder.fcmp_ordered(">", d, ir.Constant(_F32, 0.0))
+        inv = builder.select(positive, builder.fdiv(ir.Constant(_F32, 1.0), d), ir.Constant(_F32, 0.0))
+        q = builder.fptosi(builder.call(rint, [builder.fmul(v, _splat_n(builder, inv, 32))]), _vec(_I8, 32))
+        builder.store(q, _element_ptr(context, builder, sig.args[2], args[2], args[1], _vec(_I8, 32)), align=1)
+        total = builder.sitofp(builder.call(iadd, [builder.sext(q, _vec(_I32, 32))]), _F32)
+        return context.make_tuple(builder, rt, [d, builder.fmul(d, total)])
+    return rt(x, types.intp, xq), codegen
+
+
+def _splat_n(builder, value, n):
+    v = _vec(value.type, n)
+    return _shuffle(builder, builder.insert_element(ir.Constant(v, ir.Undefined), value, _I32(0)),
+                    ir.Constant(v, ir.Undefined), [0] * n)

@@ -2,8 +2,9 @@
 
 Every kernel in `nibble.quant` is compiled with the same flags:
 
-- `cache=True`: the machine code is written to `__pycache__` on first use, so a cold compile (tens of seconds
-  for all formats) happens once per machine, not once per process;
+- `cache=True`: the machine code is written to `__pycache__` on first use, so a cold compile (~20 s for
+  all formats) happens once per machine, not once per process; the cache key includes the source of every
+  module in nibble.quant (see `_QuantCache`);
 - `fastmath` without `nnan`/`ninf`: reassociation and FMA contraction let LLVM vectorise reductions, while
   a NaN or an infinity in the activations still propagates instead of being optimised into garbage;
 - `boundscheck=False`, `error_model="numpy"`: no per-element checks, no exceptions on division by zero;
@@ -16,9 +17,12 @@ keeps that setting per calling thread, so call it from the thread that runs the 
 
 from __future__ import annotations
 
+import hashlib
 import os
+from pathlib import Path
 
 import numba
+from numba.core.caching import FunctionCache
 
 FASTMATH = {"nsz", "arcp", "contract", "afn", "reassoc"}
 # The same flags as LLVM instruction flags, for the hand-built vector operations in simd.py.
@@ -27,14 +31,40 @@ LLVM_FASTMATH = tuple(sorted(FASTMATH))
 JIT_OPTIONS = dict(cache=True, fastmath=FASTMATH, boundscheck=False, error_model="numpy", nogil=True)
 
 
+def _source_hash() -> str:
+    here = Path(__file__).parent
+    digest = hashlib.sha256()
+    for path in sorted(here.glob("*.py")):
+        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()
+
+
+_QUANT_SOURCE_HASH = _source_hash()
+
+
+class _QuantCache(FunctionCache):
+    """Numba keys a cached kernel on its own bytecode and file only, so a change to an intrinsic in simd.py
+    or a helper in another module would leave stale machine code behind. Kernels compiled through
+    `kernel`/`parallel_kernel` are also keyed on the source of every module in nibble.quant."""
+
+    def _index_key(self, sig, codegen):
+        return super()._index_key(sig, codegen) + (_QUANT_SOURCE_HASH,)
+
+
+def _compile(fn, **options):
+    dispatcher = numba.njit(**{**JIT_OPTIONS, **options, "cache": False})(fn)
+    dispatcher._cache = _QuantCache(fn)  # what Dispatcher.enable_caching does, with the wider key
+    return dispatcher
+
+
 def kernel(fn):
     """Compile `fn` as a serial kernel with nibble's options."""
-    return numba.njit(**JIT_OPTIONS)(fn)
+    return _compile(fn)
 
 
 def parallel_kernel(fn):
     """Compile `fn` as a kernel whose `prange` loops run on Numba's thread pool."""
-    return numba.njit(parallel=True, **JIT_OPTIONS)(fn)
+    return _compile(fn, parallel=True)
 
 
 def available_cores() -> int:

@@ -253,19 +253,32 @@ def silu_mul(gate, up):
             gate[b, i] = (g / (f32(1) + math.exp(-g))) * up[b, i]
 
 
-GELU_COEF_A = 0.044715
-SQRT_2_OVER_PI = 0.7978845608028654
+GELU_COEF_A = f32(0.044715)
+SQRT_2_OVER_PI = f32(0.79788456080286535587989211986876)
 
 
-@kernel
+@exact_kernel
+def _gelu_f32(x):
+    """ggml_gelu_f32: 0.5f*x*(1.0f + tanhf(SQRT_2_OVER_PI*x*(1.0f + GELU_COEF_A*x*x))), f32 throughout (the
+    inner 1 + a*x*x contracted to an fma, as GCC compiles it)."""
+    return (f32(0.5) * x) * (f32(1) + math.tanh((SQRT_2_OVER_PI * x) * fma1(GELU_COEF_A * x, x, f32(1))))
+
+
+@exact_kernel
 def gelu_mul(gate, up):
-    """gate = gelu_tanh(gate) * up, in place (GeGLU: gemma3). The tanh approximation, as ggml_gelu."""
+    """gate = gelu_tanh(gate) * up, in place (GeGLU: gemma3), as ggml_vec_geglu_f32 with GGML_GELU_FP16 (the
+    default): below -10 zero, from 10 up the identity, between them x is rounded to fp16 and looked up in a
+    table of fp16(ggml_gelu_f32(x16)) — computed here instead of stored."""
     B, n = gate.shape
     for b in range(B):
         for i in range(n):
             g = gate[b, i]
-            t = math.tanh(SQRT_2_OVER_PI * g * (1.0 + GELU_COEF_A * g * g))
-            gate[b, i] = np.float32(0.5 * g * (1.0 + t)) * up[b, i]
+            if g <= f32(-10):
+                gate[b, i] = f32(0)
+            elif g >= f32(10):
+                gate[b, i] = g * up[b, i]
+            else:
+                gate[b, i] = round_f16(_gelu_f32(round_f16(g))) * up[b, i]
 
 
 @kernel

@@ -28,14 +28,13 @@ fp16-rounded scale of block b and xs[2b + 1] the fp16-rounded Q8_1 sum.
 
 from __future__ import annotations
 
-import numba
 import numpy as np
 from llvmlite import ir
 from numba import prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from .jit import JIT_OPTIONS
+from .jit import exact_kernel, exact_parallel_kernel
 from .simd import F32x8, bytes32, dot_i8, dot_u8, load_f16, nibbles16, splat, to_f32, zeros
 
 f32 = np.float32
@@ -43,17 +42,6 @@ Q4_1, Q8_0 = 3, 8
 EXACT_TYPES = (Q4_1, Q8_0)
 
 # nibble's options with fast-math off: the order of every f32 operation is the point of this module.
-EXACT_JIT_OPTIONS = dict(JIT_OPTIONS, fastmath=False)
-
-
-def exact_kernel(fn):
-    return numba.njit(**EXACT_JIT_OPTIONS)(fn)
-
-
-def exact_parallel_kernel(fn):
-    return numba.njit(parallel=True, **EXACT_JIT_OPTIONS)(fn)
-
-
 SERIAL_WEIGHTS = 1 << 16     # a matvec below this many weights runs on the calling thread
 TASK_ROWS = 16               # weight rows per parallel task
 

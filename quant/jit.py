@@ -67,6 +67,16 @@ def parallel_kernel(fn):
     return _compile(fn, parallel=True)
 
 
+def exact_kernel(fn):
+    """Compile `fn` without fast-math: the order and rounding of every f32 operation is kept as written
+    (what `ggml_exact` needs to reproduce llama.cpp bit for bit)."""
+    return _compile(fn, fastmath=False)
+
+
+def exact_parallel_kernel(fn):
+    return _compile(fn, fastmath=False, parallel=True)
+
+
 def available_cores() -> int:
     try:
         return len(os.sched_getaffinity(0))

@@ -20,9 +20,9 @@ import math
 import numpy as np
 from numba import prange
 
-from ..quant.ggml_exact import (exact_kernel, exact_parallel_kernel, fma1, fma8, hsum8, hsum8_hadd, round_f16,
+from ..quant.ggml_exact import (fma1, fma8, hsum8, hsum8_hadd, round_f16,
                                 v_expf)
-from ..quant.jit import kernel
+from ..quant.jit import exact_kernel, exact_parallel_kernel, kernel
 from ..quant.simd import load_f32x8, splat, store_f32x8, zeros
 
 f32 = np.float32

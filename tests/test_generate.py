@@ -135,10 +135,9 @@ def test_end_of_generation_token_stops_and_is_not_shown(smol):
 
 
 def test_chat_ends_at_the_end_of_turn_token(smol):
-    c = generate.chat(smol, [{"role": "user", "content": "What is the capital of France?"}], temperature=0,
-                      max_tokens=100)
+    c = generate.chat(smol, [{"role": "user", "content": "What is 2+2?"}], temperature=0, max_tokens=100)
     assert c.finish_reason == "stop", c.text
-    assert c.text.strip() and "<|im_end|>" not in c.text and "Paris" in c.text
+    assert "4" in c.text and "<|im_end|>" not in c.text and len(c.tokens) < 100
 
 
 def test_cancel_ends_with_cancelled_and_the_cache_holds_what_was_shown(smol):
@@ -174,10 +173,14 @@ def test_full_context_stops_with_length_never_overflows(pulled):
     assert small.n_past() == 16              # the cache was not touched
 
 
-def scratch_logits(model, ids):
-    """The logits after `ids` evaluated from an empty cache, the way a fresh prompt is."""
+def replayed_logits(model, *evals):
+    """The logits of the last of `evals` (lists of ids) evaluated one call each from an empty cache. The
+    forward's arithmetic depends on the batch size (as llama.cpp's does), so "from scratch" repeats the
+    batches that built the cache rather than evaluating everything in one."""
     model.reset()
-    return model.eval(ids).copy()
+    for ids in evals:
+        logits = model.eval(ids)
+    return logits.copy()
 
 
 def test_prefill_reuses_the_cached_prefix_and_gives_the_same_logits(smol):
@@ -189,18 +192,22 @@ def test_prefill_reuses_the_cached_prefix_and_gives_the_same_logits(smol):
     logits, reused = prefill(smol, longer)
     logits = logits.copy()
     assert reused == len(first) and smol.cached_tokens() == longer
-    np.testing.assert_allclose(logits, scratch_logits(smol, longer), rtol=0, atol=1e-3)
+    np.testing.assert_array_equal(logits, replayed_logits(smol, first, longer[len(first):]))
     # a prompt that diverges inside the cache rolls back to the common prefix
+    prefill(smol, longer)
     logits, reused = prefill(smol, other)
     logits = logits.copy()
     assert reused == len(first) and smol.cached_tokens() == other
-    np.testing.assert_allclose(logits, scratch_logits(smol, other), rtol=0, atol=1e-3)
+    np.testing.assert_array_equal(logits, replayed_logits(smol, first, other[len(first):]))
     # the whole prompt cached: the last token is evaluated again for its logits
-    _, reused = prefill(smol, other)
+    logits, reused = prefill(smol, other)
+    logits = logits.copy()
     assert reused == len(other) - 1 and smol.cached_tokens() == other
+    np.testing.assert_array_equal(logits, replayed_logits(smol, first, other[len(first):-1], other[-1:]))
     # without reuse the cache is emptied first
-    _, reused = prefill(smol, other, reuse=False)
+    logits, reused = prefill(smol, other, reuse=False)
     assert reused == 0 and smol.cached_tokens() == other
+    np.testing.assert_array_equal(logits.copy(), replayed_logits(smol, other))
 
 
 def test_plain_generation_does_not_depend_on_the_cache(smol):
@@ -235,7 +242,8 @@ def test_session_reuses_the_cache_and_reports_ttft(smol, capsys):
 def test_session_logits_after_reuse_and_after_save_load_equal_scratch(smol, tmp_path):
     session = Session(smol, "You are terse.", temperature=0, max_tokens=8)
     smol.reset()
-    session.send("Name a colour.").completion()
+    turn = session.send("Name a colour.")
+    turn.completion()
     next_ids = generate.chat_prompt(smol, session.conversation("Another one."))
     path = session.save(tmp_path / "chat.session")
     assert path.exists() and not (tmp_path / "chat.session.npz").exists()
@@ -243,7 +251,8 @@ def test_session_logits_after_reuse_and_after_save_load_equal_scratch(smol, tmp_
 
     reused_logits, reused = prefill(smol, next_ids)
     reused_logits = reused_logits.copy()
-    assert reused > 10 and reused < len(next_ids) - 1
+    first = turn.prompt_ids
+    assert len(first) <= reused < len(next_ids) - 1 and next_ids[:len(first)] == first
 
     smol.reset()
     loaded = Session.load(smol, path, temperature=0, max_tokens=8)
@@ -253,9 +262,10 @@ def test_session_logits_after_reuse_and_after_save_load_equal_scratch(smol, tmp_
     loaded_logits = loaded_logits.copy()
     assert reused_after_load == reused
 
-    scratch = scratch_logits(smol, next_ids)
-    np.testing.assert_allclose(reused_logits, scratch, rtol=0, atol=1e-3)
-    np.testing.assert_allclose(loaded_logits, scratch, rtol=0, atol=1e-3)
+    # from scratch: the prompt in one batch, the reply one token at a time, then the new tokens
+    scratch = replayed_logits(smol, first, *([t] for t in next_ids[len(first):reused]), next_ids[reused:])
+    np.testing.assert_array_equal(reused_logits, scratch)
+    np.testing.assert_array_equal(loaded_logits, scratch)
     # and the conversation carries on from the loaded cache
     smol.reset()
     loaded = Session.load(smol, path, temperature=0, max_tokens=8)

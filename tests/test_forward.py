@@ -157,3 +157,17 @@ def test_perplexity_matches_llama_cpp(name, real_model, ref, reference_root, pul
     result = perplexity(real_model(name), text, n_ctx=expected["ctx"])
     assert result.n_chunks == expected["chunks"]
     assert abs(result.ppl - expected["ppl"]) / expected["ppl"] < 0.01, (result.ppl, expected["ppl"])
+
+
+def test_perplexity_cli(cli, pulled, reference_root, tmp_path):
+    pulled("smollm2-135m")
+    text = reference_root / "apache-2.0.txt"
+    r = cli("perplexity", "smollm2-135m", str(text), "--n-ctx", "256")
+    assert r.returncode == 0, r.stderr
+    last = r.stdout.strip().splitlines()[-1]
+    assert last.startswith("PPL = ") and " +/- " in last
+    assert abs(float(last.split()[2]) - 17.7561) / 17.7561 < 0.01
+    short = tmp_path / "short.txt"
+    short.write_text("Too short to score.")
+    r = cli("perplexity", "smollm2-135m", str(short), "--n-ctx", "256", "--json")
+    assert r.returncode == 1 and "two chunks" in r.stderr

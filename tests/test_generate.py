@@ -223,12 +223,13 @@ LONG_SYSTEM = ("You are a helpful assistant for a small museum of maritime histo
 
 
 def test_session_reuses_the_cache_and_reports_ttft(smol, capsys):
-    session = Session(smol, LONG_SYSTEM, temperature=0, max_tokens=12)
-    smol.reset()
-    one = session.send("Who built the lighthouse?")
-    one.completion()
-    two = session.send("And when?")
-    two.completion()
+    for _ in range(2):   # the first round also compiles the kernels for these batch sizes
+        session = Session(smol, LONG_SYSTEM, temperature=0, max_tokens=12)
+        smol.reset()
+        one = session.send("Who built the lighthouse?")
+        one.completion()
+        two = session.send("And when?")
+        two.completion()
     assert one.usage.cached_tokens == 0
     assert two.usage.cached_tokens >= one.usage.prompt_tokens
     assert len(session.messages) == 4 and session.messages[1]["content"] == one.text
@@ -236,7 +237,7 @@ def test_session_reuses_the_cache_and_reports_ttft(smol, capsys):
         print(f"\nsession TTFT with a {one.usage.prompt_tokens}-token first prompt: turn 1 "
               f"{one.timings.ttft_ms:.0f} ms, turn 2 {two.timings.ttft_ms:.0f} ms "
               f"({two.usage.cached_tokens} of {two.usage.prompt_tokens} prompt tokens cached)")
-    assert two.timings.ttft_ms < one.timings.ttft_ms
+    assert two.timings.ttft_ms < one.timings.ttft_ms / 2
 
 
 def test_session_logits_after_reuse_and_after_save_load_equal_scratch(smol, tmp_path):

@@ -6,16 +6,18 @@
 """
 
 from .errors import (ContextOverflowError, GGUFError, ModelFormatError, ModelNotFoundError, NibbleError,
-                     OutOfMemoryError, PullError, TemplateError, TokenizerError, UnsupportedModelError,
-                     UnsupportedQuantError)
+                     OutOfMemoryError, PullError, SessionError, TemplateError, TokenizerError,
+                     UnsupportedModelError, UnsupportedQuantError)
 from .models.catalog import CATALOG, DEFAULT_MODEL
 from .runtime.model import Model, load
+from .runtime.session import Session
 from .runtime.store import pull
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "load", "Model", "pull", "CATALOG", "DEFAULT_MODEL", "__version__",
+    "load", "Model", "Session", "pull", "CATALOG", "DEFAULT_MODEL", "__version__",
     "NibbleError", "ModelNotFoundError", "PullError", "GGUFError", "ModelFormatError", "UnsupportedModelError",
     "UnsupportedQuantError", "TokenizerError", "TemplateError", "ContextOverflowError", "OutOfMemoryError",
+    "SessionError",
 ]

@@ -39,6 +39,10 @@ class TemplateError(NibbleError):
     """A chat template failed to render, or tried something it may not."""
 
 
+class SessionError(NibbleError):
+    """A saved session file that is damaged, of another version, or saved with another model."""
+
+
 class ContextOverflowError(NibbleError):
     """More tokens than the context holds."""
 

@@ -25,7 +25,7 @@ import threading
 from pathlib import Path
 import numpy as np
 
-from ..errors import ContextOverflowError, NibbleError
+from ..errors import ContextOverflowError, SessionError
 from . import generate
 
 FORMAT = "nibble-session"
@@ -120,7 +120,7 @@ class Session:
 
     @classmethod
     def load(cls, model, path: str | os.PathLike, *, slot: int = 0, **defaults) -> "Session":
-        """A Session restored from `save`'s file: conversation and KV cache. Raises NibbleError if the file
+        """A Session restored from `save`'s file: conversation and KV cache. Raises SessionError if the file
         is not a session file, or was saved with another model file, or does not fit in `model.n_ctx`."""
         path = Path(path)
         try:
@@ -128,15 +128,15 @@ class Session:
                 meta = json.loads(bytes(npz["meta"]).decode())
                 state = {name[3:]: npz[name] for name in npz.files if name.startswith("kv.")}
         except (OSError, ValueError, KeyError, json.JSONDecodeError) as e:
-            raise NibbleError(f"{path}: not a nibble session file ({e})") from None
+            raise SessionError(f"{path}: not a nibble session file ({e})") from None
         if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-            raise NibbleError(f"{path}: not a nibble session file")
+            raise SessionError(f"{path}: not a nibble session file")
         if meta.get("version") != VERSION:
-            raise NibbleError(f"{path}: session format version {meta.get('version')} is not supported "
+            raise SessionError(f"{path}: session format version {meta.get('version')} is not supported "
                               f"(this nibble reads version {VERSION})")
         saved = meta.get("model") or {}
         if saved.get("fingerprint") != model_fingerprint(model.path):
-            raise NibbleError(f"{path}: saved with another model file ({saved.get('name')}, "
+            raise SessionError(f"{path}: saved with another model file ({saved.get('name')}, "
                               f"{saved.get('file_size')} bytes), not {model.path}; load it with that model")
         tokens = [int(t) for t in meta.get("tokens", [])]
         if len(tokens) > model.n_ctx:
@@ -146,12 +146,12 @@ class Session:
         messages = meta.get("messages", [])
         if not all(isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
                    for m in messages):
-            raise NibbleError(f"{path}: the conversation in the file is malformed")
+            raise SessionError(f"{path}: the conversation in the file is malformed")
         session = cls(model, meta.get("system"), slot=slot, **defaults)
         session.messages = [{"role": m["role"], "content": m["content"]} for m in messages]
         model.load_kv_state(state, slot)
         if list(model.cached_tokens(slot)) != tokens:
             model.reset(slot)
-            raise NibbleError(f"{path}: the KV state does not match the saved tokens; the file is damaged")
+            raise SessionError(f"{path}: the KV state does not match the saved tokens; the file is damaged")
         return session
 

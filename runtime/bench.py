@@ -72,7 +72,7 @@ def measure_compile(model) -> float:
 
 def run(model, n_prompt: int, n_gen: int, reps: int, threads: int, seed: int = 0) -> list[BenchResult]:
     rng = np.random.default_rng(seed)
-    common = dict(model_type=model_type(model), size=model.weight_bytes, n_params=model.n_params,
+    common = dict(model_type=model_type(model), size=model.engine.model_bytes, n_params=model.n_params,
                   n_threads=threads, weight_bytes=model.weight_bytes)
     results = []
     if n_prompt:

@@ -58,7 +58,10 @@ class Engine:
         self.max_batch = max_batch = min(max_batch, n_ctx)
         self._plan_memory(gguf)
         self.weights = arch.load_weights(gguf, args)
-        self.weight_bytes = sum(t.nbytes for t in gguf.tensors.values())
+        self.model_bytes = sum(t.nbytes for t in gguf.tensors.values())
+        # bytes a decode step reads: every weight once, except an untied embedding table (one row of it)
+        w = self.weights
+        self.weight_bytes = self.model_bytes - (w.token_embd.data.nbytes if w.output is not w.token_embd else 0)
         self.state = arch.RunState(args, max_batch)
         kv_shape = (n_slots, args.n_layers, n_ctx, args.n_head_kv, args.head_dim)
         self.k_cache = np.zeros(kv_shape, np.float32)

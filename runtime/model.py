@@ -85,7 +85,7 @@ class Model:
 
     @property
     def weight_bytes(self) -> int:
-        """Bytes of weights read per decoded token (every tensor once)."""
+        """Bytes of weights read per decoded token: every tensor once, but only a row of an untied embedding."""
         return self._engine().weight_bytes
 
     def eval(self, ids, slot: int = 0) -> np.ndarray:

@@ -190,6 +190,42 @@ def isum(typingctx, v):
     return types.int64(I32x8), codegen
 
 
+@intrinsic
+def isum4(typingctx, v0, v1, v2, v3):
+    """F32x8 [Σv0, Σv1, Σv2, Σv3] * 2: each vector's 8 int32 lanes summed exactly (the sums stay inside int32),
+    then converted to float32 (rounding as cvtdq2ps does)."""
+    def codegen(context, builder, sig, args):
+        def pairs(a, b):
+            ev = builder.shuffle_vector(a, b, ir.Constant(_V8I, list(range(0, 16, 2))))
+            od = builder.shuffle_vector(a, b, ir.Constant(_V8I, list(range(1, 16, 2))))
+            return builder.add(ev, od)
+        t01, t23 = pairs(args[0], args[1]), pairs(args[2], args[3])     # [v0 pairs, v1 pairs], [v2.., v3..]
+        u = pairs(t01, t23)                                              # quads: v0 v0 v1 v1 v2 v2 v3 v3
+        w = pairs(u, u)                                                  # v0 v1 v2 v3 v0 v1 v2 v3
+        return builder.sitofp(w, _V8)
+    return F32x8(I32x8, I32x8, I32x8, I32x8), codegen
+
+
+@intrinsic
+def f32x4(typingctx, a, b, c, d):
+    """F32x8 [a, b, c, d, a, b, c, d]."""
+    def codegen(context, builder, sig, args):
+        v = ir.Constant(_V8, ir.Undefined)
+        for j in range(8):
+            x = context.cast(builder, args[j % 4], sig.args[j % 4], types.float32)
+            v = builder.insert_element(v, x, ir.Constant(_I32, j))
+        return v
+    return F32x8(a, b, c, d), codegen
+
+
+@intrinsic
+def get_lane(typingctx, v, j):
+    """Lane j of an F32x8."""
+    def codegen(context, builder, sig, args):
+        return builder.extract_element(args[0], context.cast(builder, args[1], sig.args[1], types.int32))
+    return types.float32(F32x8, j), codegen
+
+
 def _scaled_dot(context, builder, sig, args, signed):
     # lane l = s_{l // 4} · Σ_{j=4l}^{4l+3} q_j · xq[i + j], s_0 = sa, s_1 = sb: as ggml's K-quant kernels do it
     # on x86 (pmaddubsw to i16 pairs, then pmaddwd by the i16 scales; exact for the ranges used here)
@@ -573,54 +609,42 @@ def _x4_q5_0(xq, xs, w, r, i0, i1, i2, i3, k, ns, s8):
 
 @exact_kernel
 def _x4_q4_k(xq, xs, w, r, i0, i1, i2, i3, k, ns, per_64):
+    # the four rows' scalar fma chains side by side in lanes 0..3 (each lane's arithmetic is its row's)
     nsb = k // QK_K
     p = r * nsb * 144
-    c0, c1, c2, c3 = f32(0), f32(0), f32(0), f32(0)
-    m0, m1, m2, m3 = f32(0), f32(0), f32(0), f32(0)
+    acc, accm = zeros(), zeros()
     for s in range(nsb):
-        dw = load_f16(w, p)
-        dmw = load_f16(w, p + 2)
         o0, o1, o2, o3 = i0 * ns + 16 * s, i1 * ns + 16 * s, i2 * ns + 16 * s, i3 * ns + 16 * s
+        dx = f32x4(xs[o0], xs[o1], xs[o2], xs[o3])
+        dd = splat(load_f16(w, p)) * dx
+        dm = splat(load_f16(w, p + 2)) * dx
         v0, v1, v2, v3 = izeros(), izeros(), izeros(), izeros()
-        n0, n1, n2, n3 = f32(0), f32(0), f32(0), f32(0)      # Σ min · bsum: exact in f32 (< 2^22)
+        mins = zeros()                               # Σ min · bsum: exact in f32 (< 2^22)
         for c in range(4):
             qb = bytes32(w, p + 16 + 32 * c)
             lo = qb & 15
             hi = qb >> 4
             sc0, mn0 = _scale_min_k4(w, p + 4, 2 * c)
             sc1, mn1 = _scale_min_k4(w, p + 4, 2 * c + 1)
-            fm0, fm1 = f32(mn0), f32(mn1)
             e = QK_K * s + 64 * c
             v0 = iadd(v0, iadd(dot_u8s(lo, xq, i0 * k + e, sc0, sc0), dot_u8s(hi, xq, i0 * k + e + 32, sc1, sc1)))
             v1 = iadd(v1, iadd(dot_u8s(lo, xq, i1 * k + e, sc0, sc0), dot_u8s(hi, xq, i1 * k + e + 32, sc1, sc1)))
             v2 = iadd(v2, iadd(dot_u8s(lo, xq, i2 * k + e, sc0, sc0), dot_u8s(hi, xq, i2 * k + e + 32, sc1, sc1)))
             v3 = iadd(v3, iadd(dot_u8s(lo, xq, i3 * k + e, sc0, sc0), dot_u8s(hi, xq, i3 * k + e + 32, sc1, sc1)))
-            n0 += fm0 * xs[o0 + 1 + 2 * c] + fm1 * xs[o0 + 2 + 2 * c]
-            n1 += fm0 * xs[o1 + 1 + 2 * c] + fm1 * xs[o1 + 2 + 2 * c]
-            n2 += fm0 * xs[o2 + 1 + 2 * c] + fm1 * xs[o2 + 2 + 2 * c]
-            n3 += fm0 * xs[o3 + 1 + 2 * c] + fm1 * xs[o3 + 2 + 2 * c]
+            j = 1 + 2 * c
+            mins = mins + (splat(f32(mn0)) * f32x4(xs[o0 + j], xs[o1 + j], xs[o2 + j], xs[o3 + j])
+                           + splat(f32(mn1)) * f32x4(xs[o0 + j + 1], xs[o1 + j + 1], xs[o2 + j + 1], xs[o3 + j + 1]))
             if per_64:
-                c0 = fma1(f32(isum(v0)), dw * xs[o0], c0)
-                c1 = fma1(f32(isum(v1)), dw * xs[o1], c1)
-                c2 = fma1(f32(isum(v2)), dw * xs[o2], c2)
-                c3 = fma1(f32(isum(v3)), dw * xs[o3], c3)
-                m0 = fma1(n0, dmw * xs[o0], m0)
-                m1 = fma1(n1, dmw * xs[o1], m1)
-                m2 = fma1(n2, dmw * xs[o2], m2)
-                m3 = fma1(n3, dmw * xs[o3], m3)
+                acc = fma8(isum4(v0, v1, v2, v3), dd, acc)
+                accm = fma8(mins, dm, accm)
                 v0, v1, v2, v3 = izeros(), izeros(), izeros(), izeros()
-                n0, n1, n2, n3 = f32(0), f32(0), f32(0), f32(0)
+                mins = zeros()
         if not per_64:
-            c0 = fma1(f32(isum(v0)), dw * xs[o0], c0)
-            c1 = fma1(f32(isum(v1)), dw * xs[o1], c1)
-            c2 = fma1(f32(isum(v2)), dw * xs[o2], c2)
-            c3 = fma1(f32(isum(v3)), dw * xs[o3], c3)
-            m0 = fma1(n0, dmw * xs[o0], m0)
-            m1 = fma1(n1, dmw * xs[o1], m1)
-            m2 = fma1(n2, dmw * xs[o2], m2)
-            m3 = fma1(n3, dmw * xs[o3], m3)
+            acc = fma8(isum4(v0, v1, v2, v3), dd, acc)
+            accm = fma8(mins, dm, accm)
         p += 144
-    return c0 - m0, c1 - m1, c2 - m2, c3 - m3
+    res = acc - accm
+    return get_lane(res, 0), get_lane(res, 1), get_lane(res, 2), get_lane(res, 3)
 
 
 @exact_kernel
@@ -636,7 +660,7 @@ def _x4_q6_k(xq, xs, w, r, i0, i1, i2, i3, k, ns, tiled, sub):
     nsb = k // QK_K
     p = r * nsb * 210
     a0, a1, a2, a3 = zeros(), zeros(), zeros(), zeros()
-    t0, t1, t2, t3 = f32(0), f32(0), f32(0), f32(0)
+    tacc = zeros()
     for s in range(nsb):
         v0, v1, v2, v3 = izeros(), izeros(), izeros(), izeros()
         for h in range(2):
@@ -668,11 +692,8 @@ def _x4_q6_k(xq, xs, w, r, i0, i1, i2, i3, k, ns, tiled, sub):
                     v3 = iadd(v3, dot_u8s(q, xq, i3 * k + e, sa, sb))
         dw = load_f16(w, p + 208)
         o0, o1, o2, o3 = i0 * ns + 16 * s, i1 * ns + 16 * s, i2 * ns + 16 * s, i3 * ns + 16 * s
-        if tiled:
-            t0 = fma1(dw * f32(isum(v0)), xs[o0], t0)
-            t1 = fma1(dw * f32(isum(v1)), xs[o1], t1)
-            t2 = fma1(dw * f32(isum(v2)), xs[o2], t2)
-            t3 = fma1(dw * f32(isum(v3)), xs[o3], t3)
+        if tiled:     # the four rows' scalar fma chains in lanes 0..3
+            tacc = fma8(splat(dw) * isum4(v0, v1, v2, v3), f32x4(xs[o0], xs[o1], xs[o2], xs[o3]), tacc)
         else:
             _offset_q6_k(sub, xs, o0, w, p + 192)
             a0 = fma8(splat(xs[o0] * dw), to_f32(isub_lanes(v0, sub)), a0)
@@ -684,7 +705,7 @@ def _x4_q6_k(xq, xs, w, r, i0, i1, i2, i3, k, ns, tiled, sub):
             a3 = fma8(splat(xs[o3] * dw), to_f32(isub_lanes(v3, sub)), a3)
         p += 210
     if tiled:
-        return t0, t1, t2, t3
+        return get_lane(tacc, 0), get_lane(tacc, 1), get_lane(tacc, 2), get_lane(tacc, 3)
     return hsum8(a0), hsum8(a1), hsum8(a2), hsum8(a3)
 
 

@@ -618,6 +618,55 @@ def _x4_q5_0(xq, xs, w, r, i0, i1, i2, i3, k, ns, s8):
 
 
 @exact_kernel
+def _x8_q5_0(out, xq, xs, w, r, g, n, k, ns, s8):
+    """As `_x4_q5_0` for activation rows g..g+7 (those below n; the others repeat row g), storing to out."""
+    i1 = g + 1 if g + 1 < n else g
+    i2 = g + 2 if g + 2 < n else g
+    i3 = g + 3 if g + 3 < n else g
+    i4 = g + 4 if g + 4 < n else g
+    i5 = g + 5 if g + 5 < n else g
+    i6 = g + 6 if g + 6 < n else g
+    i7 = g + 7 if g + 7 < n else g
+    nb = k // 32
+    p = r * nb * (34 if s8 else 22)
+    a0, a1, a2, a3 = zeros(), zeros(), zeros(), zeros()
+    a4, a5, a6, a7 = zeros(), zeros(), zeros(), zeros()
+    for b in range(nb):
+        if s8:
+            q = bytes32(w, p + 2)
+            d = load_f16(w, p)
+            p += 34
+        else:
+            q = (nibbles16(w, p + 6) | (bits32(load_u32(w, p + 2)) << 4)) - 16
+            d = load_f16(w, p)
+            p += 22
+        e = 32 * b
+        a0 = fma8(splat(d * xs[g * ns + 2 * b]), to_f32(dot_i8(q, xq, g * k + e)), a0)
+        a1 = fma8(splat(d * xs[i1 * ns + 2 * b]), to_f32(dot_i8(q, xq, i1 * k + e)), a1)
+        a2 = fma8(splat(d * xs[i2 * ns + 2 * b]), to_f32(dot_i8(q, xq, i2 * k + e)), a2)
+        a3 = fma8(splat(d * xs[i3 * ns + 2 * b]), to_f32(dot_i8(q, xq, i3 * k + e)), a3)
+        a4 = fma8(splat(d * xs[i4 * ns + 2 * b]), to_f32(dot_i8(q, xq, i4 * k + e)), a4)
+        a5 = fma8(splat(d * xs[i5 * ns + 2 * b]), to_f32(dot_i8(q, xq, i5 * k + e)), a5)
+        a6 = fma8(splat(d * xs[i6 * ns + 2 * b]), to_f32(dot_i8(q, xq, i6 * k + e)), a6)
+        a7 = fma8(splat(d * xs[i7 * ns + 2 * b]), to_f32(dot_i8(q, xq, i7 * k + e)), a7)
+    out[g, r] = hsum8(a0)
+    if g + 1 < n:
+        out[g + 1, r] = hsum8(a1)
+    if g + 2 < n:
+        out[g + 2, r] = hsum8(a2)
+    if g + 3 < n:
+        out[g + 3, r] = hsum8(a3)
+    if g + 4 < n:
+        out[g + 4, r] = hsum8(a4)
+    if g + 5 < n:
+        out[g + 5, r] = hsum8(a5)
+    if g + 6 < n:
+        out[g + 6, r] = hsum8(a6)
+    if g + 7 < n:
+        out[g + 7, r] = hsum8(a7)
+
+
+@exact_kernel
 def _x4_q4_k(xq, xs, w, r, i0, i1, i2, i3, k, ns, per_64):
     # the four rows' scalar fma chains side by side in lanes 0..3 (each lane's arithmetic is its row's)
     nsb = k // QK_K
@@ -759,6 +808,10 @@ def gemm(out, x, xq, xs, w, qtype, m, k):
         if qtype == Q4_1:
             for i in range(n):
                 _rows(out[i], xq[i], xs[i], w, qtype, r0, r1, k, n, i)
+        elif qtype == Q5_0 or qtype == Q8_0:
+            for g in range(0, n, 8):
+                for r in range(r0, r1):
+                    _x8_q5_0(out, xqf, xsf, w, r, g, n, k, k // 16, qtype == Q8_0)
         else:
             sub = np.empty(8, np.int32)
             for g in range(0, n, 4):

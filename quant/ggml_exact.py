@@ -41,8 +41,8 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from .jit import exact_kernel, exact_parallel_kernel
-from .simd import (USE_PMADDUBSW, F32x8, I32x8, bits32, bytes32, dot_i8, dot_u8, load_f16, load_i8, load_u8, load_u32,
-                   nibbles16, splat, to_f32, zeros)
+from .simd import (USE_PMADDUBSW, F32x8, I32x8, bits32, bytes32, dot_i8, dot_u8, load_f16, load_f32x8, load_i8,
+                   load_u8, load_u32, nibbles16, splat, to_f32, zeros)
 
 f32 = np.float32
 Q4_1, Q5_0, Q8_0, Q4_K, Q6_K = 3, 6, 8, 12, 14
@@ -224,6 +224,33 @@ def get_lane(typingctx, v, j):
     def codegen(context, builder, sig, args):
         return builder.extract_element(args[0], context.cast(builder, args[1], sig.args[1], types.int32))
     return types.float32(F32x8, j), codegen
+
+
+@intrinsic
+def f32x8_of(typingctx, a, b, c, d, e, f, g, h):
+    """F32x8 [a, b, c, d, e, f, g, h]."""
+    def codegen(context, builder, sig, args):
+        v = ir.Constant(_V8, ir.Undefined)
+        for j in range(8):
+            v = builder.insert_element(v, context.cast(builder, args[j], sig.args[j], types.float32),
+                                       ir.Constant(_I32, j))
+        return v
+    return F32x8(a, b, c, d, e, f, g, h), codegen
+
+
+@intrinsic
+def pair_sums_t(typingctx, p0, p1, p2, p3):
+    """For F32x8 p_r (lanes j = 0..7): four F32x8 T_c = [p0[2c] + p0[2c+1], ..., p3[2c] + p3[2c+1]] * 2,
+    c = 0..3 (plain f32 adds)."""
+    def codegen(context, builder, sig, args):
+        def pairs(a, b):
+            ev = builder.shuffle_vector(a, b, ir.Constant(_V8I, list(range(0, 16, 2))))
+            od = builder.shuffle_vector(a, b, ir.Constant(_V8I, list(range(1, 16, 2))))
+            return builder.fadd(ev, od)
+        q01, q23 = pairs(args[0], args[1]), pairs(args[2], args[3])     # [p0 c0..c3, p1 c0..c3], [p2.., p3..]
+        out = [builder.shuffle_vector(q01, q23, ir.Constant(_V8I, [c, 4 + c, 8 + c, 12 + c] * 2)) for c in range(4)]
+        return context.make_tuple(builder, sig.return_type, out)
+    return types.UniTuple(F32x8, 4)(F32x8, F32x8, F32x8, F32x8), codegen
 
 
 def _scaled_dot(context, builder, sig, args, signed):
@@ -677,30 +704,43 @@ def _x4_q4_k(xq, xs, w, r, i0, i1, i2, i3, k, ns, per_64):
         dx = f32x4(xs[o0], xs[o1], xs[o2], xs[o3])
         dd = splat(load_f16(w, p)) * dx
         dm = splat(load_f16(w, p + 2)) * dx
+        sc0, mn0 = _scale_min_k4(w, p + 4, 0)
+        sc1, mn1 = _scale_min_k4(w, p + 4, 1)
+        sc2, mn2 = _scale_min_k4(w, p + 4, 2)
+        sc3, mn3 = _scale_min_k4(w, p + 4, 3)
+        sc4, mn4 = _scale_min_k4(w, p + 4, 4)
+        sc5, mn5 = _scale_min_k4(w, p + 4, 5)
+        sc6, mn6 = _scale_min_k4(w, p + 4, 6)
+        sc7, mn7 = _scale_min_k4(w, p + 4, 7)
+        # min_j · bsum_j per row, then summed by pairs of sub-blocks: exact in f32 (< 2^22)
+        mins = f32x8_of(mn0, mn1, mn2, mn3, mn4, mn5, mn6, mn7)
+        t0, t1, t2, t3 = pair_sums_t(mins * load_f32x8(xs, o0 + 1), mins * load_f32x8(xs, o1 + 1),
+                                     mins * load_f32x8(xs, o2 + 1), mins * load_f32x8(xs, o3 + 1))
         v0, v1, v2, v3 = izeros(), izeros(), izeros(), izeros()
-        mins = zeros()                               # Σ min · bsum: exact in f32 (< 2^22)
         for c in range(4):
             qb = bytes32(w, p + 16 + 32 * c)
             lo = qb & 15
             hi = qb >> 4
-            sc0, mn0 = _scale_min_k4(w, p + 4, 2 * c)
-            sc1, mn1 = _scale_min_k4(w, p + 4, 2 * c + 1)
+            if c == 0:
+                sa, sb, mc = sc0, sc1, t0
+            elif c == 1:
+                sa, sb, mc = sc2, sc3, t1
+            elif c == 2:
+                sa, sb, mc = sc4, sc5, t2
+            else:
+                sa, sb, mc = sc6, sc7, t3
             e = QK_K * s + 64 * c
-            v0 = iadd(v0, iadd(dot_u8s(lo, xq, i0 * k + e, sc0, sc0), dot_u8s(hi, xq, i0 * k + e + 32, sc1, sc1)))
-            v1 = iadd(v1, iadd(dot_u8s(lo, xq, i1 * k + e, sc0, sc0), dot_u8s(hi, xq, i1 * k + e + 32, sc1, sc1)))
-            v2 = iadd(v2, iadd(dot_u8s(lo, xq, i2 * k + e, sc0, sc0), dot_u8s(hi, xq, i2 * k + e + 32, sc1, sc1)))
-            v3 = iadd(v3, iadd(dot_u8s(lo, xq, i3 * k + e, sc0, sc0), dot_u8s(hi, xq, i3 * k + e + 32, sc1, sc1)))
-            j = 1 + 2 * c
-            mins = mins + (splat(f32(mn0)) * f32x4(xs[o0 + j], xs[o1 + j], xs[o2 + j], xs[o3 + j])
-                           + splat(f32(mn1)) * f32x4(xs[o0 + j + 1], xs[o1 + j + 1], xs[o2 + j + 1], xs[o3 + j + 1]))
+            v0 = iadd(v0, iadd(dot_u8s(lo, xq, i0 * k + e, sa, sa), dot_u8s(hi, xq, i0 * k + e + 32, sb, sb)))
+            v1 = iadd(v1, iadd(dot_u8s(lo, xq, i1 * k + e, sa, sa), dot_u8s(hi, xq, i1 * k + e + 32, sb, sb)))
+            v2 = iadd(v2, iadd(dot_u8s(lo, xq, i2 * k + e, sa, sa), dot_u8s(hi, xq, i2 * k + e + 32, sb, sb)))
+            v3 = iadd(v3, iadd(dot_u8s(lo, xq, i3 * k + e, sa, sa), dot_u8s(hi, xq, i3 * k + e + 32, sb, sb)))
             if per_64:
                 acc = fma8(isum4(v0, v1, v2, v3), dd, acc)
-                accm = fma8(mins, dm, accm)
+                accm = fma8(mc, dm, accm)
                 v0, v1, v2, v3 = izeros(), izeros(), izeros(), izeros()
-                mins = zeros()
         if not per_64:
             acc = fma8(isum4(v0, v1, v2, v3), dd, acc)
-            accm = fma8(mins, dm, accm)
+            accm = fma8((t0 + t1) + (t2 + t3), dm, accm)
         p += 144
     res = acc - accm
     return get_lane(res, 0), get_lane(res, 1), get_lane(res, 2), get_lane(res, 3)

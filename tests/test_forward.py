@@ -112,9 +112,10 @@ def test_inconsistent_shapes_are_a_format_error(tiny_gguf):
 
 # ---- the real models against llama.cpp ----
 
-# llama.cpp's own rounding (8-bit activations, f16 KV cache) puts its logits about 1e-4..1.4e-3 (NMSE) from an
-# exact float64 forward over the same weights; see the README's "Correctness" section.
-LOGITS_NMSE = 5e-3
+# llama.cpp's bar for mul_mat (test-backend-ops). The models' activations are large enough that one flipped
+# rounding decision in one 8-bit activation block moves the logits by ~5e-3, so meeting it takes llama.cpp's
+# arithmetic operation for operation (quant/ggml_exact.py, runtime/ops.py); an exact float64 forward misses it.
+LOGITS_NMSE = 5e-4
 
 
 @pytest.fixture(scope="module")

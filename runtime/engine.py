@@ -1,9 +1,10 @@
 """The engine: one architecture's weights, run state and KV cache, and the calls that move tokens through them.
 
-The KV cache is allocated once, float32, shaped (slots, layers, n_ctx, n_head_kv, head_dim). float32 because
-it keeps our logits within llama.cpp's tolerance with no conversion cost in the attention loop (Numba has no
-fast f16 arithmetic), and the models nibble targets are small: SmolLM2 at n_ctx 4096 needs 180 MiB. Slot 0
-serves the library and the CLI; a server decodes several slots together, each row of a batch carrying its own
+The KV cache is allocated once, shaped (slots, layers, n_ctx, n_head_kv, head_dim). It holds fp16-rounded
+values, as llama.cpp's F16 cache does (so the attention arithmetic is llama.cpp's), stored as float32 so the
+attention loop pays no conversion (Numba has no fast f16 arithmetic); the models nibble targets are small:
+SmolLM2 at n_ctx 4096 needs 180 MiB. Halving it with real f16 storage is a later option. Slot 0 serves the
+library and the CLI; a server decodes several slots together, each row of a batch carrying its own
 (slot, position).
 """
 

@@ -134,7 +134,8 @@ def forward(args: ModelArgs, w: Weights, st: RunState, k_cache: np.ndarray, v_ca
             tokens: np.ndarray, slots: np.ndarray, positions: np.ndarray, n_out: int) -> np.ndarray:
     """The fast path. Rows b = 0..B-1: token tokens[b] at positions[b] of KV slot slots[b]. Returns the
     final normed hidden states of the last n_out rows, (n_out, n_embd), a view into the run state that the
-    caller projects to logits with `w.output`. Allocates nothing."""
+    caller projects to logits with `w.output`. Every buffer is preallocated (the attention and a few matmul
+    kernels take small scratch arrays of their own)."""
     B = tokens.shape[0]
     x, xb, xb2 = st.x[:B], st.xb[:B], st.xb2[:B]
     q, k, v, att, hb, hb2 = st.q[:B], st.k[:B], st.v[:B], st.att[:B], st.hb[:B], st.hb2[:B]

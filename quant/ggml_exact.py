@@ -53,6 +53,7 @@ TILED_MIN_ROWS = 8           # ggml's tiled K-quant matmul takes batches of 8+ r
 # nibble's options with fast-math off: the order of every f32 operation is the point of this module.
 SERIAL_WEIGHTS = 1 << 16     # a matvec below this many weights runs on the calling thread
 TASK_ROWS = 16               # weight rows per parallel task
+X_BLOCK_BYTES = 3 << 18      # gemm: activation bytes (int8) per parallel task, to stay in L2
 
 # ---- intrinsics: fused multiply-add that is always fused, a horizontal sum in ggml's order, bit casts ----
 
@@ -216,6 +217,29 @@ def f32x4(typingctx, a, b, c, d):
             v = builder.insert_element(v, x, ir.Constant(_I32, j))
         return v
     return F32x8(a, b, c, d), codegen
+
+
+@intrinsic
+def isum8(typingctx, v0, v1, v2, v3, v4, v5, v6, v7):
+    """F32x8 [Σv0, ..., Σv7]: each vector's 8 int32 lanes summed exactly (the sums stay inside int32), then
+    converted to float32 (rounding as cvtdq2ps does); `isum4` for eight rows."""
+    def codegen(context, builder, sig, args):
+        def pairs(a, b):
+            ev = builder.shuffle_vector(a, b, ir.Constant(_V8I, list(range(0, 16, 2))))
+            od = builder.shuffle_vector(a, b, ir.Constant(_V8I, list(range(1, 16, 2))))
+            return builder.add(ev, od)
+        t = [pairs(args[2 * i], args[2 * i + 1]) for i in range(4)]     # [v0 pairs, v1 pairs], ...
+        u0, u1 = pairs(t[0], t[1]), pairs(t[2], t[3])                    # quads: v0 v0 v1 v1 v2 v2 v3 v3, ...
+        return builder.sitofp(pairs(u0, u1), _V8)                        # v0 .. v7
+    return F32x8(I32x8, I32x8, I32x8, I32x8, I32x8, I32x8, I32x8, I32x8), codegen
+
+
+@intrinsic
+def half_join(typingctx, a, b):
+    """F32x8 [a0, a1, a2, a3, b0, b1, b2, b3]."""
+    def codegen(context, builder, sig, args):
+        return builder.shuffle_vector(args[0], args[1], ir.Constant(_V8I, [0, 1, 2, 3, 8, 9, 10, 11]))
+    return F32x8(F32x8, F32x8), codegen
 
 
 @intrinsic
@@ -738,6 +762,114 @@ def _x4_q4_k(xq, xs, w, r, i0, i1, i2, i3, k, ns, per_64):
 
 
 @exact_kernel
+def _x8_q4_k(out, xq, xs, w, r, g, k, ns):
+    """`_x4_q4_k` (per 64 values) for activation rows g..g+7, two whole groups of 4: row g + j in lane j."""
+    nsb = k // QK_K
+    p = r * nsb * 144
+    acc, accm = zeros(), zeros()
+    for s in range(nsb):
+        o = g * ns + 16 * s
+        dx = f32x8_of(xs[o], xs[o + ns], xs[o + 2 * ns], xs[o + 3 * ns],
+                      xs[o + 4 * ns], xs[o + 5 * ns], xs[o + 6 * ns], xs[o + 7 * ns])
+        dd = splat(load_f16(w, p)) * dx
+        dm = splat(load_f16(w, p + 2)) * dx
+        sc0, mn0 = _scale_min_k4(w, p + 4, 0)
+        sc1, mn1 = _scale_min_k4(w, p + 4, 1)
+        sc2, mn2 = _scale_min_k4(w, p + 4, 2)
+        sc3, mn3 = _scale_min_k4(w, p + 4, 3)
+        sc4, mn4 = _scale_min_k4(w, p + 4, 4)
+        sc5, mn5 = _scale_min_k4(w, p + 4, 5)
+        sc6, mn6 = _scale_min_k4(w, p + 4, 6)
+        sc7, mn7 = _scale_min_k4(w, p + 4, 7)
+        mins = f32x8_of(mn0, mn1, mn2, mn3, mn4, mn5, mn6, mn7)
+        t0, t1, t2, t3 = pair_sums_t(mins * load_f32x8(xs, o + 1), mins * load_f32x8(xs, o + ns + 1),
+                                     mins * load_f32x8(xs, o + 2 * ns + 1), mins * load_f32x8(xs, o + 3 * ns + 1))
+        u0, u1, u2, u3 = pair_sums_t(mins * load_f32x8(xs, o + 4 * ns + 1), mins * load_f32x8(xs, o + 5 * ns + 1),
+                                     mins * load_f32x8(xs, o + 6 * ns + 1), mins * load_f32x8(xs, o + 7 * ns + 1))
+        x0 = g * k + QK_K * s
+        for c in range(4):
+            qb = bytes32(w, p + 16 + 32 * c)
+            lo = qb & 15
+            hi = qb >> 4
+            if c == 0:
+                sa, sb, mc = sc0, sc1, half_join(t0, u0)
+            elif c == 1:
+                sa, sb, mc = sc2, sc3, half_join(t1, u1)
+            elif c == 2:
+                sa, sb, mc = sc4, sc5, half_join(t2, u2)
+            else:
+                sa, sb, mc = sc6, sc7, half_join(t3, u3)
+            e = x0 + 64 * c
+            v0 = iadd(dot_u8s(lo, xq, e, sa, sa), dot_u8s(hi, xq, e + 32, sb, sb))
+            v1 = iadd(dot_u8s(lo, xq, e + k, sa, sa), dot_u8s(hi, xq, e + k + 32, sb, sb))
+            v2 = iadd(dot_u8s(lo, xq, e + 2 * k, sa, sa), dot_u8s(hi, xq, e + 2 * k + 32, sb, sb))
+            v3 = iadd(dot_u8s(lo, xq, e + 3 * k, sa, sa), dot_u8s(hi, xq, e + 3 * k + 32, sb, sb))
+            v4 = iadd(dot_u8s(lo, xq, e + 4 * k, sa, sa), dot_u8s(hi, xq, e + 4 * k + 32, sb, sb))
+            v5 = iadd(dot_u8s(lo, xq, e + 5 * k, sa, sa), dot_u8s(hi, xq, e + 5 * k + 32, sb, sb))
+            v6 = iadd(dot_u8s(lo, xq, e + 6 * k, sa, sa), dot_u8s(hi, xq, e + 6 * k + 32, sb, sb))
+            v7 = iadd(dot_u8s(lo, xq, e + 7 * k, sa, sa), dot_u8s(hi, xq, e + 7 * k + 32, sb, sb))
+            acc = fma8(isum8(v0, v1, v2, v3, v4, v5, v6, v7), dd, acc)
+            accm = fma8(mc, dm, accm)
+        p += 144
+    res = acc - accm
+    for j in range(8):
+        out[g + j, r] = get_lane(res, j)
+
+
+@exact_kernel
+def _x8_q6_k(out, xq, xs, w, r, g, n, k, ns):
+    """`_x4_q6_k`'s tiled arithmetic for activation rows g..g+7 (those below n; the others repeat row g):
+    row g + j's scalar fma chain in lane j."""
+    i1 = g + 1 if g + 1 < n else g
+    i2 = g + 2 if g + 2 < n else g
+    i3 = g + 3 if g + 3 < n else g
+    i4 = g + 4 if g + 4 < n else g
+    i5 = g + 5 if g + 5 < n else g
+    i6 = g + 6 if g + 6 < n else g
+    i7 = g + 7 if g + 7 < n else g
+    nsb = k // QK_K
+    p = r * nsb * 210
+    tacc = zeros()
+    for s in range(nsb):
+        v0, v1, v2, v3 = izeros(), izeros(), izeros(), izeros()
+        v4, v5, v6, v7 = izeros(), izeros(), izeros(), izeros()
+        for h in range(2):
+            ql0 = bytes32(w, p + 64 * h)
+            ql1 = bytes32(w, p + 64 * h + 32)
+            qh = bytes32(w, p + 128 + 32 * h)
+            for part in range(4):
+                if part == 0:
+                    q = (ql0 & 15) | ((qh & 3) << 4)
+                elif part == 1:
+                    q = (ql1 & 15) | (((qh >> 2) & 3) << 4)
+                elif part == 2:
+                    q = (ql0 >> 4) | (((qh >> 4) & 3) << 4)
+                else:
+                    q = (ql1 >> 4) | (((qh >> 6) & 3) << 4)
+                q = q - 32     # only the exact total matters: take the offset in the weights
+                sa = load_i8(w, p + 192 + 8 * h + 2 * part)
+                sb = load_i8(w, p + 193 + 8 * h + 2 * part)
+                e = QK_K * s + 128 * h + 32 * part
+                v0 = iadd(v0, dot_i8s(q, xq, g * k + e, sa, sb))
+                v1 = iadd(v1, dot_i8s(q, xq, i1 * k + e, sa, sb))
+                v2 = iadd(v2, dot_i8s(q, xq, i2 * k + e, sa, sb))
+                v3 = iadd(v3, dot_i8s(q, xq, i3 * k + e, sa, sb))
+                v4 = iadd(v4, dot_i8s(q, xq, i4 * k + e, sa, sb))
+                v5 = iadd(v5, dot_i8s(q, xq, i5 * k + e, sa, sb))
+                v6 = iadd(v6, dot_i8s(q, xq, i6 * k + e, sa, sb))
+                v7 = iadd(v7, dot_i8s(q, xq, i7 * k + e, sa, sb))
+        dw = load_f16(w, p + 208)
+        o = 16 * s
+        dx = f32x8_of(xs[g * ns + o], xs[i1 * ns + o], xs[i2 * ns + o], xs[i3 * ns + o],
+                      xs[i4 * ns + o], xs[i5 * ns + o], xs[i6 * ns + o], xs[i7 * ns + o])
+        tacc = fma8(splat(dw) * isum8(v0, v1, v2, v3, v4, v5, v6, v7), dx, tacc)
+        p += 210
+    for j in range(8):
+        if g + j < n:
+            out[g + j, r] = get_lane(tacc, j)
+
+
+@exact_kernel
 def _offset_q6_k(sub, xs, o, w, sc):
     """sub[0:8] = 32 · (bsum_2l · sc_2l + bsum_2l+1 · sc_2l+1): the -32 offset of ggml_vec_dot_q6_K_q8_K's lanes."""
     for l in range(8):
@@ -825,25 +957,49 @@ def _x4(out, xq, xs, w, qtype, r0, r1, g, n, k, sub):
 @exact_parallel_kernel
 def gemm(out, x, xq, xs, w, qtype, m, k):
     """out f32[n, m] = x @ W.T, each element as llama.cpp's kernel for a batch of n rows computes it.
-    xq int8[n, k], xs f32[n, k // 16]: scratch. Parallel over tiles of weight rows; a tile (a few KiB)
-    stays in L1 while every activation row passes over it."""
+    xq int8[n, k], xs f32[n, k // 16]: scratch. Parallel over tiles of weight rows x blocks of activation
+    rows: a tile (a few KiB) stays in L1 while the block's rows pass over it eight at a time (Q5_0, Q8_0,
+    Q4_K, tiled Q6_K), and the block stays in L2 while the thread's tiles pass over it."""
     n = x.shape[0]
     for i in prange(n):
         _quantize(x[i], xq[i], xs[i], qtype, i, n)
     n_tiles = (m + TASK_ROWS - 1) // TASK_ROWS
+    # activation rows in blocks of about X_BLOCK_BYTES, so that a block stays in L2 while a thread's tiles
+    # pass over it (all n rows per tile fell out of L2 for k >= 2048); a task is one tile x one block
+    # (blocks of equal size: the threads take equal shares of the tasks)
+    n_blocks = max(1, min((n + 7) // 8, (n * k + X_BLOCK_BYTES - 1) // X_BLOCK_BYTES))
+    rows = ((n + n_blocks - 1) // n_blocks + 7) // 8 * 8
+    n_blocks = (n + rows - 1) // rows
     xqf = xq.reshape(-1)
     xsf = xs.reshape(-1)
-    for t in prange(n_tiles):
-        r0 = t * TASK_ROWS
+    for t in prange(n_blocks * n_tiles):
+        a0 = (t // n_tiles) * rows
+        a1 = min(n, a0 + rows)
+        r0 = (t % n_tiles) * TASK_ROWS
         r1 = min(m, r0 + TASK_ROWS)
         if qtype == Q4_1:
-            for i in range(n):
+            for i in range(a0, a1):
                 _rows(out[i], xq[i], xs[i], w, qtype, r0, r1, k, n, i)
         elif qtype == Q5_0 or qtype == Q8_0:
-            for g in range(0, n, 8):
+            for g in range(a0, a1, 8):
                 for r in range(r0, r1):
                     _x8_q5_0(out, xqf, xsf, w, r, g, n, k, k // 16, qtype == Q8_0)
+        elif qtype == Q6_K and n >= TILED_MIN_ROWS:
+            for g in range(a0, a1, 8):
+                for r in range(r0, r1):
+                    _x8_q6_k(out, xqf, xsf, w, r, g, n, k, k // 16)
+        elif qtype == Q4_K:
+            full = n - n % 4          # rows in whole groups of 4 (ggml's per-64 arithmetic); the rest as _x4 does
+            sub = np.empty(8, np.int32)
+            for g in range(a0, a1, 8):
+                if g + 8 <= full:
+                    for r in range(r0, r1):
+                        _x8_q4_k(out, xqf, xsf, w, r, g, k, k // 16)
+                else:
+                    _x4(out, xqf, xsf, w, qtype, r0, r1, g, n, k, sub)
+                    if g + 4 < n:
+                        _x4(out, xqf, xsf, w, qtype, r0, r1, g + 4, n, k, sub)
         else:
             sub = np.empty(8, np.int32)
-            for g in range(0, n, 4):
+            for g in range(a0, a1, 4):
                 _x4(out, xqf, xsf, w, qtype, r0, r1, g, n, k, sub)

@@ -284,7 +284,7 @@ def gemma3(pulled):
 
 @pytest.mark.parametrize("name", ["blk.0.attn_q.weight", "blk.0.attn_output.weight", "blk.0.ffn_down.weight",
                                   "blk.2.ffn_down.weight", "blk.0.attn_v.weight"])
-@pytest.mark.parametrize("batch", [1, 6, 9])
+@pytest.mark.parametrize("batch", [1, 6, 9, 14])
 def test_gemma_matmuls_are_ggmls_for_each_batch_size(gemma3, name, batch):
     """Q5_0, Q4_K (gemv/gemm by groups of 4 rows), Q6_K (vec_dot below 8 rows, tiled from 8), Q8_0."""
     t = gemma3.tensors[name]
@@ -310,6 +310,28 @@ def test_gemma_matmuls_are_ggmls_for_each_batch_size(gemma3, name, batch):
             assert qtype == ggml_exact.Q6_K
             expected = q6_k_ref(w, m, k, x[i], tiled=batch >= 8)
         assert np.array_equal(out[i], expected), (qtype, i)
+
+
+@pytest.mark.parametrize("name", ["blk.2.ffn_down.weight", "blk.0.ffn_down.weight"])     # Q4_K, Q6_K
+def test_wide_gemm_split_into_activation_blocks_is_ggmls(pulled, name):
+    """k = 4864 and 203 rows: gemm splits the activation rows into blocks that stay in L2 (here two, one of them
+    ending in an incomplete group of 4); rows at the block edges and in the tail are still ggml's."""
+    t = GGUFFile(pulled("qwen2.5-coder-0.5b")).tensors[name]
+    m, k = t.shape
+    qtype, batch = int(t.qtype), 203
+    assert qtype == (ggml_exact.Q4_K if name == "blk.2.ffn_down.weight" else ggml_exact.Q6_K)
+    assert batch * k > ggml_exact.X_BLOCK_BYTES
+    rng = np.random.default_rng(11)
+    x = (rng.standard_normal((batch, k)) * rng.gamma(0.5, 20, (batch, k))).astype(F32)
+    out = np.zeros((batch, m), F32)
+    ggml_exact.gemm(out, x, np.zeros((batch, k), np.int8), np.zeros((batch, k // 16), F32), t.data, qtype, m, k)
+    w = np.asarray(t.data)
+    for i in (0, 7, 8, 99, 100, 103, 104, 111, 195, 199, 200, 202):
+        if qtype == ggml_exact.Q4_K:
+            expected = q4_k_ref(w, m, k, x[i], gemm4=i < 200)
+        else:
+            expected = q6_k_ref(w, m, k, x[i], tiled=True)
+        assert np.array_equal(out[i], expected), i
 
 
 # ---- the non-matmul kernels ----

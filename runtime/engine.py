@@ -80,7 +80,7 @@ class Engine:
     def _plan_memory(self, gguf: GGUFFile) -> None:
         """Weights (mmap'd, but resident once touched) + KV cache + activations must fit, or we refuse."""
         a = self.args
-        widest = max(a.n_embd, a.q_dim, a.n_ff, getattr(a, "kv_dim", 0))
+        widest = max(a.n_embd, a.q_dim, a.n_ff, a.kv_dim)
         scratch = self.max_batch * (6 * widest + 2 * a.n_ff) * 4 + LOGIT_ROWS * a.n_vocab * 4
         fixed = gguf.file_size + scratch
         required = fixed + self.kv_bytes(self.n_ctx)

@@ -19,8 +19,6 @@ ROOT = Path(__file__).resolve().parent.parent
 USER_STORE = store.store_dir()  # the real store, fixed before any test points NIBBLE_HOME elsewhere
 REFERENCE = DATA / "reference"
 MODELS = ["smollm2-135m", "gemma3-270m", "qwen2.5-coder-0.5b"]
-REFERENCE_DIR = {"smollm2-135m": "smollm2-135m", "gemma3-270m": "gemma3-270m",
-                 "qwen2.5-coder-0.5b": "qwen2.5-coder-0.5b"}
 
 
 def model_file(name: str) -> Path:
@@ -30,7 +28,7 @@ def model_file(name: str) -> Path:
 
 
 def reference(name: str, file: str):
-    path = REFERENCE / REFERENCE_DIR[name] / file
+    path = REFERENCE / name / file
     return json.loads(path.read_text()) if path.suffix == ".json" else path
 
 

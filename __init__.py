@@ -8,7 +8,7 @@
 from .errors import (ContextOverflowError, GGUFError, ModelFormatError, ModelNotFoundError, NibbleError,
                      OutOfMemoryError, PullError, SessionError, TemplateError, TokenizerError,
                      UnsupportedModelError, UnsupportedQuantError)
-from .models.catalog import CATALOG, DEFAULT_MODEL
+from .runtime.catalog import CATALOG, DEFAULT_MODEL
 from .runtime.model import Model, load
 from .runtime.session import Session
 from .runtime.store import pull

@@ -13,7 +13,7 @@ from typing import Annotated, Optional
 import typer
 from rich.markup import escape
 
-from ..models.catalog import DEFAULT_MODEL
+from ..runtime.catalog import DEFAULT_MODEL
 from .app import app, err, handles_errors, out
 
 # ---- options shared by `run` and `chat`, named like the library's keywords ----

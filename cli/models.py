@@ -25,7 +25,7 @@ def pull(name: str = typer.Argument(..., help="catalogue model name (see `nibble
 @handles_errors
 def list_models(as_json: bool = typer.Option(False, "--json", help="print JSON")):
     """The catalogue: which models are pulled, their sizes and paths."""
-    from ..models.catalog import CATALOG, DEFAULT_MODEL
+    from ..runtime.catalog import CATALOG, DEFAULT_MODEL
     from ..runtime import store
     rows = []
     for name, entry in CATALOG.items():

@@ -99,12 +99,6 @@ def cache_key(tokens: list[str], scores: np.ndarray, unk_id: int) -> str:
     return h.hexdigest()
 
 
-def cache_dir() -> Path:
-    """`$NIBBLE_HOME/cache`, else the user's cache dir + nibble/cache (beside the model store)."""
-    from ..runtime.store import store_dir
-    return store_dir().parent / "cache"
-
-
 def _read_cached(path: Path) -> bytes | None:
     try:
         blob = path.read_bytes()
@@ -137,12 +131,12 @@ def _write_cached(path: Path, proto: bytes) -> None:
 
 
 def load_processor(tokens: list[str], scores: np.ndarray, unk_id: int, token_to_id: dict[str, int],
-                   use_cache: bool = True):
-    """A sentencepiece processor for this vocabulary, from the cache when a valid entry exists. A cache entry
-    that is truncated, altered or rejected by sentencepiece is rebuilt, never trusted."""
+                   cache_dir: Path | None = None):
+    """A sentencepiece processor for this vocabulary, from `cache_dir` (None: no cache) when a valid entry
+    exists. A cache entry that is truncated, altered or rejected by sentencepiece is rebuilt, never trusted."""
     import sentencepiece
 
-    path = cache_dir() / f"spm-{cache_key(tokens, scores, unk_id)}.model" if use_cache else None
+    path = Path(cache_dir) / f"spm-{cache_key(tokens, scores, unk_id)}.model" if cache_dir is not None else None
     if path is not None:
         proto = _read_cached(path)
         if proto is not None:

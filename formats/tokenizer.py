@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import codecs
 import warnings
+from pathlib import Path
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -375,12 +376,14 @@ class Tokenizer:
         self._pieces: list[bytes | None] = [None] * self.n_vocab
 
     @classmethod
-    def from_gguf(cls, gguf: GGUFFile, use_cache: bool = True) -> "Tokenizer":
+    def from_gguf(cls, gguf: GGUFFile, cache_dir: Path | None = None) -> "Tokenizer":
+        """The tokenizer the file describes. `cache_dir`: where a SentencePiece vocabulary's built model is
+        cached between runs (None: built every time, ~1 s for Gemma)."""
         vocab = read_vocab(gguf)
         if vocab.model == "gpt2":
             backend = _BPEBackend(vocab, gguf.name)
         else:
-            backend = _SPMBackend(vocab, gguf.name, use_cache)
+            backend = _SPMBackend(vocab, gguf.name, cache_dir)
         return cls(vocab, backend)
 
     # ---- text -> ids ----
@@ -589,14 +592,14 @@ class _BPEBackend:
 class _SPMBackend:
     """SentencePiece-style merging over one text fragment (formats/spm.py)."""
 
-    def __init__(self, vocab: Vocab, name: str, use_cache: bool):
+    def __init__(self, vocab: Vocab, name: str, cache_dir: Path | None):
         from . import spm
 
         unk = vocab.special["unk"]
         if unk is None:
             raise TokenizerError(f"{name}: the SentencePiece vocabulary has no unknown token")
         try:
-            self._sp = spm.load_processor(vocab.tokens, vocab.scores, unk, vocab.token_to_id, use_cache)
+            self._sp = spm.load_processor(vocab.tokens, vocab.scores, unk, vocab.token_to_id, cache_dir)
         except TokenizerError as e:
             raise TokenizerError(f"{name}: {e}") from None
 

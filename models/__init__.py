@@ -1,4 +1,5 @@
-"""One module per architecture, chosen by GGUF `general.architecture`, and the catalogue of pullable models.
+"""One module per architecture, chosen by GGUF `general.architecture`, and the numeric layers they share
+(`ops.py`: norms, rope, attention, activations; `linear.py`: weights by name and the quantized linear).
 
 Each architecture module has `ModelArgs.from_gguf(gguf)`, `load_weights(gguf, args)`, `RunState(args,
 max_batch)`, the fast `forward(...)` and the readable `forward_reference(args, weights, tokens)`.

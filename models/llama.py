@@ -14,8 +14,8 @@ import numpy as np
 from ..formats.gguf import GGUFFile
 from ..formats.metadata import get_float, get_int
 from ..errors import ModelFormatError
-from ..runtime import ops
-from ..runtime.weights import Linear, Scratch, WeightSource, embed, linear
+from . import ops
+from .linear import Linear, Scratch, WeightSource, embed, linear
 
 ARCH = "llama"
 NEOX_ROPE = False
@@ -131,9 +131,11 @@ class RunState:
 
 
 def forward(args: ModelArgs, w: Weights, st: RunState, k_cache: np.ndarray, v_cache: np.ndarray,
-            tokens: np.ndarray, slots: np.ndarray, positions: np.ndarray, n_out: int) -> np.ndarray:
-    """The fast path. Rows b = 0..B-1: token tokens[b] at positions[b] of KV slot slots[b]. Returns the
-    final normed hidden states of the last n_out rows, (n_out, n_embd), a view into the run state that the
+            tokens: np.ndarray, slots: np.ndarray, positions: np.ndarray, kinds: np.ndarray,
+            outputs: np.ndarray) -> np.ndarray:
+    """The fast path. Rows b = 0..B-1: token tokens[b] at positions[b] of KV slot slots[b], computed with
+    the arithmetic llama.cpp gives a row of kind kinds[b] (`quant.ggml_exact.batch_kinds`). Returns the final
+    normed hidden states of the rows `outputs`, (len(outputs), n_embd), a view into the run state that the
     caller projects to logits with `w.output`. Every buffer is preallocated (the attention and a few matmul
     kernels take small scratch arrays of their own)."""
     B = tokens.shape[0]
@@ -144,25 +146,27 @@ def forward(args: ModelArgs, w: Weights, st: RunState, k_cache: np.ndarray, v_ca
     for i, L in enumerate(w.layers):
         # x = x + attention(attention_norm(x))
         ops.rmsnorm(xb, x, L.attn_norm, args.rms_eps)
-        linear(q, xb, L.wq, st.scratch)
-        linear(k, xb, L.wk, st.scratch)
-        linear(v, xb, L.wv, st.scratch)
+        linear(q, xb, L.wq, st.scratch, kinds)
+        linear(k, xb, L.wk, st.scratch, kinds)
+        linear(v, xb, L.wv, st.scratch, kinds)
         ops.rope(q, positions, args.n_head, args.head_dim, args.rope_dim, args.rope_base, NEOX_ROPE)
         ops.rope(k, positions, args.n_head_kv, args.head_dim, args.rope_dim, args.rope_base, NEOX_ROPE)
         ops.kv_store(k_cache, v_cache, i, slots, positions, k, v, args.n_head_kv, args.head_dim)
-        ops.attention(att, q, k_cache, v_cache, i, slots, positions, args.n_head, args.n_head_kv,
+        ops.attention(att, q, k_cache, v_cache, i, slots, positions, kinds, args.n_head, args.n_head_kv,
                       args.head_dim, scale, 0)
-        linear(xb2, att, L.wo, st.scratch)
+        linear(xb2, att, L.wo, st.scratch, kinds)
         x += xb2
         # x = x + feed_forward(ffn_norm(x)), feed_forward = w2(silu(w1(x)) * w3(x))
         ops.rmsnorm(xb, x, L.ffn_norm, args.rms_eps)
-        linear(hb, xb, L.ffn_gate, st.scratch)
-        linear(hb2, xb, L.ffn_up, st.scratch)
+        linear(hb, xb, L.ffn_gate, st.scratch, kinds)
+        linear(hb2, xb, L.ffn_up, st.scratch, kinds)
         ops.silu_mul(hb, hb2)
-        linear(xb2, hb, L.ffn_down, st.scratch)
+        linear(xb2, hb, L.ffn_down, st.scratch, kinds)
         x += xb2
-    ops.rmsnorm(xb[B - n_out:], x[B - n_out:], w.output_norm, args.rms_eps)
-    return xb[B - n_out:]
+    n_out = len(outputs)
+    np.take(x, outputs, axis=0, out=xb2[:n_out])
+    ops.rmsnorm(xb[:n_out], xb2[:n_out], w.output_norm, args.rms_eps)
+    return xb[:n_out]
 
 
 def forward_reference(args: ModelArgs, w: Weights, tokens: list[int]) -> np.ndarray:

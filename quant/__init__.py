@@ -19,7 +19,7 @@ from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from ..errors import UnsupportedQuantError
 from . import floats, kquants, legacy  # noqa: F401  (registers the formats)
-from . import kernels
+from . import ggml_exact, kernels
 from .blocks import FORMATS
 from .jit import apply_threads, get_threads, set_threads
 
@@ -138,13 +138,30 @@ def matmul(x, data, qtype, shape, out=None) -> np.ndarray:
     elif out.shape != result_shape or out.dtype != np.float32 or not out.flags.c_contiguous:
         raise ValueError(f"out must be a C-contiguous float32 array of shape {result_shape}")
     apply_threads()
-    if n == 1:
-        xq, xs = _scratch_for(1, k)
-        kernels.matvec(out.reshape(m), x2[0], xq, xs, w, qtype, m, k)
-    else:
-        xq, xs = _scratch_for(n, k)
-        kernels.gemm(out, x2, xq, xs, w, qtype, m, k)
+    xq, xs = _scratch_for(n, k)
+    multiply(out.reshape(n, m), x2, xq.reshape(n, k), xs.reshape(n, k // 16), w, qtype, m, k)
     return out
+
+
+def multiply(out, x, xq, xs, w, qtype, m, k, kinds=None) -> None:
+    """out (n, m) = x (n, k) @ W.T for W the (m, k) tensor in bytes `w`, with caller-provided scratch xq int8
+    (n, k) and xs float32 (n, k // 16); allocates nothing. The one dispatch that `matmul`, the models'
+    linear layers and `nibble bench --kernels` share: the types of `ggml_exact.EXACT_TYPES` run the kernels
+    that compute llama.cpp's arithmetic, the others `kernels`. `kinds` (int8 per row, see
+    `ggml_exact.ROW_GROUP4`/`ROW_TILED`; None: the kinds llama.cpp gives a batch of n rows) picks each row's
+    arithmetic where llama.cpp's depends on the batch."""
+    n = x.shape[0]
+    if qtype in ggml_exact.EXACT_TYPES:
+        if kinds is None:
+            kinds = ggml_exact.batch_kinds(n)
+        if n == 1 and kinds[0] == 0:
+            ggml_exact.matvec(out[0], x[0], xq[0], xs[0], w, qtype, m, k)
+        else:
+            ggml_exact.gemm(out, x, xq, xs, w, qtype, m, k, kinds)
+    elif n == 1:
+        kernels.matvec(out[0], x[0], xq[0], xs[0], w, qtype, m, k)
+    else:
+        kernels.gemm(out, x, xq, xs, w, qtype, m, k)
 
 
 def quantize(x, qtype) -> np.ndarray:

@@ -14,20 +14,22 @@ too. So we do what ggml does, in ggml's order:
     Q8_0, Q5_0   ggml_vec_dot_q8_0_q8_0 / q5_0_q8_0 (one row) and tinyBLAS_Q0_AVX (batches) do the same:
                  lanes and fma as above, no summs (Q5_0's q = nibble | fifth bit << 4, minus 16).
     Q4_K · Q8_K  repacked at load (q4_K_8x8_q8_K): exact integers per super-block (gemv) or per 64 values
-                 (gemm: activation rows in groups of 4), folded in by one scalar fma each (`_rows_q4_k`).
-    Q6_K · Q8_K  ggml_vec_dot_q6_K_q8_K below 8 activation rows (8 int lanes), ggml's tiled kernel from 8
-                 (an exact integer per super-block) (`_rows_q6_k`).
+                 (gemm: activation rows in groups of 4), folded in by one scalar fma each (`_rows_q4_k`,
+                 `_four_rows_q4_k`).
+    Q6_K · Q8_K  ggml_vec_dot_q6_K_q8_K below 8 activation rows (8 int lanes, `_rows_q6_k`), ggml's tiled
+                 kernel from 8 (an exact integer per super-block, `_eight_rows_q6_k_tiled`).
     hsum(a)      hsum_float_8: ((a4 + a0) + (a6 + a2)) + ((a5 + a1) + (a7 + a3)).
 
-So an output row's bits depend on the batch size only where ggml's kernel choice does (Q4_K, Q6_K); `gemm`
-takes the batch into account. The kernels here are compiled without fast-math: reassociation or contraction
-would change the order that makes them exact. Other helpers here (`fma1`, `round_f16`, `v_expf`) serve
-`runtime.ops`, which reproduces the non-matmul kernels the same way.
+So an output row's bits depend on its batch only where ggml's kernel choice does (Q4_K, Q6_K): through the
+row's *kind* (see `batch_kinds`), which `gemm` takes per row. The kernels here are compiled without fast-math: reassociation or contraction
+would change the order that makes them exact. The exact scalar helpers they share with `models.ops` (which
+reproduces the non-matmul kernels the same way) are in `quant.simd`: `fma1`, `fma8`, `hsum8`, `round_f16`,
+`v_expf`.
 
     matvec(out, x, xq, xs, w, qtype, m, k)     out[m] = W @ x          qtype one of EXACT_TYPES
-    gemm(out, x, xq, xs, w, qtype, m, k)       out[n, m] = x @ W.T
+    gemm(out, x, xq, xs, w, qtype, m, k, kinds)  out[n, m] = x @ W.T, row i of kind kinds[i]
 
-Scratch: xq int8 (k,) / (n, k) and xs f32 (k // 16,) / (n, k // 16) as in `quant.kernels`; for 32-blocks
+Scratch: xq int8 (k,) / (n, k) and xs f32 (k // 16,) / (n, k // 16); for 32-blocks
 xs[2b] is the fp16-rounded scale of block b and xs[2b + 1] the fp16-rounded Q8_1 sum; for q8_K see
 `quantize_q8_k`.
 """
@@ -41,8 +43,8 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from .jit import exact_kernel, exact_parallel_kernel
-from .simd import (USE_PMADDUBSW, F32x8, I32x8, bits32, bytes32, dot_i8, dot_u8, load_f16, load_f32x8, load_i8,
-                   load_u8, load_u32, nibbles16, splat, to_f32, zeros)
+from .simd import (USE_PMADDUBSW, extract_lane, llvm_call, F32x8, I32x8, bits32, bytes32, dot_i8, dot_u8, fma1, fma8, hsum8, load_f16,
+                   load_f32x8, load_i8, load_u8, load_u32, nibbles16, round_f16, splat, to_f32, zeros)
 
 f32 = np.float32
 Q4_1, Q5_0, Q8_0, Q4_K, Q6_K = 3, 6, 8, 12, 14
@@ -55,76 +57,10 @@ SERIAL_WEIGHTS = 1 << 16     # a matvec below this many weights runs on the call
 TASK_ROWS = 16               # weight rows per parallel task
 X_BLOCK_BYTES = 3 << 18      # gemm: activation bytes (int8) per parallel task, to stay in L2
 
-# ---- intrinsics: fused multiply-add that is always fused, a horizontal sum in ggml's order, bit casts ----
+# ---- intrinsics: exact integer lanes, lane shuffles ----
 
 _F32, _I32 = ir.FloatType(), ir.IntType(32)
 _V8 = ir.VectorType(_F32, 8)
-
-
-def _call(builder, name, ret, args):
-    fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ret, [a.type for a in args]), name)
-    return builder.call(fn, args)
-
-
-@intrinsic
-def fma8(typingctx, a, b, c):
-    """a * b + c per lane with one rounding (llvm.fma: vfmadd on x86, a correct software fma elsewhere).
-    simd.fma is llvm.fmuladd, which LLVM may leave unfused; exactness needs the fused form."""
-    def codegen(context, builder, sig, args):
-        return _call(builder, "llvm.fma.v8f32", _V8, list(args))
-    return F32x8(F32x8, F32x8, F32x8), codegen
-
-
-@intrinsic
-def fma1(typingctx, a, b, c):
-    """float32 a * b + c with one rounding."""
-    def codegen(context, builder, sig, args):
-        ops = [context.cast(builder, v, t, types.float32) for v, t in zip(args, sig.args)]
-        return _call(builder, "llvm.fma.f32", _F32, ops)
-    return types.float32(a, b, c), codegen
-
-
-def _lane(builder, v, i):
-    return builder.extract_element(v, ir.Constant(_I32, i))
-
-
-@intrinsic
-def hsum8(typingctx, v):
-    """ggml's hsum_float_8, in its order: ((a4 + a0) + (a6 + a2)) + ((a5 + a1) + (a7 + a3)), plain f32 adds."""
-    def codegen(context, builder, sig, args):
-        a = [_lane(builder, args[0], i) for i in range(8)]
-        r = [builder.fadd(a[4 + i], a[i]) for i in range(4)]
-        return builder.fadd(builder.fadd(r[0], r[2]), builder.fadd(r[1], r[3]))
-    return types.float32(F32x8), codegen
-
-
-@intrinsic
-def hsum8_hadd(typingctx, v):
-    """The last steps of GGML_F32x8_REDUCE (ggml_vec_dot_f16): t_l = a_l + a_{l+4}, then two hadds:
-    (t0 + t1) + (t2 + t3)."""
-    def codegen(context, builder, sig, args):
-        a = [_lane(builder, args[0], i) for i in range(8)]
-        t = [builder.fadd(a[i], a[4 + i]) for i in range(4)]
-        return builder.fadd(builder.fadd(t[0], t[1]), builder.fadd(t[2], t[3]))
-    return types.float32(F32x8), codegen
-
-
-@intrinsic
-def f32_bits(typingctx, x):
-    """The IEEE bits of a float32, as int64 in 0 .. 2**32 - 1."""
-    def codegen(context, builder, sig, args):
-        v = context.cast(builder, args[0], sig.args[0], types.float32)
-        return builder.zext(builder.bitcast(v, _I32), ir.IntType(64))
-    return types.int64(x), codegen
-
-
-@intrinsic
-def bits_f32(typingctx, bits):
-    """The float32 whose IEEE bits are the low 32 bits of an integer."""
-    def codegen(context, builder, sig, args):
-        v = context.cast(builder, args[0], sig.args[0], types.int64)
-        return builder.bitcast(builder.trunc(v, _I32), _F32)
-    return types.float32(bits), codegen
 
 
 _V8I = ir.VectorType(_I32, 8)
@@ -187,7 +123,7 @@ def isum(typingctx, v):
         v = args[0]
         for width in (4, 2, 1):
             v = builder.add(v, builder.shuffle_vector(v, v, ir.Constant(_V8I, [(j + width) % 8 for j in range(8)])))
-        return builder.sext(_lane(builder, v, 0), ir.IntType(64))
+        return builder.sext(extract_lane(builder, v, 0), ir.IntType(64))
     return types.int64(I32x8), codegen
 
 
@@ -291,10 +227,10 @@ def _scaled_dot(context, builder, sig, args, signed):
         scales = builder.insert_element(scales, lo if j < 8 else hi, ir.Constant(_I32, j))
     if USE_PMADDUBSW:
         if signed:
-            x = _call(builder, "llvm.x86.avx2.psign.b", i8v, [x, q])
-            q = _call(builder, "llvm.abs.v32i8", i8v, [q, ir.Constant(ir.IntType(1), 0)])
-        pairs = _call(builder, "llvm.x86.avx2.pmadd.ub.sw", i16v, [q, x])
-        return _call(builder, "llvm.x86.avx2.pmadd.wd", _V8I, [pairs, scales])
+            x = llvm_call(builder, "llvm.x86.avx2.psign.b", i8v, [x, q])
+            q = llvm_call(builder, "llvm.abs.v32i8", i8v, [q, ir.Constant(ir.IntType(1), 0)])
+        pairs = llvm_call(builder, "llvm.x86.avx2.pmadd.ub.sw", i16v, [q, x])
+        return llvm_call(builder, "llvm.x86.avx2.pmadd.wd", _V8I, [pairs, scales])
     wq = builder.sext(q, ir.VectorType(_I32, 32)) if signed else builder.zext(q, ir.VectorType(_I32, 32))
     prod = builder.mul(wq, builder.sext(x, ir.VectorType(_I32, 32)))
     ev = lambda v, n, o: builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(_I32, n // 2), list(range(o, n, 2))))
@@ -318,60 +254,6 @@ def dot_i8s(typingctx, q, xq, i, sa, sb):
     def codegen(context, builder, sig, args):
         return _scaled_dot(context, builder, sig, args, True)
     return I32x8(q, xq, types.intp, sa, sb), codegen
-
-
-@exact_kernel
-def round_f16(x):
-    """x rounded to the nearest IEEE half (ties to even), returned as float32: GGML_FP32_TO_FP16 then back,
-    as F16C's vcvtps2ph does it. Plain integer arithmetic, so no F16C and no runtime library is needed."""
-    bits = f32_bits(x)
-    a = bits & 0x7FFFFFFF
-    sign = bits & 0x80000000
-    if a >= 0x7F800000:                      # inf, nan
-        return x
-    if a >= 0x477FF000:                      # rounds past the largest half (65504)
-        return bits_f32(sign | 0x7F800000)
-    if a < 0x38800000:                       # below 2^-14: a half subnormal, a multiple of 2^-24
-        y = bits_f32(a)
-        # f32 addition rounds to nearest even; in [0.5, 1) the f32 spacing is exactly 2^-24
-        r = (y + f32(0.5)) - f32(0.5)
-        return bits_f32(f32_bits(r) | sign)
-    # normal: keep 10 of the 23 mantissa bits, round half to even (a carry may bump the exponent)
-    a = (a + 0xFFF + ((a >> 13) & 1)) & ~0x1FFF
-    return bits_f32(a | sign)
-
-
-# ggml_v_expf (ggml-cpu/vec.h, AVX2 + FMA): ARM's optimized-routines expf, elementwise
-_EXP_R = f32(float.fromhex("0x1.8p23"))
-_EXP_LOG2E = f32(float.fromhex("0x1.715476p+0"))
-_EXP_LN2_HI = f32(float.fromhex("0x1.62e4p-1"))
-_EXP_LN2_LO = f32(float.fromhex("0x1.7f7d1cp-20"))
-_EXP_C0 = f32(float.fromhex("0x1.0e4020p-7"))
-_EXP_C1 = f32(float.fromhex("0x1.573e2ep-5"))
-_EXP_C2 = f32(float.fromhex("0x1.555e66p-3"))
-_EXP_C3 = f32(float.fromhex("0x1.fffdb6p-2"))
-_EXP_C4 = f32(float.fromhex("0x1.ffffecp-1"))
-
-
-@exact_kernel
-def v_expf(x):
-    """e^x for float32 x exactly as one lane of ggml_v_expf computes it (each lane is independent of the
-    others: the vector's "any lane out of range" branch gives in-range lanes the same fma(k, j, k))."""
-    z = fma1(x, _EXP_LOG2E, _EXP_R)
-    n = z - _EXP_R
-    b = fma1(-n, _EXP_LN2_LO, fma1(-n, _EXP_LN2_HI, x))
-    e = (f32_bits(z) << 23) & 0xFFFFFFFF
-    k = bits_f32(e + 0x3F800000)
-    u = b * b
-    j = fma1(fma1(fma1(_EXP_C0, b, _EXP_C1), u, fma1(_EXP_C2, b, _EXP_C3)), u, _EXP_C4 * b)
-    if not abs(n) > f32(126):
-        return fma1(k, j, k)
-    g = 0x82000000 if n <= f32(0) else 0
-    s1 = bits_f32(g + 0x7F000000)
-    s2 = bits_f32(e - g)
-    if abs(n) > f32(192):
-        return s1 * s1
-    return fma1(s2, j, s2) * s1
 
 
 # ---- activations ----
@@ -512,13 +394,13 @@ def _scale_min_k4(w, p, j):
 
 
 @exact_kernel
-def _rows_q4_k(out, xq, xs, w, r0, r1, nsb, per_64):
+def _rows_q4_k(out, xq, xs, w, r0, r1, nsb):
     # block: d f16 | dmin f16 | 12 bytes of 6-bit scales and mins | 128 bytes of nibbles: 144 bytes; byte
     # 32c + l holds element 64c + l (low nibble) and 64c + 32 + l (high nibble).
     # Repacked Q4_K (q4_K_8x8_q8_K, AVX2) sums exact integers isum = Σ_j sc_j Σ q·q8 and msum = Σ_j m_j bsum_j
     # and folds them in as acc = fma(f32(isum), d·d8, acc), accm = fma(f32(msum), dmin·d8, accm); the result
-    # acc - accm. ggml_gemv (rows outside a group of 4) folds once per super-block; ggml_gemm (activation
-    # rows in groups of 4, `per_64`) once per 64 values (a pair of sub-blocks).
+    # acc - accm. This is ggml_gemv's fold, once per super-block (a row outside a group of 4; ggml_gemm's
+    # rows in groups of 4 fold once per 64 values: `_four_rows_q4_k`, `_eight_rows_q4_k`).
     for r in range(r0, r1):
         p = r * nsb * 144
         acc = f32(0)
@@ -536,31 +418,24 @@ def _rows_q4_k(out, xq, xs, w, r0, r1, nsb, per_64):
                 iv = iadd(iv, imul(dot_u8(q & 15, xq, base), sc0))
                 iv = iadd(iv, imul(dot_u8(q >> 4, xq, base + 32), sc1))
                 msum += f32(mn0) * xs[16 * s + 1 + 2 * c] + f32(mn1) * xs[16 * s + 2 + 2 * c]  # exact
-                if per_64:
-                    acc = fma1(f32(isum(iv)), dd, acc)
-                    accm = fma1(f32(msum), dm, accm)
-                    iv = izeros()
-                    msum = f32(0)
-            if not per_64:
-                acc = fma1(f32(isum(iv)), dd, acc)
-                accm = fma1(f32(msum), dm, accm)
+            acc = fma1(f32(isum(iv)), dd, acc)
+            accm = fma1(f32(msum), dm, accm)
             p += 144
         out[r] = acc - accm
 
 
 @exact_kernel
-def _rows_q6_k(out, xq, xs, w, r0, r1, nsb, tiled, sub):
+def _rows_q6_k(out, xq, xs, w, r0, r1, nsb, sub):
     # block: ql 128 bytes (low 4 bits) | qh 64 bytes (high 2 bits) | 16 int8 scales | d f16: 210 bytes.
     # In each 128-value half h: ql[64h + l] low nibbles are elements 128h + l (l < 64), high nibbles
     # 128h + 64 + l; qh[32h + l] bits 0-1, 2-3, 4-5, 6-7 top elements 128h + l, +32, +64, +96.
-    # tiled (batches of 8+, ggml-cpu/tiled): isum = Σ sc_j Σ (q - 32)·q8 exactly, acc = fma(f32(d·f32(isum)),
-    # d8, acc). Otherwise ggml_vec_dot_q6_K_q8_K (AVX2): 8 int lanes, lane l = Σ over the 8 32-value chunks C
-    # of sc[2C + l//4] Σ_{t<4} q[32C + 4l + t]·q8 (q unsigned, 0..63), minus 32·(bsum_2l·sc_2l +
-    # bsum_2l+1·sc_2l+1); acc = fma(d8·d, f32(lanes), acc); the result hsum_float_8(acc).
+    # ggml_vec_dot_q6_K_q8_K (AVX2): 8 int lanes, lane l = Σ over the 8 32-value chunks C of
+    # sc[2C + l//4] Σ_{t<4} q[32C + 4l + t]·q8 (q unsigned, 0..63), minus 32·(bsum_2l·sc_2l +
+    # bsum_2l+1·sc_2l+1); acc = fma(d8·d, f32(lanes), acc); the result hsum_float_8(acc). (Batches of 8+
+    # rows take ggml's tiled kernel instead: `_eight_rows_q6_k_tiled`.)
     for r in range(r0, r1):
         p = r * nsb * 210
         acc = zeros()
-        acc1 = f32(0)
         for s in range(nsb):
             iv = izeros()
             for h in range(2):
@@ -577,24 +452,25 @@ def _rows_q6_k(out, xq, xs, w, r0, r1, nsb, tiled, sub):
                 iv = iadd(iv, imul_halves(dot_u8(q, xq, base + 64), load_i8(w, p + 196 + c), load_i8(w, p + 197 + c)))
                 q = (ql1 >> 4) | (((qh >> 6) & 3) << 4)
                 iv = iadd(iv, imul_halves(dot_u8(q, xq, base + 96), load_i8(w, p + 198 + c), load_i8(w, p + 199 + c)))
-            # the -32 offset: per lane l, 32 · (bsum_2l · sc_2l + bsum_2l+1 · sc_2l+1)
-            for l in range(8):
-                a, b = bsum_pair(xs, 16 * s + 1 + l)
-                sub[l] = 32 * (a * np.int32(load_i8(w, p + 192 + 2 * l)) + b * np.int32(load_i8(w, p + 193 + 2 * l)))
-            iv = isub_lanes(iv, sub)
-            dw = load_f16(w, p + 208)
-            if tiled:
-                acc1 = fma1(dw * f32(isum(iv)), xs[16 * s], acc1)
-            else:
-                acc = fma8(splat(xs[16 * s] * dw), to_f32(iv), acc)
+            _offset_q6_k(sub, xs, 16 * s, w, p + 192)
+            acc = fma8(splat(xs[16 * s] * load_f16(w, p + 208)), to_f32(isub_lanes(iv, sub)), acc)
             p += 210
-        out[r] = acc1 if tiled else hsum8(acc)
+        out[r] = hsum8(acc)
 
 
 @exact_kernel
-def _rows(out, xq, xs, w, qtype, r0, r1, k, n_batch, row):
-    """Rows r0..r1 of W times activation row `row` of n_batch, quantized in (xq, xs); the batch picks
-    ggml's kernel where that depends on it (Q4_K: groups of 4 rows; Q6_K: 8+ rows)."""
+def _offset_q6_k(sub, xs, o, w, sc):
+    """sub[0:8] = 32 · (bsum_2l · sc_2l + bsum_2l+1 · sc_2l+1): the -32 offset of ggml_vec_dot_q6_K_q8_K's lanes,
+    for the super-block whose q8_K scale is xs[o] and whose 16 scales start at w[sc]."""
+    for l in range(8):
+        a, b = bsum_pair(xs, o + 1 + l)
+        sub[l] = 32 * (a * np.int32(load_i8(w, sc + 2 * l)) + b * np.int32(load_i8(w, sc + 2 * l + 1)))
+
+
+@exact_kernel
+def _rows_one(out, xq, xs, w, qtype, r0, r1, k, sub):
+    """Rows r0..r1 of W times one activation row (quantized in xq, xs) of the single-row kind: what
+    llama.cpp computes for a batch of one row."""
     if qtype == Q4_1:
         _rows_q4_1(out, xq, xs, w, r0, r1, k // 32)
     elif qtype == Q5_0:
@@ -602,19 +478,51 @@ def _rows(out, xq, xs, w, qtype, r0, r1, k, n_batch, row):
     elif qtype == Q8_0:
         _rows_q8_0(out, xq, xs, w, r0, r1, k // 32)
     elif qtype == Q4_K:
-        _rows_q4_k(out, xq, xs, w, r0, r1, k // QK_K, row < n_batch - n_batch % 4)
+        _rows_q4_k(out, xq, xs, w, r0, r1, k // QK_K)
     else:
-        sub = np.empty(8, np.int32)
-        _rows_q6_k(out, xq, xs, w, r0, r1, k // QK_K, n_batch >= TILED_MIN_ROWS, sub)
+        _rows_q6_k(out, xq, xs, w, r0, r1, k // QK_K, sub)
+
+
+# ---- row kinds: where llama.cpp's arithmetic for a row depends on the batch it came in ----
+#
+# For Q4_1, Q5_0 and Q8_0 it never does; for attention (models.ops) through the lane count. For Q4_K, ggml's repacked gemm takes activation rows in groups of
+# 4 (quantize_mat_q8_K_4x8, folding once per 64 values) and the rows past the last whole group one at a
+# time (ggml_gemv); for Q6_K, batches of 8+ rows take the tiled kernel. A batch that mixes rows from
+# several requests (a server's decode step, a verification of draft tokens) gives every row its own kind,
+# so that each row's bits are what it would get in the batch it stands for.
+
+ROW_GROUP4 = 1       # Q4_K: a row inside a whole group of 4 of its batch
+ROW_TILED = 2        # Q6_K: a row of a batch of 8 or more
+ROW_BATCHED = 4      # attention (models.ops): a row of a batch of 2 or more (tinyBLAS's 8 lanes, not vec_dot's 32)
 
 
 @exact_kernel
-def _quantize(x, xq, xs, qtype, row, n_batch):
-    """Activation row `row` of a batch of n_batch, as ggml quantizes it for this weight type: q8_1/q8_0
-    for the 32-blocks; q8_K for the K-quants, where the repacked Q4_K quantizes whole groups of 4 rows
-    with quantize_mat_q8_K_4x8 and the rest (and every Q6_K row) with quantize_row_q8_K."""
+def batch_kinds_into(kinds, n):
+    """kinds[0:n] = the kinds llama.cpp gives the rows of one batch of n rows."""
+    full = n - n % 4
+    for i in range(n):
+        kind = ROW_GROUP4 if i < full else 0
+        if n >= TILED_MIN_ROWS:
+            kind |= ROW_TILED
+        if n >= 2:
+            kind |= ROW_BATCHED
+        kinds[i] = kind
+
+
+def batch_kinds(n: int) -> np.ndarray:
+    """The kinds llama.cpp gives the rows of one batch of n rows, int8 (n,)."""
+    kinds = np.zeros(n, np.int8)
+    batch_kinds_into(kinds, n)
+    return kinds
+
+
+@exact_kernel
+def _quantize(x, xq, xs, qtype, kind):
+    """One activation row of kind `kind`, as ggml quantizes it for this weight type: q8_1/q8_0 for the
+    32-blocks; q8_K for the K-quants, where the repacked Q4_K quantizes whole groups of 4 rows with
+    quantize_mat_q8_K_4x8 and every other row (and every Q6_K row) with quantize_row_q8_K."""
     if qtype == Q4_K or qtype == Q6_K:
-        quantize_q8_k(x, xq, xs, not (qtype == Q4_K and row < n_batch - n_batch % 4), qtype == Q4_K)
+        quantize_q8_k(x, xq, xs, not (qtype == Q4_K and kind & ROW_GROUP4), qtype == Q4_K)
     else:
         quantize_q8(x, xq, xs)
 
@@ -623,58 +531,34 @@ def _quantize(x, xq, xs, qtype, row, n_batch):
 def matvec(out, x, xq, xs, w, qtype, m, k):
     """out f32[m] = W @ x for W the (m, k) tensor in bytes `w` (a type of EXACT_TYPES), as llama.cpp's
     kernel for one activation row computes each output. xq int8[k], xs f32[k // 16]: scratch."""
-    _quantize(x, xq, xs, qtype, 0, 1)
+    _quantize(x, xq, xs, qtype, 0)
     if m * k <= SERIAL_WEIGHTS:
-        _rows(out, xq, xs, w, qtype, 0, m, k, 1, 0)
+        sub = np.empty(8, np.int32)
+        _rows_one(out, xq, xs, w, qtype, 0, m, k, sub)
         return
     for t in prange((m + TASK_ROWS - 1) // TASK_ROWS):
-        _rows(out, xq, xs, w, qtype, t * TASK_ROWS, min(m, (t + 1) * TASK_ROWS), k, 1, 0)
+        sub = np.empty(8, np.int32)
+        _rows_one(out, xq, xs, w, qtype, t * TASK_ROWS, min(m, (t + 1) * TASK_ROWS), k, sub)
 
 
-# ---- gemm: four activation rows against one weight row, so each weight block is decoded once for four ----
+# ---- gemm: several activation rows against one weight row, so each weight block is decoded once for all ----
 #
 # The same arithmetic per output as the one-row kernels above (each output keeps its own accumulator, in the
 # same order); only the loops are arranged so that the decode and the loads are shared. xq, xs are the flat
-# (n * k,) and (n * k // 16,) scratch; activation row i starts at xq[i * k] and xs[i * ns].
+# (n * k,) and (n * k // 16,) scratch; activation row i starts at xq[i * k] and xs[i * xs_row]. The rows
+# come as indices into them (`rows`), so that one call serves rows of different kinds in any order.
 
 @exact_kernel
-def _x4_q5_0(xq, xs, w, r, i0, i1, i2, i3, k, ns, s8):
-    """Q5_0, or Q8_0 when s8 (the same arithmetic on bytes stored as they are)."""
+def _eight_rows_q5_0(out, xq, xs, w, r, rows, k, xs_row, is_q8_0):
+    """Weight row r against the activation rows rows[0:8]: Q5_0, or Q8_0 when is_q8_0 (the same arithmetic
+    on bytes stored as they are)."""
+    i0, i1, i2, i3, i4, i5, i6, i7 = rows[0], rows[1], rows[2], rows[3], rows[4], rows[5], rows[6], rows[7]
     nb = k // 32
-    p = r * nb * (34 if s8 else 22)
-    a0, a1, a2, a3 = zeros(), zeros(), zeros(), zeros()
-    for b in range(nb):
-        if s8:
-            q = bytes32(w, p + 2)
-            d = load_f16(w, p)
-            p += 34
-        else:
-            q = (nibbles16(w, p + 6) | (bits32(load_u32(w, p + 2)) << 4)) - 16
-            d = load_f16(w, p)
-            p += 22
-        a0 = fma8(splat(d * xs[i0 * ns + 2 * b]), to_f32(dot_i8(q, xq, i0 * k + 32 * b)), a0)
-        a1 = fma8(splat(d * xs[i1 * ns + 2 * b]), to_f32(dot_i8(q, xq, i1 * k + 32 * b)), a1)
-        a2 = fma8(splat(d * xs[i2 * ns + 2 * b]), to_f32(dot_i8(q, xq, i2 * k + 32 * b)), a2)
-        a3 = fma8(splat(d * xs[i3 * ns + 2 * b]), to_f32(dot_i8(q, xq, i3 * k + 32 * b)), a3)
-    return hsum8(a0), hsum8(a1), hsum8(a2), hsum8(a3)
-
-
-@exact_kernel
-def _x8_q5_0(out, xq, xs, w, r, g, n, k, ns, s8):
-    """As `_x4_q5_0` for activation rows g..g+7 (those below n; the others repeat row g), storing to out."""
-    i1 = g + 1 if g + 1 < n else g
-    i2 = g + 2 if g + 2 < n else g
-    i3 = g + 3 if g + 3 < n else g
-    i4 = g + 4 if g + 4 < n else g
-    i5 = g + 5 if g + 5 < n else g
-    i6 = g + 6 if g + 6 < n else g
-    i7 = g + 7 if g + 7 < n else g
-    nb = k // 32
-    p = r * nb * (34 if s8 else 22)
+    p = r * nb * (34 if is_q8_0 else 22)
     a0, a1, a2, a3 = zeros(), zeros(), zeros(), zeros()
     a4, a5, a6, a7 = zeros(), zeros(), zeros(), zeros()
     for b in range(nb):
-        if s8:
+        if is_q8_0:
             q = bytes32(w, p + 2)
             d = load_f16(w, p)
             p += 34
@@ -683,39 +567,35 @@ def _x8_q5_0(out, xq, xs, w, r, g, n, k, ns, s8):
             d = load_f16(w, p)
             p += 22
         e = 32 * b
-        a0 = fma8(splat(d * xs[g * ns + 2 * b]), to_f32(dot_i8(q, xq, g * k + e)), a0)
-        a1 = fma8(splat(d * xs[i1 * ns + 2 * b]), to_f32(dot_i8(q, xq, i1 * k + e)), a1)
-        a2 = fma8(splat(d * xs[i2 * ns + 2 * b]), to_f32(dot_i8(q, xq, i2 * k + e)), a2)
-        a3 = fma8(splat(d * xs[i3 * ns + 2 * b]), to_f32(dot_i8(q, xq, i3 * k + e)), a3)
-        a4 = fma8(splat(d * xs[i4 * ns + 2 * b]), to_f32(dot_i8(q, xq, i4 * k + e)), a4)
-        a5 = fma8(splat(d * xs[i5 * ns + 2 * b]), to_f32(dot_i8(q, xq, i5 * k + e)), a5)
-        a6 = fma8(splat(d * xs[i6 * ns + 2 * b]), to_f32(dot_i8(q, xq, i6 * k + e)), a6)
-        a7 = fma8(splat(d * xs[i7 * ns + 2 * b]), to_f32(dot_i8(q, xq, i7 * k + e)), a7)
-    out[g, r] = hsum8(a0)
-    if g + 1 < n:
-        out[g + 1, r] = hsum8(a1)
-    if g + 2 < n:
-        out[g + 2, r] = hsum8(a2)
-    if g + 3 < n:
-        out[g + 3, r] = hsum8(a3)
-    if g + 4 < n:
-        out[g + 4, r] = hsum8(a4)
-    if g + 5 < n:
-        out[g + 5, r] = hsum8(a5)
-    if g + 6 < n:
-        out[g + 6, r] = hsum8(a6)
-    if g + 7 < n:
-        out[g + 7, r] = hsum8(a7)
+        a0 = fma8(splat(d * xs[i0 * xs_row + 2 * b]), to_f32(dot_i8(q, xq, i0 * k + e)), a0)
+        a1 = fma8(splat(d * xs[i1 * xs_row + 2 * b]), to_f32(dot_i8(q, xq, i1 * k + e)), a1)
+        a2 = fma8(splat(d * xs[i2 * xs_row + 2 * b]), to_f32(dot_i8(q, xq, i2 * k + e)), a2)
+        a3 = fma8(splat(d * xs[i3 * xs_row + 2 * b]), to_f32(dot_i8(q, xq, i3 * k + e)), a3)
+        a4 = fma8(splat(d * xs[i4 * xs_row + 2 * b]), to_f32(dot_i8(q, xq, i4 * k + e)), a4)
+        a5 = fma8(splat(d * xs[i5 * xs_row + 2 * b]), to_f32(dot_i8(q, xq, i5 * k + e)), a5)
+        a6 = fma8(splat(d * xs[i6 * xs_row + 2 * b]), to_f32(dot_i8(q, xq, i6 * k + e)), a6)
+        a7 = fma8(splat(d * xs[i7 * xs_row + 2 * b]), to_f32(dot_i8(q, xq, i7 * k + e)), a7)
+    out[i0, r] = hsum8(a0)
+    out[i1, r] = hsum8(a1)
+    out[i2, r] = hsum8(a2)
+    out[i3, r] = hsum8(a3)
+    out[i4, r] = hsum8(a4)
+    out[i5, r] = hsum8(a5)
+    out[i6, r] = hsum8(a6)
+    out[i7, r] = hsum8(a7)
 
 
 @exact_kernel
-def _x4_q4_k(xq, xs, w, r, i0, i1, i2, i3, k, ns, per_64):
-    # the four rows' scalar fma chains side by side in lanes 0..3 (each lane's arithmetic is its row's)
+def _four_rows_q4_k(out, xq, xs, w, r, rows, k, xs_row, per_64):
+    """Weight row r against the activation rows rows[0:4], the four rows' scalar fma chains side by side in
+    lanes 0..3 (each lane's arithmetic is its row's): ggml_gemv's fold once per super-block, or with
+    `per_64` ggml_gemm's once per 64 values (rows in groups of 4)."""
+    i0, i1, i2, i3 = rows[0], rows[1], rows[2], rows[3]
     nsb = k // QK_K
     p = r * nsb * 144
     acc, accm = zeros(), zeros()
     for s in range(nsb):
-        o0, o1, o2, o3 = i0 * ns + 16 * s, i1 * ns + 16 * s, i2 * ns + 16 * s, i3 * ns + 16 * s
+        o0, o1, o2, o3 = i0 * xs_row + 16 * s, i1 * xs_row + 16 * s, i2 * xs_row + 16 * s, i3 * xs_row + 16 * s
         dx = f32x4(xs[o0], xs[o1], xs[o2], xs[o3])
         dd = splat(load_f16(w, p)) * dx
         dm = splat(load_f16(w, p + 2)) * dx
@@ -758,19 +638,24 @@ def _x4_q4_k(xq, xs, w, r, i0, i1, i2, i3, k, ns, per_64):
             accm = fma8((t0 + t1) + (t2 + t3), dm, accm)
         p += 144
     res = acc - accm
-    return get_lane(res, 0), get_lane(res, 1), get_lane(res, 2), get_lane(res, 3)
+    out[i0, r] = get_lane(res, 0)
+    out[i1, r] = get_lane(res, 1)
+    out[i2, r] = get_lane(res, 2)
+    out[i3, r] = get_lane(res, 3)
 
 
 @exact_kernel
-def _x8_q4_k(out, xq, xs, w, r, g, k, ns):
-    """`_x4_q4_k` (per 64 values) for activation rows g..g+7, two whole groups of 4: row g + j in lane j."""
+def _eight_rows_q4_k(out, xq, xs, w, r, rows, k, xs_row):
+    """`_four_rows_q4_k` with `per_64` (ggml_gemm's groups of 4) for the activation rows rows[0:8]: row
+    rows[j]'s arithmetic in lane j."""
+    i0, i1, i2, i3, i4, i5, i6, i7 = rows[0], rows[1], rows[2], rows[3], rows[4], rows[5], rows[6], rows[7]
     nsb = k // QK_K
     p = r * nsb * 144
     acc, accm = zeros(), zeros()
     for s in range(nsb):
-        o = g * ns + 16 * s
-        dx = f32x8_of(xs[o], xs[o + ns], xs[o + 2 * ns], xs[o + 3 * ns],
-                      xs[o + 4 * ns], xs[o + 5 * ns], xs[o + 6 * ns], xs[o + 7 * ns])
+        o0, o1, o2, o3 = i0 * xs_row + 16 * s, i1 * xs_row + 16 * s, i2 * xs_row + 16 * s, i3 * xs_row + 16 * s
+        o4, o5, o6, o7 = i4 * xs_row + 16 * s, i5 * xs_row + 16 * s, i6 * xs_row + 16 * s, i7 * xs_row + 16 * s
+        dx = f32x8_of(xs[o0], xs[o1], xs[o2], xs[o3], xs[o4], xs[o5], xs[o6], xs[o7])
         dd = splat(load_f16(w, p)) * dx
         dm = splat(load_f16(w, p + 2)) * dx
         sc0, mn0 = _scale_min_k4(w, p + 4, 0)
@@ -782,11 +667,10 @@ def _x8_q4_k(out, xq, xs, w, r, g, k, ns):
         sc6, mn6 = _scale_min_k4(w, p + 4, 6)
         sc7, mn7 = _scale_min_k4(w, p + 4, 7)
         mins = f32x8_of(mn0, mn1, mn2, mn3, mn4, mn5, mn6, mn7)
-        t0, t1, t2, t3 = pair_sums_t(mins * load_f32x8(xs, o + 1), mins * load_f32x8(xs, o + ns + 1),
-                                     mins * load_f32x8(xs, o + 2 * ns + 1), mins * load_f32x8(xs, o + 3 * ns + 1))
-        u0, u1, u2, u3 = pair_sums_t(mins * load_f32x8(xs, o + 4 * ns + 1), mins * load_f32x8(xs, o + 5 * ns + 1),
-                                     mins * load_f32x8(xs, o + 6 * ns + 1), mins * load_f32x8(xs, o + 7 * ns + 1))
-        x0 = g * k + QK_K * s
+        t0, t1, t2, t3 = pair_sums_t(mins * load_f32x8(xs, o0 + 1), mins * load_f32x8(xs, o1 + 1),
+                                     mins * load_f32x8(xs, o2 + 1), mins * load_f32x8(xs, o3 + 1))
+        u0, u1, u2, u3 = pair_sums_t(mins * load_f32x8(xs, o4 + 1), mins * load_f32x8(xs, o5 + 1),
+                                     mins * load_f32x8(xs, o6 + 1), mins * load_f32x8(xs, o7 + 1))
         for c in range(4):
             qb = bytes32(w, p + 16 + 32 * c)
             lo = qb & 15
@@ -799,37 +683,44 @@ def _x8_q4_k(out, xq, xs, w, r, g, k, ns):
                 sa, sb, mc = sc4, sc5, half_join(t2, u2)
             else:
                 sa, sb, mc = sc6, sc7, half_join(t3, u3)
-            e = x0 + 64 * c
-            v0 = iadd(dot_u8s(lo, xq, e, sa, sa), dot_u8s(hi, xq, e + 32, sb, sb))
-            v1 = iadd(dot_u8s(lo, xq, e + k, sa, sa), dot_u8s(hi, xq, e + k + 32, sb, sb))
-            v2 = iadd(dot_u8s(lo, xq, e + 2 * k, sa, sa), dot_u8s(hi, xq, e + 2 * k + 32, sb, sb))
-            v3 = iadd(dot_u8s(lo, xq, e + 3 * k, sa, sa), dot_u8s(hi, xq, e + 3 * k + 32, sb, sb))
-            v4 = iadd(dot_u8s(lo, xq, e + 4 * k, sa, sa), dot_u8s(hi, xq, e + 4 * k + 32, sb, sb))
-            v5 = iadd(dot_u8s(lo, xq, e + 5 * k, sa, sa), dot_u8s(hi, xq, e + 5 * k + 32, sb, sb))
-            v6 = iadd(dot_u8s(lo, xq, e + 6 * k, sa, sa), dot_u8s(hi, xq, e + 6 * k + 32, sb, sb))
-            v7 = iadd(dot_u8s(lo, xq, e + 7 * k, sa, sa), dot_u8s(hi, xq, e + 7 * k + 32, sb, sb))
+            e = QK_K * s + 64 * c
+            v0 = iadd(dot_u8s(lo, xq, i0 * k + e, sa, sa), dot_u8s(hi, xq, i0 * k + e + 32, sb, sb))
+            v1 = iadd(dot_u8s(lo, xq, i1 * k + e, sa, sa), dot_u8s(hi, xq, i1 * k + e + 32, sb, sb))
+            v2 = iadd(dot_u8s(lo, xq, i2 * k + e, sa, sa), dot_u8s(hi, xq, i2 * k + e + 32, sb, sb))
+            v3 = iadd(dot_u8s(lo, xq, i3 * k + e, sa, sa), dot_u8s(hi, xq, i3 * k + e + 32, sb, sb))
+            v4 = iadd(dot_u8s(lo, xq, i4 * k + e, sa, sa), dot_u8s(hi, xq, i4 * k + e + 32, sb, sb))
+            v5 = iadd(dot_u8s(lo, xq, i5 * k + e, sa, sa), dot_u8s(hi, xq, i5 * k + e + 32, sb, sb))
+            v6 = iadd(dot_u8s(lo, xq, i6 * k + e, sa, sa), dot_u8s(hi, xq, i6 * k + e + 32, sb, sb))
+            v7 = iadd(dot_u8s(lo, xq, i7 * k + e, sa, sa), dot_u8s(hi, xq, i7 * k + e + 32, sb, sb))
             acc = fma8(isum8(v0, v1, v2, v3, v4, v5, v6, v7), dd, acc)
             accm = fma8(mc, dm, accm)
         p += 144
     res = acc - accm
     for j in range(8):
-        out[g + j, r] = get_lane(res, j)
+        out[rows[j], r] = get_lane(res, j)
 
 
 @exact_kernel
-def _x8_q6_k(out, xq, xs, w, r, g, n, k, ns):
-    """`_x4_q6_k`'s tiled arithmetic for activation rows g..g+7 (those below n; the others repeat row g):
-    row g + j's scalar fma chain in lane j."""
-    i1 = g + 1 if g + 1 < n else g
-    i2 = g + 2 if g + 2 < n else g
-    i3 = g + 3 if g + 3 < n else g
-    i4 = g + 4 if g + 4 < n else g
-    i5 = g + 5 if g + 5 < n else g
-    i6 = g + 6 if g + 6 < n else g
-    i7 = g + 7 if g + 7 < n else g
+def _q6_k_quants(ql0, ql1, qh, part):
+    """The 32 6-bit quants (0..63) of part `part` (0..3) of a Q6_K half whose ql and qh bytes are given."""
+    if part == 0:
+        return (ql0 & 15) | ((qh & 3) << 4)
+    if part == 1:
+        return (ql1 & 15) | (((qh >> 2) & 3) << 4)
+    if part == 2:
+        return (ql0 >> 4) | (((qh >> 4) & 3) << 4)
+    return (ql1 >> 4) | (((qh >> 6) & 3) << 4)
+
+
+@exact_kernel
+def _eight_rows_q6_k_tiled(out, xq, xs, w, r, rows, k, xs_row):
+    """Weight row r against the activation rows rows[0:8] as ggml's tiled Q6_K kernel (batches of 8+):
+    isum = Σ sc_j Σ (q - 32)·q8 exactly per super-block, acc = fma(f32(d · f32(isum)), d8, acc); row
+    rows[j]'s scalar fma chain in lane j."""
+    i0, i1, i2, i3, i4, i5, i6, i7 = rows[0], rows[1], rows[2], rows[3], rows[4], rows[5], rows[6], rows[7]
     nsb = k // QK_K
     p = r * nsb * 210
-    tacc = zeros()
+    acc = zeros()
     for s in range(nsb):
         v0, v1, v2, v3 = izeros(), izeros(), izeros(), izeros()
         v4, v5, v6, v7 = izeros(), izeros(), izeros(), izeros()
@@ -838,19 +729,11 @@ def _x8_q6_k(out, xq, xs, w, r, g, n, k, ns):
             ql1 = bytes32(w, p + 64 * h + 32)
             qh = bytes32(w, p + 128 + 32 * h)
             for part in range(4):
-                if part == 0:
-                    q = (ql0 & 15) | ((qh & 3) << 4)
-                elif part == 1:
-                    q = (ql1 & 15) | (((qh >> 2) & 3) << 4)
-                elif part == 2:
-                    q = (ql0 >> 4) | (((qh >> 4) & 3) << 4)
-                else:
-                    q = (ql1 >> 4) | (((qh >> 6) & 3) << 4)
-                q = q - 32     # only the exact total matters: take the offset in the weights
+                q = _q6_k_quants(ql0, ql1, qh, part) - 32    # only the exact total matters: the offset in q
                 sa = load_i8(w, p + 192 + 8 * h + 2 * part)
                 sb = load_i8(w, p + 193 + 8 * h + 2 * part)
                 e = QK_K * s + 128 * h + 32 * part
-                v0 = iadd(v0, dot_i8s(q, xq, g * k + e, sa, sb))
+                v0 = iadd(v0, dot_i8s(q, xq, i0 * k + e, sa, sb))
                 v1 = iadd(v1, dot_i8s(q, xq, i1 * k + e, sa, sb))
                 v2 = iadd(v2, dot_i8s(q, xq, i2 * k + e, sa, sb))
                 v3 = iadd(v3, dot_i8s(q, xq, i3 * k + e, sa, sb))
@@ -860,29 +743,22 @@ def _x8_q6_k(out, xq, xs, w, r, g, n, k, ns):
                 v7 = iadd(v7, dot_i8s(q, xq, i7 * k + e, sa, sb))
         dw = load_f16(w, p + 208)
         o = 16 * s
-        dx = f32x8_of(xs[g * ns + o], xs[i1 * ns + o], xs[i2 * ns + o], xs[i3 * ns + o],
-                      xs[i4 * ns + o], xs[i5 * ns + o], xs[i6 * ns + o], xs[i7 * ns + o])
-        tacc = fma8(splat(dw) * isum8(v0, v1, v2, v3, v4, v5, v6, v7), dx, tacc)
+        dx = f32x8_of(xs[i0 * xs_row + o], xs[i1 * xs_row + o], xs[i2 * xs_row + o], xs[i3 * xs_row + o],
+                      xs[i4 * xs_row + o], xs[i5 * xs_row + o], xs[i6 * xs_row + o], xs[i7 * xs_row + o])
+        acc = fma8(splat(dw) * isum8(v0, v1, v2, v3, v4, v5, v6, v7), dx, acc)
         p += 210
     for j in range(8):
-        if g + j < n:
-            out[g + j, r] = get_lane(tacc, j)
+        out[rows[j], r] = get_lane(acc, j)
 
 
 @exact_kernel
-def _offset_q6_k(sub, xs, o, w, sc):
-    """sub[0:8] = 32 · (bsum_2l · sc_2l + bsum_2l+1 · sc_2l+1): the -32 offset of ggml_vec_dot_q6_K_q8_K's lanes."""
-    for l in range(8):
-        a, b = bsum_pair(xs, o + 1 + l)
-        sub[l] = 32 * (a * np.int32(load_i8(w, sc + 2 * l)) + b * np.int32(load_i8(w, sc + 2 * l + 1)))
-
-
-@exact_kernel
-def _x4_q6_k(xq, xs, w, r, i0, i1, i2, i3, k, ns, tiled, sub):
+def _four_rows_q6_k(out, xq, xs, w, r, rows, k, xs_row, sub):
+    """Weight row r against the activation rows rows[0:4] with `_rows_q6_k`'s arithmetic
+    (ggml_vec_dot_q6_K_q8_K), the weight block decoded once for the four."""
+    i0, i1, i2, i3 = rows[0], rows[1], rows[2], rows[3]
     nsb = k // QK_K
     p = r * nsb * 210
     a0, a1, a2, a3 = zeros(), zeros(), zeros(), zeros()
-    tacc = zeros()
     for s in range(nsb):
         v0, v1, v2, v3 = izeros(), izeros(), izeros(), izeros()
         for h in range(2):
@@ -890,116 +766,127 @@ def _x4_q6_k(xq, xs, w, r, i0, i1, i2, i3, k, ns, tiled, sub):
             ql1 = bytes32(w, p + 64 * h + 32)
             qh = bytes32(w, p + 128 + 32 * h)
             for part in range(4):
-                if part == 0:
-                    q = (ql0 & 15) | ((qh & 3) << 4)
-                elif part == 1:
-                    q = (ql1 & 15) | (((qh >> 2) & 3) << 4)
-                elif part == 2:
-                    q = (ql0 >> 4) | (((qh >> 4) & 3) << 4)
-                else:
-                    q = (ql1 >> 4) | (((qh >> 6) & 3) << 4)
+                q = _q6_k_quants(ql0, ql1, qh, part)
                 sa = load_i8(w, p + 192 + 8 * h + 2 * part)
                 sb = load_i8(w, p + 193 + 8 * h + 2 * part)
                 e = QK_K * s + 128 * h + 32 * part
-                if tiled:     # only the exact total matters: take the offset in the weights
-                    q = q - 32
-                    v0 = iadd(v0, dot_i8s(q, xq, i0 * k + e, sa, sb))
-                    v1 = iadd(v1, dot_i8s(q, xq, i1 * k + e, sa, sb))
-                    v2 = iadd(v2, dot_i8s(q, xq, i2 * k + e, sa, sb))
-                    v3 = iadd(v3, dot_i8s(q, xq, i3 * k + e, sa, sb))
-                else:
-                    v0 = iadd(v0, dot_u8s(q, xq, i0 * k + e, sa, sb))
-                    v1 = iadd(v1, dot_u8s(q, xq, i1 * k + e, sa, sb))
-                    v2 = iadd(v2, dot_u8s(q, xq, i2 * k + e, sa, sb))
-                    v3 = iadd(v3, dot_u8s(q, xq, i3 * k + e, sa, sb))
+                v0 = iadd(v0, dot_u8s(q, xq, i0 * k + e, sa, sb))
+                v1 = iadd(v1, dot_u8s(q, xq, i1 * k + e, sa, sb))
+                v2 = iadd(v2, dot_u8s(q, xq, i2 * k + e, sa, sb))
+                v3 = iadd(v3, dot_u8s(q, xq, i3 * k + e, sa, sb))
         dw = load_f16(w, p + 208)
-        o0, o1, o2, o3 = i0 * ns + 16 * s, i1 * ns + 16 * s, i2 * ns + 16 * s, i3 * ns + 16 * s
-        if tiled:     # the four rows' scalar fma chains in lanes 0..3
-            tacc = fma8(splat(dw) * isum4(v0, v1, v2, v3), f32x4(xs[o0], xs[o1], xs[o2], xs[o3]), tacc)
-        else:
-            _offset_q6_k(sub, xs, o0, w, p + 192)
-            a0 = fma8(splat(xs[o0] * dw), to_f32(isub_lanes(v0, sub)), a0)
-            _offset_q6_k(sub, xs, o1, w, p + 192)
-            a1 = fma8(splat(xs[o1] * dw), to_f32(isub_lanes(v1, sub)), a1)
-            _offset_q6_k(sub, xs, o2, w, p + 192)
-            a2 = fma8(splat(xs[o2] * dw), to_f32(isub_lanes(v2, sub)), a2)
-            _offset_q6_k(sub, xs, o3, w, p + 192)
-            a3 = fma8(splat(xs[o3] * dw), to_f32(isub_lanes(v3, sub)), a3)
+        o0, o1, o2, o3 = i0 * xs_row + 16 * s, i1 * xs_row + 16 * s, i2 * xs_row + 16 * s, i3 * xs_row + 16 * s
+        _offset_q6_k(sub, xs, o0, w, p + 192)
+        a0 = fma8(splat(xs[o0] * dw), to_f32(isub_lanes(v0, sub)), a0)
+        _offset_q6_k(sub, xs, o1, w, p + 192)
+        a1 = fma8(splat(xs[o1] * dw), to_f32(isub_lanes(v1, sub)), a1)
+        _offset_q6_k(sub, xs, o2, w, p + 192)
+        a2 = fma8(splat(xs[o2] * dw), to_f32(isub_lanes(v2, sub)), a2)
+        _offset_q6_k(sub, xs, o3, w, p + 192)
+        a3 = fma8(splat(xs[o3] * dw), to_f32(isub_lanes(v3, sub)), a3)
         p += 210
-    if tiled:
-        return get_lane(tacc, 0), get_lane(tacc, 1), get_lane(tacc, 2), get_lane(tacc, 3)
-    return hsum8(a0), hsum8(a1), hsum8(a2), hsum8(a3)
+    out[i0, r] = hsum8(a0)
+    out[i1, r] = hsum8(a1)
+    out[i2, r] = hsum8(a2)
+    out[i3, r] = hsum8(a3)
 
 
 @exact_kernel
-def _x4(out, xq, xs, w, qtype, r0, r1, g, n, k, sub):
-    """Weight rows r0..r1 against activation rows g..g+3 (those below n; the others repeat row g)."""
-    ns = k // 16
-    i1 = g + 1 if g + 1 < n else g
-    i2 = g + 2 if g + 2 < n else g
-    i3 = g + 3 if g + 3 < n else g
-    for r in range(r0, r1):
-        if qtype == Q5_0 or qtype == Q8_0:
-            y0, y1, y2, y3 = _x4_q5_0(xq, xs, w, r, g, i1, i2, i3, k, ns, qtype == Q8_0)
-        elif qtype == Q4_K:
-            y0, y1, y2, y3 = _x4_q4_k(xq, xs, w, r, g, i1, i2, i3, k, ns, g + 4 <= n - n % 4)
-        else:
-            y0, y1, y2, y3 = _x4_q6_k(xq, xs, w, r, g, i1, i2, i3, k, ns, n >= TILED_MIN_ROWS, sub)
-        out[g, r] = y0
-        if g + 1 < n:
-            out[g + 1, r] = y1
-        if g + 2 < n:
-            out[g + 2, r] = y2
-        if g + 3 < n:
-            out[g + 3, r] = y3
+def _variant(qtype, kind):
+    """Which of a type's two row arithmetics `kind` selects (1: Q4_K's groups of 4, Q6_K's tiled kernel)."""
+    if qtype == Q4_K:
+        return 1 if kind & ROW_GROUP4 else 0
+    if qtype == Q6_K:
+        return 1 if kind & ROW_TILED else 0
+    return 0
+
+
+@exact_kernel
+def _group_rows(qtype, kinds, order):
+    """Fill `order` (n + 16 entries) with the row indices grouped by variant, each variant's run padded with
+    -1 to a multiple of 8; returns the used length. Every group of 8 entries is then of one variant."""
+    n = kinds.shape[0]
+    used = 0
+    for variant in range(2):
+        start = used
+        for i in range(n):
+            if _variant(qtype, kinds[i]) == variant:
+                order[used] = i
+                used += 1
+        while (used - start) % 8:
+            order[used] = -1
+            used += 1
+    return used
+
+
+@exact_kernel
+def _group(rows, order, g):
+    """rows[0:8] = order[g:g+8] with padding (-1) replaced by the group's first row; returns how many of the
+    eight are real rows."""
+    real = 0
+    for j in range(8):
+        i = order[g + j]
+        if i >= 0:
+            real += 1
+        rows[j] = i if i >= 0 else order[g]
+    return real
 
 
 @exact_parallel_kernel
-def gemm(out, x, xq, xs, w, qtype, m, k):
-    """out f32[n, m] = x @ W.T, each element as llama.cpp's kernel for a batch of n rows computes it.
-    xq int8[n, k], xs f32[n, k // 16]: scratch. Parallel over tiles of weight rows x blocks of activation
-    rows: a tile (a few KiB) stays in L1 while the block's rows pass over it eight at a time (Q5_0, Q8_0,
-    Q4_K, tiled Q6_K), and the block stays in L2 while the thread's tiles pass over it."""
+def gemm(out, x, xq, xs, w, qtype, m, k, kinds):
+    """out f32[n, m] = x @ W.T, row i with the arithmetic llama.cpp gives a row of kind kinds[i] (see
+    `batch_kinds`). xq int8[n, k], xs f32[n, k // 16]: scratch. Parallel over tiles of weight rows x blocks
+    of activation rows: a tile (a few KiB) stays in L1 while the block's rows pass over it eight at a time,
+    and the block stays in L2 while the thread's tiles pass over it."""
     n = x.shape[0]
     for i in prange(n):
-        _quantize(x[i], xq[i], xs[i], qtype, i, n)
+        _quantize(x[i], xq[i], xs[i], qtype, kinds[i])
+    order = np.empty(n + 16, np.int64)
+    used = _group_rows(qtype, kinds, order)
+    n_groups = used // 8
+    variants = np.empty(n_groups, np.int8)
+    for t in range(n_groups):
+        variants[t] = _variant(qtype, kinds[order[8 * t]])
     n_tiles = (m + TASK_ROWS - 1) // TASK_ROWS
     # activation rows in blocks of about X_BLOCK_BYTES, so that a block stays in L2 while a thread's tiles
     # pass over it (all n rows per tile fell out of L2 for k >= 2048); a task is one tile x one block
     # (blocks of equal size: the threads take equal shares of the tasks)
-    n_blocks = max(1, min((n + 7) // 8, (n * k + X_BLOCK_BYTES - 1) // X_BLOCK_BYTES))
-    rows = ((n + n_blocks - 1) // n_blocks + 7) // 8 * 8
-    n_blocks = (n + rows - 1) // rows
+    n_blocks = max(1, min(n_groups, (n * k + X_BLOCK_BYTES - 1) // X_BLOCK_BYTES))
+    per_block = (n_groups + n_blocks - 1) // n_blocks
+    n_blocks = (n_groups + per_block - 1) // per_block
     xqf = xq.reshape(-1)
     xsf = xs.reshape(-1)
+    xs_row = k // 16
     for t in prange(n_blocks * n_tiles):
-        a0 = (t // n_tiles) * rows
-        a1 = min(n, a0 + rows)
+        g0 = (t // n_tiles) * per_block
+        g1 = min(n_groups, g0 + per_block)
         r0 = (t % n_tiles) * TASK_ROWS
         r1 = min(m, r0 + TASK_ROWS)
-        if qtype == Q4_1:
-            for i in range(a0, a1):
-                _rows(out[i], xq[i], xs[i], w, qtype, r0, r1, k, n, i)
-        elif qtype == Q5_0 or qtype == Q8_0:
-            for g in range(a0, a1, 8):
+        rows = np.empty(8, np.int64)
+        sub = np.empty(8, np.int32)
+        for grp in range(g0, g1):
+            real = _group(rows, order, 8 * grp)
+            variant = variants[grp]
+            if qtype == Q4_1 or ((qtype == Q5_0 or qtype == Q8_0) and real < 8):
+                for j in range(real):
+                    i = rows[j]
+                    _rows_one(out[i], xq[i], xs[i], w, qtype, r0, r1, k, sub)
+            elif qtype == Q5_0 or qtype == Q8_0:
                 for r in range(r0, r1):
-                    _x8_q5_0(out, xqf, xsf, w, r, g, n, k, k // 16, qtype == Q8_0)
-        elif qtype == Q6_K and n >= TILED_MIN_ROWS:
-            for g in range(a0, a1, 8):
+                    _eight_rows_q5_0(out, xqf, xsf, w, r, rows, k, xs_row, qtype == Q8_0)
+            elif qtype == Q4_K and variant == 1 and real == 8:
                 for r in range(r0, r1):
-                    _x8_q6_k(out, xqf, xsf, w, r, g, n, k, k // 16)
-        elif qtype == Q4_K:
-            full = n - n % 4          # rows in whole groups of 4 (ggml's per-64 arithmetic); the rest as _x4 does
-            sub = np.empty(8, np.int32)
-            for g in range(a0, a1, 8):
-                if g + 8 <= full:
-                    for r in range(r0, r1):
-                        _x8_q4_k(out, xqf, xsf, w, r, g, k, k // 16)
-                else:
-                    _x4(out, xqf, xsf, w, qtype, r0, r1, g, n, k, sub)
-                    if g + 4 < n:
-                        _x4(out, xqf, xsf, w, qtype, r0, r1, g + 4, n, k, sub)
-        else:
-            sub = np.empty(8, np.int32)
-            for g in range(a0, a1, 4):
-                _x4(out, xqf, xsf, w, qtype, r0, r1, g, n, k, sub)
+                    _eight_rows_q4_k(out, xqf, xsf, w, r, rows, k, xs_row)
+            elif qtype == Q4_K:
+                for r in range(r0, r1):
+                    _four_rows_q4_k(out, xqf, xsf, w, r, rows[0:4], k, xs_row, variant == 1)
+                    if real > 4:
+                        _four_rows_q4_k(out, xqf, xsf, w, r, rows[4:8], k, xs_row, variant == 1)
+            elif variant == 1:
+                for r in range(r0, r1):
+                    _eight_rows_q6_k_tiled(out, xqf, xsf, w, r, rows, k, xs_row)
+            else:
+                for r in range(r0, r1):
+                    _four_rows_q6_k(out, xqf, xsf, w, r, rows[0:4], k, xs_row, sub)
+                    if real > 4:
+                        _four_rows_q6_k(out, xqf, xsf, w, r, rows[4:8], k, xs_row, sub)

@@ -1,12 +1,17 @@
 """Numba's options for every kernel, decided in one place, and the thread count.
 
-Every kernel in `nibble.quant` is compiled with the same flags:
+Every kernel of nibble (those in `nibble.quant` and `nibble.models.ops`) is compiled through the decorators
+below, with these flags:
 
-- `cache=True`: the machine code is written to `__pycache__` on first use, so a cold compile (~20 s for
-  all formats) happens once per machine, not once per process; the cache key includes the source of every
-  module in nibble.quant (see `_QuantCache`);
-- `fastmath` without `nnan`/`ninf`: reassociation and FMA contraction let LLVM vectorise reductions, while
-  a NaN or an infinity in the activations still propagates instead of being optimised into garbage;
+- `cache=True`: the machine code is written to `__pycache__` on first use, so a cold compile happens once
+  per machine, not once per process. Numba keys a cached kernel on its own file; kernels call intrinsics and
+  helpers across files (`models/ops.py` and `quant/ggml_exact.py` into `quant/simd.py`), so the key also
+  holds the source of every module in nibble.quant (see `_QuantCache`). Kernels outside nibble.quant call
+  only into nibble.quant, never into each other's files, which keeps that key complete;
+- fast-math: `kernel`/`parallel_kernel` use `FASTMATH` (reassociation and FMA contraction let LLVM vectorise
+  reductions; no `nnan`/`ninf`, so a NaN or an infinity still propagates instead of being optimised into
+  garbage). `exact_kernel`/`exact_parallel_kernel`, which the models run, use none: they reproduce
+  llama.cpp's float arithmetic in its order, and any reassociation or contraction would change the bits;
 - `boundscheck=False`, `error_model="numpy"`: no per-element checks, no exceptions on division by zero;
 - `nogil=True`: a server thread can decode while another thread runs Python.
 

@@ -24,12 +24,13 @@ from __future__ import annotations
 import operator
 
 import llvmlite.binding as llvm
+import numpy as np
 from llvmlite import ir
 from numba import types
 from numba.core import cgutils, config, errors
 from numba.extending import intrinsic, models, overload, register_model
 
-from .jit import LLVM_FASTMATH
+from .jit import LLVM_FASTMATH, exact_kernel
 
 _F32, _I8, _I16, _I32, _I64 = ir.FloatType(), ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntType(64)
 
@@ -716,3 +717,133 @@ def _splat_n(builder, value, n):
     v = _vec(value.type, n)
     return _shuffle(builder, builder.insert_element(ir.Constant(v, ir.Undefined), value, _I32(0)),
                     ir.Constant(v, ir.Undefined), [0] * n)
+
+
+# ---- exact arithmetic: operations whose rounding is fixed (for the kernels that reproduce llama.cpp) ----
+
+_V8 = ir.VectorType(_F32, 8)
+f32 = np.float32
+
+
+def llvm_call(builder, name, ret, args):
+    fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ret, [a.type for a in args]), name)
+    return builder.call(fn, args)
+
+
+def extract_lane(builder, v, i):
+    return builder.extract_element(v, ir.Constant(_I32, i))
+
+
+@intrinsic
+def fma8(typingctx, a, b, c):
+    """a * b + c per lane with one rounding (llvm.fma: vfmadd on x86, a correct software fma elsewhere).
+    simd.fma is llvm.fmuladd, which LLVM may leave unfused; exactness needs the fused form."""
+    def codegen(context, builder, sig, args):
+        return llvm_call(builder, "llvm.fma.v8f32", _V8, list(args))
+    return F32x8(F32x8, F32x8, F32x8), codegen
+
+
+@intrinsic
+def fma1(typingctx, a, b, c):
+    """float32 a * b + c with one rounding."""
+    def codegen(context, builder, sig, args):
+        ops = [context.cast(builder, v, t, types.float32) for v, t in zip(args, sig.args)]
+        return llvm_call(builder, "llvm.fma.f32", _F32, ops)
+    return types.float32(a, b, c), codegen
+
+
+def extract_lane(builder, v, i):
+    return builder.extract_element(v, ir.Constant(_I32, i))
+
+
+@intrinsic
+def hsum8(typingctx, v):
+    """ggml's hsum_float_8, in its order: ((a4 + a0) + (a6 + a2)) + ((a5 + a1) + (a7 + a3)), plain f32 adds."""
+    def codegen(context, builder, sig, args):
+        a = [extract_lane(builder, args[0], i) for i in range(8)]
+        r = [builder.fadd(a[4 + i], a[i]) for i in range(4)]
+        return builder.fadd(builder.fadd(r[0], r[2]), builder.fadd(r[1], r[3]))
+    return types.float32(F32x8), codegen
+
+
+@intrinsic
+def hsum8_hadd(typingctx, v):
+    """The last steps of GGML_F32x8_REDUCE (ggml_vec_dot_f16): t_l = a_l + a_{l+4}, then two hadds:
+    (t0 + t1) + (t2 + t3)."""
+    def codegen(context, builder, sig, args):
+        a = [extract_lane(builder, args[0], i) for i in range(8)]
+        t = [builder.fadd(a[i], a[4 + i]) for i in range(4)]
+        return builder.fadd(builder.fadd(t[0], t[1]), builder.fadd(t[2], t[3]))
+    return types.float32(F32x8), codegen
+
+
+@intrinsic
+def f32_bits(typingctx, x):
+    """The IEEE bits of a float32, as int64 in 0 .. 2**32 - 1."""
+    def codegen(context, builder, sig, args):
+        v = context.cast(builder, args[0], sig.args[0], types.float32)
+        return builder.zext(builder.bitcast(v, _I32), ir.IntType(64))
+    return types.int64(x), codegen
+
+
+@intrinsic
+def bits_f32(typingctx, bits):
+    """The float32 whose IEEE bits are the low 32 bits of an integer."""
+    def codegen(context, builder, sig, args):
+        v = context.cast(builder, args[0], sig.args[0], types.int64)
+        return builder.bitcast(builder.trunc(v, _I32), _F32)
+    return types.float32(bits), codegen
+
+
+@exact_kernel
+def round_f16(x):
+    """x rounded to the nearest IEEE half (ties to even), returned as float32: GGML_FP32_TO_FP16 then back,
+    as F16C's vcvtps2ph does it. Plain integer arithmetic, so no F16C and no runtime library is needed."""
+    bits = f32_bits(x)
+    a = bits & 0x7FFFFFFF
+    sign = bits & 0x80000000
+    if a >= 0x7F800000:                      # inf, nan
+        return x
+    if a >= 0x477FF000:                      # rounds past the largest half (65504)
+        return bits_f32(sign | 0x7F800000)
+    if a < 0x38800000:                       # below 2^-14: a half subnormal, a multiple of 2^-24
+        y = bits_f32(a)
+        # f32 addition rounds to nearest even; in [0.5, 1) the f32 spacing is exactly 2^-24
+        r = (y + f32(0.5)) - f32(0.5)
+        return bits_f32(f32_bits(r) | sign)
+    # normal: keep 10 of the 23 mantissa bits, round half to even (a carry may bump the exponent)
+    a = (a + 0xFFF + ((a >> 13) & 1)) & ~0x1FFF
+    return bits_f32(a | sign)
+
+
+# ggml_v_expf (ggml-cpu/vec.h, AVX2 + FMA): ARM's optimized-routines expf, elementwise
+_EXP_R = f32(float.fromhex("0x1.8p23"))
+_EXP_LOG2E = f32(float.fromhex("0x1.715476p+0"))
+_EXP_LN2_HI = f32(float.fromhex("0x1.62e4p-1"))
+_EXP_LN2_LO = f32(float.fromhex("0x1.7f7d1cp-20"))
+_EXP_C0 = f32(float.fromhex("0x1.0e4020p-7"))
+_EXP_C1 = f32(float.fromhex("0x1.573e2ep-5"))
+_EXP_C2 = f32(float.fromhex("0x1.555e66p-3"))
+_EXP_C3 = f32(float.fromhex("0x1.fffdb6p-2"))
+_EXP_C4 = f32(float.fromhex("0x1.ffffecp-1"))
+
+
+@exact_kernel
+def v_expf(x):
+    """e^x for float32 x exactly as one lane of ggml_v_expf computes it (each lane is independent of the
+    others: the vector's "any lane out of range" branch gives in-range lanes the same fma(k, j, k))."""
+    z = fma1(x, _EXP_LOG2E, _EXP_R)
+    n = z - _EXP_R
+    b = fma1(-n, _EXP_LN2_LO, fma1(-n, _EXP_LN2_HI, x))
+    e = (f32_bits(z) << 23) & 0xFFFFFFFF
+    k = bits_f32(e + 0x3F800000)
+    u = b * b
+    j = fma1(fma1(fma1(_EXP_C0, b, _EXP_C1), u, fma1(_EXP_C2, b, _EXP_C3)), u, _EXP_C4 * b)
+    if not abs(n) > f32(126):
+        return fma1(k, j, k)
+    g = 0x82000000 if n <= f32(0) else 0
+    s1 = bits_f32(g + 0x7F000000)
+    s2 = bits_f32(e - g)
+    if abs(n) > f32(192):
+        return s1 * s1
+    return fma1(s2, j, s2) * s1

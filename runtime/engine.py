@@ -17,7 +17,8 @@ import numpy as np
 
 from ..errors import ContextOverflowError, NibbleError, OutOfMemoryError
 from ..formats.gguf import GGUFFile
-from .weights import linear
+from ..models.linear import linear
+from ..quant.ggml_exact import batch_kinds_into
 
 DEFAULT_MAX_CTX = 4096
 MAX_BATCH = 512          # prefill chunk (llama.cpp's default n_ubatch)
@@ -72,6 +73,8 @@ class Engine:
         self._tok = np.zeros(max_batch, np.int64)
         self._pos = np.zeros(max_batch, np.int64)
         self._slot = np.zeros(max_batch, np.int64)
+        self._kinds = np.zeros(max_batch, np.int8)
+        self._outputs = np.arange(max_batch, dtype=np.int64)
 
     def kv_bytes(self, n_ctx: int) -> int:
         a = self.args
@@ -123,8 +126,10 @@ class Engine:
         tok[:] = ids
         pos[:] = np.arange(p0, p0 + B) if B > 1 else p0
         slots[:] = slot
+        kinds = self._kinds[:B]
+        batch_kinds_into(kinds, B)
         hidden = self.arch.forward(self.args, self.weights, self.state, self.k_cache, self.v_cache,
-                                   tok, slots, pos, n_out)
+                                   tok, slots, pos, kinds, self._outputs[B - n_out:B])
         self.tokens[slot].extend(int(t) for t in ids)
         return hidden
 

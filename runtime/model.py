@@ -13,7 +13,7 @@ from ..errors import ModelFormatError, ModelNotFoundError, NibbleError
 from ..formats.gguf import GGUFFile, qtype_name
 from ..formats.metadata import check_tokenizer_metadata
 from ..models import architecture
-from ..models.catalog import CATALOG
+from .catalog import CATALOG
 from . import store
 
 KV_DTYPE_BYTES = 4  # the KV cache is float32: exact against llama.cpp, and Numba has no fast f16 arithmetic
@@ -145,7 +145,7 @@ class Model:
     @functools.cached_property
     def tokenizer(self):
         from ..formats.tokenizer import Tokenizer
-        return Tokenizer.from_gguf(self.gguf)
+        return Tokenizer.from_gguf(self.gguf, cache_dir=store.cache_dir())
 
     def tokenize(self, text: str, add_special: bool = True, parse_special: bool = False) -> list[int]:
         """Text -> token ids, as llama.cpp's llama_tokenize: `add_special` adds BOS/EOS where the model's

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Callable
 
 from ..errors import ModelNotFoundError, PullError
-from ..models.catalog import CATALOG, CatalogEntry
+from .catalog import CATALOG, CatalogEntry
 
 # progress(stage, done, total): stage is "download" (done/total in parts) or "extract" (bytes)
 Progress = Callable[[str, int, int], None]
@@ -31,6 +31,12 @@ def store_dir() -> Path:
         return Path(home) / "models"
     cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return Path(cache) / "nibble" / "models"
+
+
+def cache_dir() -> Path:
+    """`$NIBBLE_HOME/cache`, else the user's cache dir + nibble/cache (beside the model store): built
+    tokenizers that are slow to build."""
+    return store_dir().parent / "cache"
 
 
 def catalog_entry(name: str) -> CatalogEntry:

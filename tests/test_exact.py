@@ -1,4 +1,4 @@
-"""llama.cpp's arithmetic, bit for bit: the kernels of quant.ggml_exact and runtime.ops against slow numpy
+"""llama.cpp's arithmetic, bit for bit: the kernels of quant.ggml_exact and models.ops against slow numpy
 transcriptions of the ggml code they reproduce, then SmolLM2 end to end against llama.cpp's logits.
 
 The numpy references write each ggml step out in order; a fused multiply-add is computed in float64 (the
@@ -11,9 +11,10 @@ import numpy as np
 import pytest
 
 import nibble
+from nibble.quant import simd
 from nibble.formats.gguf import GGUFFile
 from nibble.quant import ggml_exact
-from nibble.runtime import ops
+from nibble.models import ops
 
 F32, F64 = np.float32, np.float64
 
@@ -109,7 +110,7 @@ def test_round_f16_is_ieee_round_to_nearest_even():
                  F32),
         (np.arange(1, 2049, dtype=F32) + F32(0.5)) * F32(2**-13),                            # halfway cases
     ])
-    ours = np.array([ggml_exact.round_f16(v) for v in x], F32)
+    ours = np.array([simd.round_f16(v) for v in x], F32)
     expected = f16(x)
     same = (ours == expected) | (np.isnan(ours) & np.isnan(expected))
     assert same.all(), x[~same][:5]
@@ -120,9 +121,9 @@ def test_v_expf_matches_ggml_v_expf():
     x = np.concatenate([np.linspace(-200, 100, 30001, dtype=F32),
                         np.random.default_rng(1).standard_normal(5000).astype(F32) * 4,
                         np.array([0.0, -0.0, -87.5, -88.8, -103.9, -104.0, 88.7, -np.inf], F32)])
-    ours = np.array([ggml_exact.v_expf(v) for v in x], F32)
+    ours = np.array([simd.v_expf(v) for v in x], F32)
     assert np.array_equal(ours, v_expf_ref(x))
-    assert ggml_exact.v_expf(F32(-np.inf)) == 0
+    assert simd.v_expf(F32(-np.inf)) == 0
     close = np.abs(x) < 80
     assert np.allclose(ours[close], np.exp(x[close].astype(F64)), rtol=2e-7, atol=0)   # and it is exp
 
@@ -164,7 +165,8 @@ def test_matvec_and_gemm_are_ggml_vec_dot(smollm2, name):
     assert np.array_equal(out[rows], expected[0])
     # gemm gives every row the same bits as matvec (llama.cpp's results do not depend on the batch size)
     out2 = np.zeros((5, m), F32)
-    ggml_exact.gemm(out2, x, np.zeros((5, k), np.int8), np.zeros((5, k // 16), F32), t.data, qtype, m, k)
+    ggml_exact.gemm(out2, x, np.zeros((5, k), np.int8), np.zeros((5, k // 16), F32), t.data, qtype, m, k,
+                    ggml_exact.batch_kinds(5))
     assert np.array_equal(out2[:, rows], expected)
 
 
@@ -298,7 +300,7 @@ def test_gemma_matmuls_are_ggmls_for_each_batch_size(gemma3, name, batch):
     if batch == 1:
         ggml_exact.matvec(out[0], x[0], xq[0], xs[0], t.data, qtype, m, k)
     else:
-        ggml_exact.gemm(out, x, xq, xs, t.data, qtype, m, k)
+        ggml_exact.gemm(out, x, xq, xs, t.data, qtype, m, k, ggml_exact.batch_kinds(batch))
     for i in range(batch):
         if qtype == ggml_exact.Q5_0:
             expected = q5_0_ref(w, m, k, x[i])
@@ -324,7 +326,8 @@ def test_wide_gemm_split_into_activation_blocks_is_ggmls(pulled, name):
     rng = np.random.default_rng(11)
     x = (rng.standard_normal((batch, k)) * rng.gamma(0.5, 20, (batch, k))).astype(F32)
     out = np.zeros((batch, m), F32)
-    ggml_exact.gemm(out, x, np.zeros((batch, k), np.int8), np.zeros((batch, k // 16), F32), t.data, qtype, m, k)
+    ggml_exact.gemm(out, x, np.zeros((batch, k), np.int8), np.zeros((batch, k // 16), F32), t.data, qtype, m, k,
+                    ggml_exact.batch_kinds(batch))
     w = np.asarray(t.data)
     for i in (0, 7, 8, 99, 100, 103, 104, 111, 195, 199, 200, 202):
         if qtype == ggml_exact.Q4_K:
@@ -406,7 +409,8 @@ def test_attention_lanes_follow_the_batch_size(batch):
     positions = np.arange(n - batch, n)
     q = (rng.standard_normal((batch, H * D)) * 3).astype(F32)
     out = np.zeros_like(q)
-    ops.attention(out, q, k_cache, v_cache, layer, np.ones(batch, np.int64), positions, H, Hk, D, F32(0.125), 0)
+    ops.attention(out, q, k_cache, v_cache, layer, np.ones(batch, np.int64), positions, ggml_exact.batch_kinds(batch),
+                  H, Hk, D, F32(0.125), 0)
     lanes = 32 if batch == 1 else 8
     for b, p in enumerate(positions):
         for h in range(H):

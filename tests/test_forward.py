@@ -114,7 +114,7 @@ def test_inconsistent_shapes_are_a_format_error(tiny_gguf):
 
 # llama.cpp's bar for mul_mat (test-backend-ops). The models' activations are large enough that one flipped
 # rounding decision in one 8-bit activation block moves the logits by ~5e-3, so meeting it takes llama.cpp's
-# arithmetic operation for operation (quant/ggml_exact.py, runtime/ops.py); an exact float64 forward misses it.
+# arithmetic operation for operation (quant/ggml_exact.py, models/ops.py); an exact float64 forward misses it.
 LOGITS_NMSE = 5e-4
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 import nibble
-from nibble.models.catalog import CATALOG, CatalogEntry, Part
+from nibble.runtime.catalog import CATALOG, CatalogEntry, Part
 from nibble.runtime import store
 
 REPO = Path(nibble.__file__).resolve().parent

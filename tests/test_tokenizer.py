@@ -16,6 +16,7 @@ from hypothesis import event, given, settings, strategies as st
 
 from nibble.errors import ModelFormatError, TokenizerError
 from nibble.formats import spm
+from nibble.runtime import store
 from nibble.formats.gguf import GGUFFile
 from nibble.formats.tokenizer import IncrementalDecoder, Tokenizer
 
@@ -36,7 +37,7 @@ def tokenizer_of(pulled):
 
     def get(name: str) -> Tokenizer:
         if name not in cache:
-            cache[name] = Tokenizer.from_gguf(GGUFFile(pulled(name)))
+            cache[name] = Tokenizer.from_gguf(GGUFFile(pulled(name)), cache_dir=store.cache_dir())
         return cache[name]
     return get
 
@@ -285,14 +286,14 @@ def _cache_files(home):
 
 def test_spm_cache_is_written_then_used(tmp_store, pulled, monkeypatch):
     path = pulled("gemma3-270m")
-    cold = Tokenizer.from_gguf(GGUFFile(path))
+    cold = Tokenizer.from_gguf(GGUFFile(path), cache_dir=tmp_store.parent / "cache")
     files = _cache_files(tmp_store.parent)
     assert len(files) == 1
 
     def no_build(*args, **kwargs):
         raise AssertionError("the cached model should have been used")
     monkeypatch.setattr(spm, "model_proto", no_build)
-    warm = Tokenizer.from_gguf(GGUFFile(path))
+    warm = Tokenizer.from_gguf(GGUFFile(path), cache_dir=tmp_store.parent / "cache")
     text = "Hello world <start_of_turn> 日本語"
     assert warm.encode(text, parse_special=True) == cold.encode(text, parse_special=True)
 
@@ -300,14 +301,14 @@ def test_spm_cache_is_written_then_used(tmp_store, pulled, monkeypatch):
 @pytest.mark.parametrize("damage", ["truncate", "flip", "garbage", "empty"])
 def test_corrupt_spm_cache_is_rebuilt(tmp_store, pulled, ref, damage):
     path = pulled("gemma3-270m")
-    Tokenizer.from_gguf(GGUFFile(path))
+    Tokenizer.from_gguf(GGUFFile(path), cache_dir=tmp_store.parent / "cache")
     [entry] = _cache_files(tmp_store.parent)
     blob = entry.read_bytes()
     entry.write_bytes({"truncate": blob[:len(blob) // 2],
                        "flip": blob[:-100] + bytes([blob[-100] ^ 0x40]) + blob[-99:],
                        "garbage": b"not a model" * 100,
                        "empty": b""}[damage])
-    tok = Tokenizer.from_gguf(GGUFFile(path))
+    tok = Tokenizer.from_gguf(GGUFFile(path), cache_dir=tmp_store.parent / "cache")
     for case in ref("gemma3-270m", "tokens_visible.json"):
         assert tok.encode(case["text"], add_special=False) == case["ids"]
     assert entry.read_bytes() == blob   # rewritten whole
@@ -316,8 +317,7 @@ def test_corrupt_spm_cache_is_rebuilt(tmp_store, pulled, ref, damage):
 def test_unwritable_cache_dir_is_not_an_error(tmp_path, monkeypatch, pulled):
     blocker = tmp_path / "home"
     blocker.write_text("a file where the cache folder would go")
-    monkeypatch.setenv("NIBBLE_HOME", str(blocker))
-    tok = Tokenizer.from_gguf(GGUFFile(pulled("gemma3-270m")))
+    tok = Tokenizer.from_gguf(GGUFFile(pulled("gemma3-270m")), cache_dir=blocker / "cache")
     assert tok.encode("Hello", add_special=False) == [9259]
 
 
@@ -359,7 +359,7 @@ def spm_kv(**extra):
 
 
 def test_spm_space_prefix_follows_llama_cpp(tmp_path):
-    tok = Tokenizer.from_gguf(write_gguf(tmp_path / "spm.gguf", spm_kv()), use_cache=False)
+    tok = Tokenizer.from_gguf(write_gguf(tmp_path / "spm.gguf", spm_kv()))
     ab, a = tok.vocab.token_to_id["\u2581ab"], tok.vocab.token_to_id["\u2581a"]
     assert tok.add_bos and tok.add_space_prefix   # llama.cpp's defaults for an SPM file that says nothing
     assert tok.encode("ab") == [1, ab]
@@ -371,7 +371,7 @@ def test_spm_space_prefix_follows_llama_cpp(tmp_path):
     assert tok.encode("\u00e9", add_special=False) == [space, 3 + 0xC3, 3 + 0xA9]   # byte fallback
     off = Tokenizer.from_gguf(write_gguf(tmp_path / "off.gguf",
                                          spm_kv(**{"tokenizer.ggml.add_space_prefix": False,
-                                                   "tokenizer.ggml.add_bos_token": False})), use_cache=False)
+                                                   "tokenizer.ggml.add_bos_token": False})))
     assert off.encode("ab") == [tok.vocab.token_to_id["ab"]]
 
 
@@ -433,7 +433,7 @@ def _without(kv, key):
 ])
 def test_malformed_tokenizer_metadata_raises_model_format_error(tmp_path, kv, typed, message):
     with pytest.raises(ModelFormatError, match=message):
-        Tokenizer.from_gguf(write_gguf(tmp_path / "bad.gguf", kv, typed), use_cache=False)
+        Tokenizer.from_gguf(write_gguf(tmp_path / "bad.gguf", kv, typed))
 
 
 # ---- the CLI ----
@@ -501,7 +501,7 @@ def test_arbitrary_tokenizer_metadata_raises_only_nibble_errors(data, tmp_path_f
             del kv[key]
     path = tmp_path_factory.mktemp("fuzz") / "t.gguf"
     try:
-        tok = Tokenizer.from_gguf(write_gguf(path, kv), use_cache=False)
+        tok = Tokenizer.from_gguf(write_gguf(path, kv))
     except NibbleError as e:
         event(type(e).__name__)
         return

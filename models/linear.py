@@ -16,7 +16,7 @@ import numpy as np
 from ..errors import ModelFormatError
 from ..formats.gguf import GGUFFile, TensorInfo
 from .. import quant
-from ..quant import ggml_exact, kernels
+from ..quant import kernels
 
 # our name -> GGUF name ("{}" is the block index)
 TENSOR_NAMES = {
@@ -102,17 +102,13 @@ class Scratch:
         self.xs = np.zeros(max_batch * max_k // 16, dtype=np.float32)
 
 
-def linear(out: np.ndarray, x: np.ndarray, w: Linear, scratch: Scratch) -> None:
-    """out (B, m) = x (B, k) @ W.T, through the fused quantized kernels; allocates nothing. Q4_1 and Q8_0 go to
-    `quant.ggml_exact`, which computes each output bit for bit as llama.cpp does; other types to
-    `quant.kernels`."""
+def linear(out: np.ndarray, x: np.ndarray, w: Linear, scratch: Scratch, kinds: np.ndarray | None = None) -> None:
+    """out (B, m) = x (B, k) @ W.T through `quant.multiply`, the dispatch that `nibble.quant.matmul` and the
+    kernel benchmark use too; allocates nothing. `kinds` (int8 per row): the arithmetic each row gets where
+    llama.cpp's depends on the batch (`quant.ggml_exact.batch_kinds`); None: one batch of B rows."""
     B, k = x.shape
-    mod = ggml_exact if w.qtype in ggml_exact.EXACT_TYPES else kernels
-    if B == 1:
-        mod.matvec(out[0], x[0], scratch.xq[:k], scratch.xs[:k // 16], w.data, w.qtype, w.m, k)
-    else:
-        mod.gemm(out, x, scratch.xq[:B * k].reshape(B, k), scratch.xs[:B * k // 16].reshape(B, k // 16),
-                 w.data, w.qtype, w.m, k)
+    quant.multiply(out, x, scratch.xq[:B * k].reshape(B, k), scratch.xs[:B * k // 16].reshape(B, k // 16),
+                   w.data, w.qtype, w.m, k, kinds)
 
 
 def embed(out: np.ndarray, tokens: np.ndarray, w: Linear) -> None:

@@ -20,10 +20,9 @@ import math
 import numpy as np
 from numba import prange
 
-from ..quant.ggml_exact import (fma1, fma8, hsum8, hsum8_hadd, round_f16,
-                                v_expf)
+from ..quant.ggml_exact import ROW_BATCHED
 from ..quant.jit import exact_kernel, exact_parallel_kernel, kernel
-from ..quant.simd import load_f32x8, splat, store_f32x8, zeros
+from ..quant.simd import fma1, fma8, hsum8, hsum8_hadd, load_f32x8, round_f16, splat, store_f32x8, v_expf, zeros
 
 f32 = np.float32
 
@@ -145,7 +144,7 @@ def _kq(k, kb, q16, head_dim, lanes32):
 
 
 @exact_parallel_kernel
-def attention(out, q, k_cache, v_cache, layer, slots, positions, n_head, n_head_kv, head_dim, scale, window):
+def attention(out, q, k_cache, v_cache, layer, slots, positions, kinds, n_head, n_head_kv, head_dim, scale, window):
     """Causal multi-head attention with grouped K/V heads, for rows q (B, n_head*head_dim) -> out (same).
     Row b (slot s, position p) attends to cached positions j <= p of slot s, and with a sliding window
     (window > 0) only to p - j < window (llama.cpp's standard SWA mask).
@@ -153,11 +152,10 @@ def attention(out, q, k_cache, v_cache, layer, slots, positions, n_head, n_head_
     As llama.cpp without flash attention: q rounded to fp16; kq[j] = K[j]·q16 (lanes above), times scale;
     softmax as ggml_compute_forward_soft_max_f32: e = ggml_v_expf(w - max), the denominator a double sum of
     each 8-cell group's hsum_float_8, p = e * (float)(1.0 / sum) rounded to fp16; out = Σ_j p16[j] V[j]
-    (lanes above). One task per (row, head), each with a small score buffer."""
+    (lanes above), with 8 lanes for a row of kind ROW_BATCHED (a batch of 2 or more) and 32 for a row of a
+    single-row batch. One task per (row, head), each with a small score buffer."""
     B = q.shape[0]
     group = n_head // n_head_kv
-    lanes32 = B == 1
-    n_lanes = 32 if lanes32 else 8
     cell = n_head_kv * head_dim                 # flat distance from one cached position to the next
     layer_size = k_cache.shape[2] * cell
     kf = k_cache.reshape(-1)
@@ -167,6 +165,8 @@ def attention(out, q, k_cache, v_cache, layer, slots, positions, n_head, n_head_
     for bh in prange(B * n_head):
         b = bh // n_head
         h = bh % n_head
+        lanes32 = not (kinds[b] & ROW_BATCHED)
+        n_lanes = 32 if lanes32 else 8
         s, p = slots[b], positions[b]
         o = h * head_dim
         j0 = 0

@@ -23,6 +23,7 @@ keeps that setting per calling thread, so call it from the thread that runs the 
 from __future__ import annotations
 
 import hashlib
+import threading
 import os
 from pathlib import Path
 
@@ -129,3 +130,8 @@ def apply_threads() -> None:
     thread that never called `set_threads` still gets the configured count)."""
     if numba.get_num_threads() != _threads:
         numba.set_num_threads(_threads)
+
+
+# Numba's workqueue threading layer aborts the process when two threads enter parallel kernels at once:
+# whatever runs kernels (a model's engine thread, the public nibble.quant functions) holds this lock.
+KERNEL_LOCK = threading.RLock()

@@ -3,9 +3,15 @@
 The KV cache is allocated once, shaped (slots, layers, n_ctx, n_head_kv, head_dim). It holds fp16-rounded
 values, as llama.cpp's F16 cache does (so the attention arithmetic is llama.cpp's), stored as float32 so the
 attention loop pays no conversion (Numba has no fast f16 arithmetic); the models nibble targets are small:
-SmolLM2 at n_ctx 4096 needs 180 MiB. Halving it with real f16 storage is a later option. Slot 0 serves the
-library and the CLI; a server decodes several slots together, each row of a batch carrying its own
-(slot, position).
+SmolLM2 at n_ctx 4096 needs 180 MiB. Halving it with real f16 storage is a later option.
+
+Batches and kinds. Every row of a forward carries its own (slot, position) and its *kind*
+(`quant.ggml_exact.batch_kinds`): which of llama.cpp's kernel variants computes it, the one thing through which
+llama.cpp's bits depend on the batch. A prompt's rows get the kinds a one-call evaluation of that prompt
+gives them (`fresh_kinds`: batches of up to `max_batch` rows, llama.cpp's n_ubatch), a decode row the
+single-row kind; so one `forward_rows` can mix rows of several requests (a server's step, a verification of
+draft tokens) and each row's bits are what it would get alone. Each cached cell remembers its kind
+(`cell_kinds`): a cached prefix is reused only where its cells are what a fresh evaluation would compute.
 """
 
 from __future__ import annotations
@@ -18,11 +24,12 @@ import numpy as np
 from ..errors import ContextOverflowError, NibbleError, OutOfMemoryError
 from ..formats.gguf import GGUFFile
 from ..models.linear import linear
-from ..quant.ggml_exact import batch_kinds_into
+from ..quant import ggml_exact
 
 DEFAULT_MAX_CTX = 4096
 MAX_BATCH = 512          # prefill chunk (llama.cpp's default n_ubatch)
 LOGIT_ROWS = 64          # rows of logits computed at once when every position's logits are wanted
+KV_DTYPE_BYTES = 4       # the KV cache is float32 holding f16-rounded values (Numba has no fast f16 arithmetic)
 
 
 def available_memory() -> int:
@@ -52,50 +59,66 @@ class Engine:
             n_ctx = min(args.context_length, DEFAULT_MAX_CTX)
         if n_ctx <= 0:
             raise NibbleError(f"n_ctx must be positive, got {n_ctx}")
+        if n_slots <= 0:
+            raise NibbleError(f"the number of KV slots (parallel sequences) must be positive, got {n_slots}")
         if n_ctx > args.context_length:
             raise ContextOverflowError(n_ctx, args.context_length,
                                        f"n_ctx {n_ctx} is larger than the model's context length "
                                        f"{args.context_length}")
         self.n_ctx, self.n_slots = n_ctx, n_slots
         self.max_batch = max_batch = min(max_batch, n_ctx)
+        # a step holds one prompt chunk and a decode row (or a few draft rows) per slot
+        self.max_rows = max_batch + 16 * n_slots
         self._plan_memory(gguf)
         self.weights = arch.load_weights(gguf, args)
         self.model_bytes = sum(t.nbytes for t in gguf.tensors.values())
         # bytes a decode step reads: every weight once, except an untied embedding table (one row of it)
         w = self.weights
         self.weight_bytes = self.model_bytes - (w.token_embd.data.nbytes if w.output is not w.token_embd else 0)
-        self.state = arch.RunState(args, max_batch)
+        # the kind bits that can change this model's values (Q4_K groups and Q6_K tiles only matter where the
+        # layers have such matrices), so that cells are not refused for a difference that changes nothing
+        layer_types = {int(t.qtype) for name, t in gguf.tensors.items() if name.startswith("blk.")}
+        self.kind_mask = np.int8(ggml_exact.ROW_BATCHED
+                                 | (ggml_exact.ROW_GROUP4 if ggml_exact.Q4_K in layer_types else 0)
+                                 | (ggml_exact.ROW_TILED if ggml_exact.Q6_K in layer_types else 0))
+        self.state = arch.RunState(args, self.max_rows)
         kv_shape = (n_slots, args.n_layers, n_ctx, args.n_head_kv, args.head_dim)
         self.k_cache = np.zeros(kv_shape, np.float32)
         self.v_cache = np.zeros(kv_shape, np.float32)
         self.tokens: list[list[int]] = [[] for _ in range(n_slots)]
-        self.logits_buf = np.zeros((LOGIT_ROWS, args.n_vocab), np.float32)
-        self._tok = np.zeros(max_batch, np.int64)
-        self._pos = np.zeros(max_batch, np.int64)
-        self._slot = np.zeros(max_batch, np.int64)
-        self._kinds = np.zeros(max_batch, np.int8)
-        self._outputs = np.arange(max_batch, dtype=np.int64)
+        self.cell_kinds: list[list[int]] = [[] for _ in range(n_slots)]
+        self.logits_buf = np.zeros((max(LOGIT_ROWS, 16 * n_slots), args.n_vocab), np.float32)
+        rows = self.max_rows
+        self._tok = np.zeros(rows, np.int64)
+        self._pos = np.zeros(rows, np.int64)
+        self._slot = np.zeros(rows, np.int64)
+        self._kinds = np.zeros(rows, np.int8)
+        self._outputs = np.zeros(rows, np.int64)
+        self._single = np.zeros(rows, np.int8)     # the output projection: every row as a single-row batch
 
-    def kv_bytes(self, n_ctx: int) -> int:
-        a = self.args
-        return 2 * self.n_slots * a.n_layers * n_ctx * a.n_head_kv * a.head_dim * 4
+    @staticmethod
+    def kv_bytes(args, n_ctx: int, n_slots: int = 1) -> int:
+        """Bytes of the K and V caches for n_slots sequences of n_ctx tokens: the one KV-size formula."""
+        return 2 * n_slots * args.n_layers * n_ctx * args.n_head_kv * args.head_dim * KV_DTYPE_BYTES
 
     def _plan_memory(self, gguf: GGUFFile) -> None:
         """Weights (mmap'd, but resident once touched) + KV cache + activations must fit, or we refuse."""
         a = self.args
         widest = max(a.n_embd, a.q_dim, a.n_ff, a.kv_dim)
-        scratch = self.max_batch * (6 * widest + 2 * a.n_ff) * 4 + LOGIT_ROWS * a.n_vocab * 4
+        scratch = self.max_rows * (6 * widest + 2 * a.n_ff) * 4 + LOGIT_ROWS * a.n_vocab * 4
         fixed = gguf.file_size + scratch
-        required = fixed + self.kv_bytes(self.n_ctx)
+        kv = self.kv_bytes(a, self.n_ctx, self.n_slots)
+        required = fixed + kv
         available = available_memory()
         if required > available:
-            per_token = self.kv_bytes(1)
+            per_token = self.kv_bytes(a, 1, self.n_slots)
             fits = (available - fixed) // per_token if available > fixed else 0
             hint = (f"n_ctx={int(fits)} would fit" if fits >= 1 else "the weights alone do not fit")
+            slots = f" x {self.n_slots} slots" if self.n_slots > 1 else ""
             raise OutOfMemoryError(required, available,
-                                   f"{gguf.name} with n_ctx={self.n_ctx} needs {required / 2**20:.0f} MiB "
+                                   f"{gguf.name} with n_ctx={self.n_ctx}{slots} needs {required / 2**20:.0f} MiB "
                                    f"(weights {gguf.file_size / 2**20:.0f} MiB, KV cache "
-                                   f"{self.kv_bytes(self.n_ctx) / 2**20:.0f} MiB, buffers "
+                                   f"{kv / 2**20:.0f} MiB, buffers "
                                    f"{scratch / 2**20:.0f} MiB) but {available / 2**20:.0f} MiB is available; "
                                    f"{hint}")
 
@@ -107,56 +130,99 @@ class Engine:
     def truncate(self, n: int, slot: int = 0) -> None:
         """Keep the first n cached tokens of a slot (what is past them is simply overwritten later)."""
         del self.tokens[slot][max(n, 0):]
+        del self.cell_kinds[slot][max(n, 0):]
 
     def reset(self, slot: int = 0) -> None:
-        self.tokens[slot].clear()
+        self.truncate(0, slot)
+
+    def fresh_kinds(self, n: int) -> np.ndarray:
+        """The kinds of the rows of an n-token prompt evaluated in one call from its first token: batches of
+        max_batch rows (llama.cpp's n_ubatch), each with its batch's kinds; masked to this model's bits."""
+        kinds = np.empty(n, np.int8)
+        for c in range(0, n, self.max_batch):
+            ggml_exact.batch_kinds_into(kinds[c:c + self.max_batch], min(self.max_batch, n - c))
+        return kinds & self.kind_mask
+
+    def reusable(self, slot: int, ids, kinds: np.ndarray) -> int:
+        """How many of the slot's cached cells a request for `ids` with row kinds `kinds` can keep: the
+        longest prefix whose tokens and kinds both match (a cell of another kind holds other bits)."""
+        cached, cached_kinds = self.tokens[slot], self.cell_kinds[slot]
+        n = min(len(cached), len(ids))
+        i = 0
+        while i < n and cached[i] == ids[i] and cached_kinds[i] == kinds[i]:
+            i += 1
+        return i
 
     # ---- evaluation ----
 
-    def _check_fits(self, n_new: int, slot: int) -> None:
-        total = self.n_past(slot) + n_new
-        if total > self.n_ctx:
-            raise ContextOverflowError(total, self.n_ctx)
-
-    def _run(self, ids: np.ndarray, slot: int, n_out: int) -> np.ndarray:
-        """One forward over a chunk (len <= max_batch) appended to `slot`; returns the final hidden states of
-        the last n_out rows."""
-        B, p0 = len(ids), self.n_past(slot)
-        tok, pos, slots = self._tok[:B], self._pos[:B], self._slot[:B]
-        tok[:] = ids
-        pos[:] = np.arange(p0, p0 + B) if B > 1 else p0
-        slots[:] = slot
-        kinds = self._kinds[:B]
-        batch_kinds_into(kinds, B)
+    def forward_rows(self, work: list[tuple[int, np.ndarray, np.ndarray, bool]]) -> np.ndarray:
+        """One forward over the rows of several sequences: `work` is a list of (slot, ids, kinds, logits),
+        each appending `ids` (with row kinds `kinds`) after the slot's cached tokens. Returns the logits of the
+        last row of every item with `logits` true, in order, (n_out, n_vocab): a buffer the next call reuses.
+        The caller keeps the rows within max_rows and every slot within n_ctx."""
+        B = sum(len(ids) for _, ids, _, _ in work)
+        if B > self.max_rows:
+            raise NibbleError(f"a step of {B} rows is more than the {self.max_rows} this engine holds")
+        tok, pos, slots, kinds, outputs = (self._tok[:B], self._pos[:B], self._slot[:B], self._kinds[:B],
+                                           self._outputs)
+        b = n_out = 0
+        for slot, ids, row_kinds, want in work:
+            n, p0 = len(ids), self.n_past(slot)
+            if p0 + n > self.n_ctx:
+                raise ContextOverflowError(p0 + n, self.n_ctx)
+            tok[b:b + n] = ids
+            pos[b:b + n] = np.arange(p0, p0 + n)
+            slots[b:b + n] = slot
+            kinds[b:b + n] = row_kinds
+            if want:
+                outputs[n_out] = b + n - 1
+                n_out += 1
+            b += n
         hidden = self.arch.forward(self.args, self.weights, self.state, self.k_cache, self.v_cache,
-                                   tok, slots, pos, kinds, self._outputs[B - n_out:B])
-        self.tokens[slot].extend(int(t) for t in ids)
-        return hidden
+                                   tok, slots, pos, kinds, outputs[:n_out])
+        for slot, ids, row_kinds, _ in work:
+            self.tokens[slot].extend(int(t) for t in ids)
+            self.cell_kinds[slot].extend(int(k) for k in row_kinds)
+        out = self.logits_buf[:n_out]
+        if n_out:
+            linear(out, hidden, self.weights.output, self.state.scratch, self._single[:n_out])
+        return out
 
-    def eval(self, ids, slot: int = 0) -> np.ndarray:
-        """Append ids to the slot's cache (chunked prefill) and return the last position's logits (n_vocab,),
-        a buffer reused by the next call."""
+    def eval(self, ids, slot: int = 0, kinds: np.ndarray | None = None) -> np.ndarray:
+        """Append ids to the slot's cache and return the last position's logits (n_vocab,), a buffer reused by
+        the next call. The rows get `kinds` (default: `fresh_kinds`, one llama_decode of ids per max_batch
+        chunk)."""
         ids = self._as_ids(ids)
         if len(ids) == 0:
             raise NibbleError("eval needs at least one token")
         self._check_fits(len(ids), slot)
+        kinds = self.fresh_kinds(len(ids)) if kinds is None else kinds
         for c in range(0, len(ids), self.max_batch):
-            hidden = self._run(ids[c:c + self.max_batch], slot, 1)
-        out = self.logits_buf[:1]
-        linear(out, hidden, self.weights.output, self.state.scratch)
+            last = c + self.max_batch >= len(ids)
+            out = self.forward_rows([(slot, ids[c:c + self.max_batch], kinds[c:c + self.max_batch], last)])
         return out[0]
 
     def eval_all(self, ids, slot: int = 0, first: int = 0, consume=None) -> np.ndarray | None:
         """Append ids and produce the logits of positions first..len(ids)-1 of this call: returned as one
         (len - first, n_vocab) array, or, with `consume(index, logits_block)`, handed over LOGIT_ROWS rows at a
-        time in a reused buffer (so a long perplexity run never holds every position's logits)."""
+        time in a reused buffer (so a long perplexity run never holds every position's logits). The logits
+        rows are projected as llama.cpp's output layer projects a batch of them (n_outputs rows at once)."""
         ids = self._as_ids(ids)
         self._check_fits(len(ids), slot)
         result = None if consume else np.empty((max(len(ids) - first, 0), self.args.n_vocab), np.float32)
+        kinds = self.fresh_kinds(len(ids))
         for c in range(0, len(ids), self.max_batch):
             chunk = ids[c:c + self.max_batch]
             lo = max(first - c, 0)                  # rows of this chunk whose logits are wanted
-            hidden = self._run(chunk, slot, len(chunk) - lo if lo < len(chunk) else 1)
+            B, p0 = len(chunk), self.n_past(slot)
+            self._tok[:B], self._pos[:B], self._slot[:B] = chunk, np.arange(p0, p0 + B), slot
+            self._kinds[:B] = kinds[c:c + B]
+            outputs = self._outputs[:max(B - lo, 1)]
+            outputs[:] = np.arange(B - len(outputs), B)
+            hidden = self.arch.forward(self.args, self.weights, self.state, self.k_cache, self.v_cache,
+                                       self._tok[:B], self._slot[:B], self._pos[:B], self._kinds[:B], outputs)
+            self.tokens[slot].extend(int(t) for t in chunk)
+            self.cell_kinds[slot].extend(int(k) for k in kinds[c:c + B])
             if lo >= len(chunk):
                 continue
             for r in range(0, len(hidden), LOGIT_ROWS):
@@ -167,6 +233,11 @@ class Engine:
                 if consume:
                     consume(index, dst)
         return result
+
+    def _check_fits(self, n_new: int, slot: int) -> None:
+        total = self.n_past(slot) + n_new
+        if total > self.n_ctx:
+            raise ContextOverflowError(total, self.n_ctx)
 
     def _as_ids(self, ids) -> np.ndarray:
         arr = np.asarray(ids, dtype=np.int64).reshape(-1)

@@ -5,9 +5,10 @@
         print(piece, end="")
     stream.finish_reason, stream.usage, stream.timings
 
-The loop is a handful of small steps (gpt-fast's shape): `prefill` evaluates the prompt, reusing whatever
-prefix of it the slot's KV cache already holds; then, per token, the sampler picks from the logits, the
-incremental decoder turns the id into text, `StopMatcher` holds back anything that may be the start of a
+The loop is a handful of small steps (gpt-fast's shape), split between the model's engine thread
+(`runtime/scheduler.py`, which evaluates the prompt, reusing what a KV slot already holds of it, and then
+each token, in batches with other requests) and `Generation.advance`: per token, the sampler picks from the
+logits, the incremental decoder turns the id into text, `StopMatcher` holds back anything that may be the start of a
 stop string, and the token is evaluated to get the next logits. Generation ends at an end-of-generation
 token (`stop`), a user stop string (`stop`, the string itself never emitted), `max_tokens` or a full context
 (`length`), or when `cancel` is set or the consumer stops iterating (`cancelled`).
@@ -21,10 +22,11 @@ whose prompt starts with these tokens prefills only the rest.
 
 from __future__ import annotations
 
+import queue
 import threading
 import time
 from dataclasses import asdict, dataclass
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -84,24 +86,6 @@ def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     return int(diff[0]) if len(diff) else n
 
 
-def prefill(model, ids: Sequence[int], slot: int = 0, reuse: bool = True) -> tuple[np.ndarray, int]:
-    """Bring the slot's KV cache to exactly `ids` and return (logits after the last id, tokens reused).
-
-    With `reuse`, the longest common prefix of `ids` and the cached tokens is kept; the cache is rolled back
-    to it and only the rest is evaluated. When the cache already holds all of `ids`, the last one is
-    evaluated again because its logits are needed. Without `reuse` the cache is emptied first. Raises
-    ContextOverflowError, with the cache untouched, if `ids` does not fit in the context."""
-    if len(ids) == 0:
-        raise ValueError("the prompt is empty: give at least one token")
-    if len(ids) > model.n_ctx:
-        raise ContextOverflowError(len(ids), model.n_ctx)
-    n_keep = min(common_prefix(model.cached_tokens(slot), ids), len(ids) - 1) if reuse else 0
-    if model.n_past(slot) != n_keep:
-        model.truncate(n_keep, slot)
-    logits = model.eval(list(ids[n_keep:]), slot)
-    return logits, n_keep
-
-
 class StopMatcher:
     """Streams text through, holding back any tail that could be the start of a stop string, so that no
     part of a stop string is ever emitted even when it arrives split across tokens."""
@@ -136,109 +120,101 @@ class StopMatcher:
         return held
 
 
-class Stream:
-    """An iterator of text pieces with `.finish_reason`, `.usage`, `.timings`, `.tokens` and `.text`
-    (what has been emitted) once iteration ends. Iterate it once; `close()` (or breaking out of a for loop
-    and dropping it) ends generation with finish reason `cancelled`."""
+class Generation:
+    """One request's side of the decode loop, driven by the engine thread (`runtime/scheduler.py`): given
+    the logits after its last token, `advance` samples the next one, turns it into text, holds back what may
+    be a stop string and decides whether generation goes on. Pieces of text go to `out` for the consumer
+    (`Stream`), each with the number of tokens generated so far; None ends the stream."""
+
+    LOOKAHEAD = 2    # tokens generated ahead of the consumer: a Ctrl-C stops within a token of the screen
 
     def __init__(self, model, prompt_ids: list[int], sampler: Sampler, *, max_tokens: int | None,
-                 stop: Sequence[str], cancel: threading.Event | None, slot: int, cache_prompt: bool,
-                 t_start: float, on_finish: Callable[["Stream"], None] | None = None):
-        self.model = model
+                 stop: Sequence[str], cache_prompt: bool, t_start: float):
+        from ..formats.tokenizer import IncrementalDecoder
         self.prompt_ids = prompt_ids
         self.sampler = sampler
         self.max_tokens = max_tokens
-        self.stop = tuple(stop)
-        self.cancel = cancel
-        self.slot = slot
         self.cache_prompt = cache_prompt
-        self.finish_reason: str | None = None
+        self.eog = model.tokenizer.eog_ids
+        self.decoder = IncrementalDecoder(model.tokenizer)
+        self.matcher = StopMatcher(stop)
+        self.context = list(prompt_ids)          # the penalty window's source
         self.tokens: list[int] = []
-        self.text = ""
+        self.finish_reason: str | None = None
+        self.error: BaseException | None = None
         self.usage = Usage(len(prompt_ids), 0, 0)
         self.timings: Timings | None = None
+        self.slot = -1
+        self.out: queue.SimpleQueue = queue.SimpleQueue()
+        self.consumed = 0                        # pieces the consumer has taken (the scheduler's backpressure)
+        self.emitted = 0
+        self._matched = False                    # ended by a stop string: nothing held back is emitted
         self._t_start = t_start
-        self._on_finish = on_finish
         self._t_prompt = self._t_first = self._t_last = None
-        self._gen = self._run()
 
-    def __iter__(self) -> "Stream":
-        return self
+    # ---- called on the engine thread ----
 
-    def __next__(self) -> str:
-        return next(self._gen)
+    def started(self, slot: int, cached: int) -> None:
+        self.slot = slot
+        self.usage.cached_tokens = cached
 
-    def close(self) -> None:
-        self._gen.close()
+    def prompt_done(self) -> None:
+        self._t_prompt = time.perf_counter()
 
-    def __enter__(self) -> "Stream":
-        return self
+    def ready(self) -> bool:
+        """Whether the consumer has kept up enough for another token to be generated."""
+        return self.emitted - self.consumed < self.LOOKAHEAD
 
-    def __exit__(self, *exc) -> None:
-        self.close()
+    def advance(self, logits: np.ndarray, n_past: int, n_ctx: int) -> int | None:
+        """The logits after the last evaluated token -> the next token to evaluate, or None when finished
+        (finish_reason set). The context holds n_past of n_ctx tokens."""
+        if (self.max_tokens is not None and len(self.tokens) >= self.max_tokens) or n_past >= n_ctx:
+            self.finish_reason = "length"
+            return None
+        token = self.sampler.sample(logits, self.sampler.penalty_window(self.context))
+        self._t_last = time.perf_counter()
+        self._t_first = self._t_first or self._t_last
+        if token in self.eog:
+            self.finish_reason = "stop"
+            return None
+        self.tokens.append(token)
+        self.context.append(token)
+        self.usage.completion_tokens = len(self.tokens)
+        piece, matched = self.matcher.push(self.decoder.add(token))
+        self._emit(piece)
+        if matched:
+            self.finish_reason = "stop"
+            self._matched = True
+            return None
+        if self.max_tokens is not None and len(self.tokens) >= self.max_tokens:
+            self.finish_reason = "length"  # the last token need not be evaluated
+            return None
+        return token
 
-    def _cancelled(self) -> bool:
-        return self.cancel is not None and self.cancel.is_set()
+    def fail(self, error: BaseException) -> None:
+        self.error = error
 
-    def _run(self) -> Iterator[str]:
-        from ..formats.tokenizer import IncrementalDecoder
-
-        model, slot = self.model, self.slot
-        eog = model.tokenizer.eog_ids
-        decoder = IncrementalDecoder(model.tokenizer)
-        matcher = StopMatcher(self.stop)
-        context = list(self.prompt_ids)  # for the penalty window
-        try:
-            if self._cancelled():
-                self.finish_reason = "cancelled"
-                return
-            logits, self.usage.cached_tokens = prefill(model, self.prompt_ids, slot, self.cache_prompt)
-            self._t_prompt = time.perf_counter()
-            while True:
-                if self._cancelled():
-                    self.finish_reason = "cancelled"
-                    break
-                if (self.max_tokens is not None and len(self.tokens) >= self.max_tokens) \
-                        or model.n_past(slot) >= model.n_ctx:
-                    self.finish_reason = "length"
-                    break
-                token = self.sampler.sample(logits, self.sampler.penalty_window(context))
-                self._t_last = time.perf_counter()
-                self._t_first = self._t_first or self._t_last
-                if token in eog:
-                    self.finish_reason = "stop"
-                    break
-                self.tokens.append(token)
-                context.append(token)
-                self.usage.completion_tokens = len(self.tokens)
-                piece, matched = matcher.push(decoder.add(token))
-                if piece:
-                    self.text += piece
-                    yield piece
-                if matched:
-                    self.finish_reason = "stop"
-                    return
-                if self.max_tokens is not None and len(self.tokens) >= self.max_tokens:
-                    self.finish_reason = "length"  # the last token need not be evaluated
-                    break
-                logits = model.eval([token], slot)
-            # Not a stop string: whatever the decoder and the matcher still hold is part of the text.
-            piece, matched = matcher.push(decoder.flush())
+    def finished(self) -> None:
+        """The request left the engine: emit what the decoder and the stop matcher still hold (unless a stop
+        string matched), set the timings and end the stream."""
+        if self.finish_reason is None:
+            self.finish_reason = "cancelled"
+        if self.error is None and not self._matched:
+            piece, matched = self.matcher.push(self.decoder.flush())
             if matched:
                 self.finish_reason = "stop"
             else:
-                piece += matcher.flush()
-            if piece:
-                self.text += piece
-                yield piece
-        finally:
-            if self.finish_reason is None:
-                self.finish_reason = "cancelled"  # closed by the consumer, or an exception in the loop
-            self._finish()
-            if self._on_finish is not None:
-                self._on_finish(self)
+                piece += self.matcher.flush()
+            self._emit(piece)
+        self._set_timings()
+        self.out.put(None)
 
-    def _finish(self) -> None:
+    def _emit(self, piece: str) -> None:
+        if piece:
+            self.emitted += 1
+            self.out.put((piece, len(self.tokens)))
+
+    def _set_timings(self) -> None:
         now = time.perf_counter()
         t_prompt = self._t_prompt or now
         n = len(self.tokens)
@@ -254,6 +230,105 @@ class Stream:
             tokens_per_second=(n - 1) / decode_s if n > 1 and decode_s > 0 else None,
         )
 
+
+class Stream:
+    """An iterator of text pieces with `.finish_reason`, `.usage`, `.timings`, `.tokens` and `.text`
+    (what has been emitted) once iteration ends. The request is queued on the model's engine thread at
+    the first `next()`. Iterate it once; `close()` (or breaking out of a for loop and dropping it) ends
+    generation with finish reason `cancelled`, keeping in the KV cache the prompt and the tokens shown."""
+
+    def __init__(self, model, generation: Generation, cancel: threading.Event | None,
+                 on_finish: Callable[["Stream"], None] | None = None):
+        from .scheduler import Request
+        self.model = model
+        self.generation = generation
+        self.request = Request(generation.prompt_ids, generation, cancel)
+        self.text = ""
+        self.tokens: list[int] = []
+        self._on_finish = on_finish
+        self._submitted = self._ended = False
+
+    @property
+    def prompt_ids(self) -> list[int]:
+        return self.generation.prompt_ids
+
+    @property
+    def finish_reason(self) -> str | None:
+        return self.generation.finish_reason if self._ended else None
+
+    @property
+    def usage(self) -> Usage:
+        return self.generation.usage
+
+    @property
+    def timings(self) -> Timings | None:
+        return self.generation.timings if self._ended else None
+
+    @property
+    def slot(self) -> int:
+        return self.generation.slot
+
+    @property
+    def sampler(self) -> Sampler:
+        return self.generation.sampler
+
+    def __iter__(self) -> "Stream":
+        return self
+
+    def __next__(self) -> str:
+        if self._ended:
+            raise StopIteration
+        if not self._submitted:
+            self._submitted = True
+            self.model._submit(self)
+        item = self.generation.out.get()
+        if item is None:
+            self._end()
+            if self.generation.error is not None:
+                raise self.generation.error
+            raise StopIteration
+        piece, n_tokens = item
+        self.generation.consumed += 1
+        self.model._wake()
+        self.text += piece
+        self.tokens = self.generation.tokens[:n_tokens]
+        return piece
+
+    def _end(self) -> None:
+        self._ended = True
+        # what was shown is the stream's result: tokens sampled after the last piece taken are not
+        if self.generation.finish_reason == "cancelled":
+            self.generation.tokens[len(self.tokens):] = []
+            self.generation.usage.completion_tokens = len(self.tokens)
+        self.tokens = list(self.generation.tokens)
+        if self._on_finish is not None:
+            self._on_finish(self)
+
+    def close(self) -> None:
+        """Stop generating (finish reason `cancelled` unless it had already ended) and wait for the engine
+        to let go of the request."""
+        if self._ended:
+            return
+        if not self._submitted:
+            self._submitted = True
+            self.generation.finish_reason = "cancelled"
+            self.generation.finished()
+        self.request.cancel.set()
+        self.model._wake()
+        while self.generation.out.get() is not None:
+            pass
+        self._end()
+
+    def __enter__(self) -> "Stream":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self):
+        if self._submitted and not self._ended:
+            self.request.cancel.set()
+
     def completion(self) -> Completion:
         """Run to the end (if not already) and return the whole result."""
         for _ in self:
@@ -267,17 +342,18 @@ def stream(model, prompt: str | Sequence[int], *, max_tokens: int | None = None,
            top_k: int = 40, top_p: float = 0.95, min_p: float = 0.05, repeat_penalty: float = 1.0,
            repeat_last_n: int = 64, presence_penalty: float = 0.0, frequency_penalty: float = 0.0,
            logit_bias: dict[int, float] | None = None, seed: int | None = None, stop: Sequence[str] = (),
-           cancel: threading.Event | None = None, cache_prompt: bool = False, slot: int = 0) -> Stream:
+           cancel: threading.Event | None = None, cache_prompt: bool = False) -> Stream:
     """Generate from `prompt` (text, tokenized with the model's BOS rule, or token ids), streaming text.
 
     Sampling parameters and their defaults are llama.cpp's (see `runtime.sampling`); `temperature=0` is
     greedy; `seed` makes the draw reproducible; `stop` strings end generation and are not emitted;
     `cancel` (a threading.Event) ends it with finish reason `cancelled`. `max_tokens=None` generates until
     an end-of-generation token or a full context. Raises ContextOverflowError if the prompt alone does not
-    fit in `model.n_ctx`. The prompt is evaluated on the first `next()`: from an empty cache, or, with
-    `cache_prompt`, after the longest prefix of it that the slot's KV cache already holds (what sessions do;
-    the logits then come from different batch shapes, so a seed reproduces text only from the same cache
-    state)."""
+    fit in `model.n_ctx`. The prompt is evaluated on the first `next()`, on the model's engine thread, in a
+    batch with whatever else the model is generating: from an empty cache, or, with `cache_prompt`, after
+    the longest prefix of it that a KV slot already holds with the bits a fresh evaluation would give it.
+    Either way the tokens are those of a lone evaluation from an empty cache: a seed gives the same text
+    whatever else runs and whatever the cache held."""
     t_start = time.perf_counter()
     params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                             repeat_penalty=repeat_penalty, repeat_last_n=repeat_last_n,
@@ -293,8 +369,9 @@ def stream(model, prompt: str | Sequence[int], *, max_tokens: int | None = None,
     if len(ids) > model.n_ctx:
         raise ContextOverflowError(len(ids), model.n_ctx)
     sampler = Sampler(params, model.n_vocab)
-    return Stream(model, ids, sampler, max_tokens=max_tokens, stop=stop, cancel=cancel, slot=slot,
-                  cache_prompt=cache_prompt, t_start=t_start)
+    generation = Generation(model, ids, sampler, max_tokens=max_tokens, stop=stop, cache_prompt=cache_prompt,
+                            t_start=t_start)
+    return Stream(model, generation, cancel)
 
 
 def generate(model, prompt: str | Sequence[int], **kw) -> Completion:
@@ -315,14 +392,7 @@ def chat_template(model, override: str | None = None):
     from ..formats.chat import ChatTemplate
     if override is not None:
         return ChatTemplate.from_gguf(model.gguf, override=override)
-    cached = getattr(model, "_nibble_chat_template", None)
-    if cached is None:
-        cached = ChatTemplate.from_gguf(model.gguf)
-        try:
-            model._nibble_chat_template = cached
-        except AttributeError:
-            pass
-    return cached
+    return model.chat_template_object
 
 
 def chat_stream(model, messages: list[dict], *, template=None, **kw) -> Stream:

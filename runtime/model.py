@@ -16,8 +16,6 @@ from ..models import architecture
 from .catalog import CATALOG
 from . import store
 
-KV_DTYPE_BYTES = 4  # the KV cache is float32: exact against llama.cpp, and Numba has no fast f16 arithmetic
-
 
 def resolve(model: str | os.PathLike) -> tuple[Path, str]:
     """A catalogue name (pulled on first use) or a path to a .gguf file -> (path, display name)."""
@@ -33,17 +31,20 @@ def resolve(model: str | os.PathLike) -> tuple[Path, str]:
 
 
 def load(model: str | os.PathLike, *, n_ctx: int | None = None, threads: int | None = None,
-         vocab_only: bool = False) -> "Model":
-    """Open a model: a catalogue name (pulled on first use) or a path to a .gguf file."""
+         vocab_only: bool = False, parallel: int = 1) -> "Model":
+    """Open a model: a catalogue name (pulled on first use) or a path to a .gguf file. `parallel`: how many
+    sequences (KV slots of n_ctx tokens each) it generates at once; more requests queue."""
     path, name = resolve(model)
-    return Model(GGUFFile(path), name=name, n_ctx=n_ctx, threads=threads, vocab_only=vocab_only)
+    return Model(GGUFFile(path), name=name, n_ctx=n_ctx, threads=threads, vocab_only=vocab_only,
+                 parallel=parallel)
 
 
 class Model:
-    """A loaded GGUF model."""
+    """A loaded GGUF model. Safe to share between threads: every evaluation runs on the model's own engine
+    thread (`runtime/scheduler.py`), which batches concurrent generations. `close()` (or `with`) stops it."""
 
     def __init__(self, gguf: GGUFFile, *, name: str, n_ctx: int | None = None, threads: int | None = None,
-                 vocab_only: bool = False):
+                 vocab_only: bool = False, parallel: int = 1):
         self.gguf = gguf
         self.name = name
         self.path = gguf.path
@@ -59,15 +60,40 @@ class Model:
         if n_tokens != self.args.n_vocab:
             raise ModelFormatError(f"{gguf.name}: the tokenizer has {n_tokens} tokens but the model's vocabulary "
                                    f"is {self.args.n_vocab}")
-        self.engine = None
+        self.engine = self.scheduler = None
         if not vocab_only:
-            from ..quant.jit import set_threads
             from .engine import Engine
-            if threads is not None:
-                set_threads(threads)
-            self.engine = Engine(gguf, self.arch, n_ctx=n_ctx)
+            from .scheduler import Scheduler
+            self.engine = Engine(gguf, self.arch, n_ctx=n_ctx, n_slots=parallel)
+            self.scheduler = Scheduler(self.engine, threads=threads)
 
-    # ---- evaluation (runtime/engine.py); slot 0 unless a server says otherwise ----
+    def close(self) -> None:
+        """Stop the engine thread (cancelling what it runs); the model can no longer evaluate."""
+        if self.scheduler is not None:
+            self.scheduler.close()
+
+    def __enter__(self) -> "Model":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # ---- evaluation (runtime/engine.py), always on the engine thread; slot 0 unless said otherwise ----
+
+    def _call(self, fn):
+        self._engine()
+        return self.scheduler.call(fn)
+
+    def _submit(self, stream) -> None:
+        self._engine()
+        self.scheduler.submit(stream.request)
+
+    def _wake(self) -> None:
+        self.scheduler.wake()
+
+    @property
+    def parallel(self) -> int:
+        return self._engine().n_slots
 
     def _engine(self):
         if self.engine is None:
@@ -92,48 +118,52 @@ class Model:
         """Append ids after the slot's cached tokens (chunked prefill); return the last position's logits
         (n_vocab,) float32, a buffer the next call reuses. ContextOverflowError before touching the cache if
         they do not fit."""
-        return self._engine().eval(ids, slot)
+        return self._call(lambda e: e.eval(ids, slot).copy())
 
     def n_past(self, slot: int = 0) -> int:
-        return self._engine().n_past(slot)
+        return self._call(lambda e: e.n_past(slot))
 
     def cached_tokens(self, slot: int = 0) -> list[int]:
-        return list(self._engine().tokens[slot])
+        return self._call(lambda e: list(e.tokens[slot]))
 
     def truncate(self, n: int, slot: int = 0) -> None:
         """Keep only the first n cached tokens of the slot."""
-        self._engine().truncate(n, slot)
+        self._call(lambda e: e.truncate(n, slot))
 
     def reset(self, slot: int = 0) -> None:
-        self._engine().reset(slot)
+        self._call(lambda e: e.reset(slot))
 
     def kv_state(self, slot: int = 0) -> dict[str, np.ndarray]:
-        """A copy of the slot's cache: the tokens and their K/V rows."""
-        e = self._engine()
-        n = e.n_past(slot)
-        return {"tokens": np.array(e.tokens[slot], np.int64), "k": e.k_cache[slot, :, :n].copy(),
-                "v": e.v_cache[slot, :, :n].copy()}
+        """A copy of the slot's cache: the tokens, the kind of each cell and their K/V rows."""
+        def copy(e):
+            n = e.n_past(slot)
+            return {"tokens": np.array(e.tokens[slot], np.int64), "kinds": np.array(e.cell_kinds[slot], np.int8),
+                    "k": e.k_cache[slot, :, :n].copy(), "v": e.v_cache[slot, :, :n].copy()}
+        return self._call(copy)
 
     def load_kv_state(self, state: dict[str, np.ndarray], slot: int = 0) -> None:
         """Restore what kv_state returned (checked against this model's shapes)."""
-        e = self._engine()
-        tokens, k, v = state["tokens"], state["k"], state["v"]
-        n = len(tokens)
-        expected = e.k_cache.shape[1:2] + (n,) + e.k_cache.shape[3:]
-        if n > e.n_ctx or k.shape != expected or v.shape != expected:
-            raise ModelFormatError(f"saved KV state of shape {k.shape} does not fit this model's cache "
-                                   f"(expected {expected}, n_ctx {e.n_ctx})")
-        e._as_ids(tokens)
-        e.k_cache[slot, :, :n] = k
-        e.v_cache[slot, :, :n] = v
-        e.tokens[slot] = [int(t) for t in tokens]
+        def restore(e):
+            tokens, kinds, k, v = state["tokens"], state["kinds"], state["k"], state["v"]
+            n = len(tokens)
+            expected = e.k_cache.shape[1:2] + (n,) + e.k_cache.shape[3:]
+            if n > e.n_ctx or k.shape != expected or v.shape != expected or kinds.shape != (n,):
+                raise ModelFormatError(f"saved KV state of shape {k.shape} does not fit this model's cache "
+                                       f"(expected {expected}, n_ctx {e.n_ctx})")
+            e._as_ids(tokens)
+            e.k_cache[slot, :, :n] = k
+            e.v_cache[slot, :, :n] = v
+            e.tokens[slot] = [int(t) for t in tokens]
+            e.cell_kinds[slot] = [int(t) & int(e.kind_mask) for t in kinds]
+        self._call(restore)
 
     def logits(self, ids) -> np.ndarray:
         """Logits at every position of ids, (len(ids), n_vocab) float32, evaluated from an empty cache
         (slot 0 is reset)."""
-        e = self._engine()
-        e.reset(0)
-        return e.eval_all(ids, 0)
+        def run(e):
+            e.reset(0)
+            return e.eval_all(ids, 0)
+        return self._call(run)
 
     def perplexity(self, text: str, n_ctx: int = 512, progress=None) -> float:
         """llama-perplexity's method; see runtime/perplexity.py."""
@@ -141,6 +171,12 @@ class Model:
         return perplexity(self, text, n_ctx=n_ctx, progress=progress).ppl
 
     # ---- text <-> tokens (formats/tokenizer.py, formats/chat.py) ----
+
+    @functools.cached_property
+    def chat_template_object(self):
+        """The model's ChatTemplate: its GGUF's, or the built-in format of its family."""
+        from ..formats.chat import ChatTemplate
+        return ChatTemplate.from_gguf(self.gguf)
 
     @functools.cached_property
     def tokenizer(self):
@@ -212,13 +248,8 @@ class Model:
 
     @property
     def kv_bytes_per_token(self) -> int:
-        n_layers = self._meta_int("block_count")
-        n_head = self._meta_int("attention.head_count")
-        n_head_kv = self._meta_int("attention.head_count_kv", n_head)
-        n_embd = self._meta_int("embedding_length")
-        head_k = self._meta_int("attention.key_length", n_embd // max(n_head, 1))
-        head_v = self._meta_int("attention.value_length", head_k)
-        return n_layers * n_head_kv * (head_k + head_v) * KV_DTYPE_BYTES
+        from .engine import Engine
+        return Engine.kv_bytes(self.args, 1)
 
     def info(self) -> dict:
         return {

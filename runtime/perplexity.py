@@ -62,11 +62,13 @@ def perplexity(model, text: str, n_ctx: int = 512,
             nll2 += (v * v).sum()
             count += len(v)
 
-        engine.reset(0)
-        engine.eval_all(chunk, 0, first=first, consume=score)
+        def run(e, chunk=chunk, score=score):
+            e.reset(0)
+            e.eval_all(chunk, 0, first=first, consume=score)
+        model._call(run)
         if progress:
             progress(c + 1, n_chunks)
-    engine.reset(0)
+    model.reset(0)
     mean = nll / count
     var = nll2 / count - mean * mean
     ppl = math.exp(mean)

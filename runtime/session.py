@@ -29,7 +29,7 @@ from ..errors import ContextOverflowError, SessionError
 from . import generate
 
 FORMAT = "nibble-session"
-VERSION = 1
+VERSION = 2          # 2: the KV state holds each cell's kind
 _FINGERPRINT_HEAD = 8 << 20   # the GGUF header (metadata, tensor table) and the first tensors
 _FINGERPRINT_TAIL = 1 << 20
 
@@ -72,13 +72,14 @@ class Session:
         """Stream the assistant's reply to `message`; the turn joins the conversation when the stream ends.
         Raises ContextOverflowError (conversation unchanged) when the conversation no longer fits."""
         ids = generate.chat_prompt(self.model, self.conversation(message), template=self.template)
-        stream = generate.stream(self.model, ids, cancel=cancel, slot=self.slot, cache_prompt=True,
-                                 **{**self.defaults, **kw})
+        stream = generate.stream(self.model, ids, cancel=cancel, cache_prompt=True, **{**self.defaults, **kw})
         stream._on_finish = lambda s: self._record(message, s)
         self.last = stream
         return stream
 
     def _record(self, message: str, stream: generate.Stream) -> None:
+        if stream.slot >= 0:
+            self.slot = stream.slot          # where the engine left this conversation's cache
         if stream.finish_reason == "cancelled" and not stream.text:
             return
         self.messages.append({"role": "user", "content": message})

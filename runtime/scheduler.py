@@ -1,0 +1,239 @@
+"""The engine thread: requests in, one batched forward per step, tokens out (nano-vllm's shape).
+
+    scheduler = Scheduler(engine)
+    scheduler.submit(request)          # from any thread; the request streams its pieces to its consumer
+    scheduler.call(fn)                 # run fn(engine) on the engine thread, between steps (eval, logits, ...)
+
+Every use of a model's engine goes through its scheduler's one thread, so a `Model` shared by many threads
+never interleaves two callers in the KV cache or the run state; the kernels run under `KERNEL_LOCK`, held
+for a whole step, so two models in one process never enter Numba's thread pool at once (its workqueue
+layer aborts the process when two threads do).
+
+A step: `schedule()` admits waiting requests to free slots (each to the slot whose cached prefix it can
+reuse the most of) and picks the rows: one decode row per running request, then prompt chunks of the
+requests still prefilling, up to `max_batch` prompt rows per step (a long prompt stalls the running streams
+for at most one chunk). `engine.forward_rows` evaluates them all at once, each row with the kind a lone
+evaluation would give it, and `postprocess()` hands each request the logits of its last row: the request
+samples its next token, streams its text and says whether it is finished; a finished, cancelled or
+disconnected request frees its slot at once.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections import deque
+from typing import Callable
+
+import numpy as np
+
+from ..errors import NibbleError
+from ..quant.jit import KERNEL_LOCK, set_threads
+
+WAITING, PREFILL, DECODE, DONE = "waiting", "prefill", "decode", "done"
+
+
+class Request:
+    """One generation: prompt ids in, tokens out. `state` holds the sampling and streaming logic
+    (`generate.Generation`); the scheduler only moves tokens through the engine for it."""
+
+    def __init__(self, ids: list[int], state, cancel: threading.Event | None = None):
+        self.ids = ids
+        self.state = state
+        self.cancel = cancel or threading.Event()
+        self.phase = WAITING
+        self.slot = -1
+        self.n_done = 0                     # prompt tokens in the slot's cache
+        self.kinds: np.ndarray | None = None
+        self.next_token: int | None = None  # sampled, to be evaluated in the next step
+        self.t_submit = time.perf_counter()
+
+
+class Scheduler:
+    def __init__(self, engine, threads: int | None = None, max_queue: int = 64):
+        self.engine = engine
+        self.threads = threads
+        self.max_queue = max_queue
+        self.inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.busy_slots: set[int] = set()
+        self.steps = 0
+        self._wake = threading.Event()
+        self._stop = False
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    # ---- from any thread ----
+
+    def submit(self, request: Request) -> None:
+        self._ensure_thread()
+        self.inbox.put(("request", request))
+        self._wake.set()
+
+    def call(self, fn: Callable):
+        """Run fn(engine) on the engine thread between steps and return its result (or raise its error)."""
+        if threading.current_thread() is self._thread:
+            return fn(self.engine)
+        self._ensure_thread()
+        done = threading.Event()
+        box: list = []
+        self.inbox.put(("call", (fn, done, box)))
+        self._wake.set()
+        done.wait()
+        ok, value = box[0]
+        if not ok:
+            raise value
+        return value
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def queue_length(self) -> int:
+        return len(self.waiting) + self.inbox.qsize()
+
+    def close(self) -> None:
+        """Cancel every request and stop the thread."""
+        with self._lock:
+            thread, self._stop = self._thread, True
+        self._wake.set()
+        if thread is not None and thread is not threading.current_thread():
+            thread.join()
+
+    def _ensure_thread(self) -> None:
+        with self._lock:
+            if self._stop:
+                raise NibbleError("the model is closed")
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._loop, name="nibble-engine", daemon=True)
+                self._thread.start()
+
+    # ---- the engine thread ----
+
+    def _loop(self) -> None:
+        set_threads(self.threads)      # Numba keeps the thread count per calling thread
+        while True:
+            self._drain()
+            if self._stop:
+                for r in list(self.waiting) + self.running:
+                    r.cancel.set()
+                    self._finish(r)
+                self.waiting.clear()
+                self.running.clear()
+                return
+            if not self.waiting and not self.running:
+                self._wake.wait(0.5)
+                self._wake.clear()
+                continue
+            self.step()
+
+    def _drain(self) -> None:
+        while True:
+            try:
+                kind, item = self.inbox.get_nowait()
+            except queue.Empty:
+                return
+            if kind == "request":
+                self.waiting.append(item)
+                continue
+            fn, done, box = item
+            try:
+                with KERNEL_LOCK:
+                    box.append((True, fn(self.engine)))
+            except BaseException as e:          # handed to the caller, who raises it
+                box.append((False, e))
+            done.set()
+
+    def step(self) -> None:
+        """schedule -> one batched forward -> postprocess."""
+        work, owners = self.schedule()
+        if not work:                            # every stream waits for its consumer
+            self._wake.wait(0.05)
+            self._wake.clear()
+            return
+        try:
+            with KERNEL_LOCK:
+                logits = self.engine.forward_rows(work)
+        except Exception as e:                  # a bug or an impossible state: fail the requests, not the thread
+            for r in owners:
+                r.state.fail(e)
+                self._finish(r)
+            return
+        self.steps += 1
+        self.postprocess(owners, logits)
+
+    def schedule(self) -> tuple[list, list]:
+        """Admit waiting requests to free slots; the rows of this step: (work for forward_rows, the request
+        that owns each logits row)."""
+        engine = self.engine
+        while self.waiting and len(self.busy_slots) < engine.n_slots:
+            r = self.waiting.popleft()
+            if r.cancel.is_set():
+                r.state.finish_reason = "cancelled"
+                self._finish(r)
+                continue
+            self._admit(r)
+        for r in list(self.running):            # cancelled while waiting for its consumer or prefilling
+            if r.phase != DECODE or not r.state.ready():
+                if r.cancel.is_set():
+                    r.state.finish_reason = "cancelled"
+                    self._finish(r)
+        work, owners = [], []
+        for r in self.running:                  # decode rows first: one per stream whose consumer keeps up
+            if r.phase == DECODE and r.state.ready():
+                work.append((r.slot, np.array([r.next_token], np.int64), np.zeros(1, np.int8), True))
+                owners.append(r)
+        budget = engine.max_batch
+        for r in self.running:
+            if r.phase != PREFILL or budget == 0:
+                continue
+            n = min(budget, len(r.ids) - r.n_done)
+            end = r.n_done + n
+            last = end == len(r.ids)
+            work.append((r.slot, np.asarray(r.ids[r.n_done:end], np.int64), r.kinds[r.n_done:end], last))
+            if last:
+                owners.append(r)
+            r.n_done = end
+            budget -= n
+        return work, owners
+
+    def _admit(self, r: Request) -> None:
+        """Give r the free slot whose cache it can reuse the most of, rolled back to that prefix."""
+        engine = self.engine
+        r.kinds = engine.fresh_kinds(len(r.ids))
+        free = [s for s in range(engine.n_slots) if s not in self.busy_slots]
+        reuse = {s: engine.reusable(s, r.ids, r.kinds) if r.state.cache_prompt else 0 for s in free}
+        # the longest reusable prefix; among equals the slot holding least (keep other prefixes warm)
+        slot = max(free, key=lambda s: (reuse[s], -engine.n_past(s)))
+        n_keep = min(reuse[slot], len(r.ids) - 1)     # the last prompt token is evaluated for its logits
+        engine.truncate(n_keep, slot)
+        self.busy_slots.add(slot)
+        r.slot, r.n_done, r.phase = slot, n_keep, PREFILL
+        r.state.started(slot, n_keep)
+        self.running.append(r)
+
+    def postprocess(self, owners: list[Request], logits: np.ndarray) -> None:
+        engine = self.engine
+        for i, r in enumerate(owners):
+            if r.phase == PREFILL:
+                r.state.prompt_done()
+                r.phase = DECODE
+            if r.cancel.is_set():
+                r.state.finish_reason = "cancelled"
+                self._finish(r)
+                continue
+            token = r.state.advance(logits[i], engine.n_past(r.slot), engine.n_ctx)
+            if token is None:
+                self._finish(r)
+            else:
+                r.next_token = token
+
+    def _finish(self, r: Request) -> None:
+        if r.phase == DONE:
+            return
+        r.phase = DONE
+        if r in self.running:
+            self.running.remove(r)
+        self.busy_slots.discard(r.slot)
+        r.state.finished()

@@ -86,6 +86,17 @@ def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     return int(diff[0]) if len(diff) else n
 
 
+def token_logprobs(logits: np.ndarray, token: int, top: int) -> tuple[float, list[tuple[int, float]]]:
+    """The model's log-probability of `token` (log-softmax of the raw logits, before any sampler) and the
+    `top` most likely (id, log-probability) pairs."""
+    x = logits.astype(np.float64)
+    m = x.max()
+    lse = m + np.log(np.exp(x - m).sum())
+    best = np.argpartition(-x, top)[:top] if 0 < top < len(x) else np.arange(len(x) if top else 0)
+    best = best[np.argsort(-x[best], kind="stable")]
+    return float(x[token] - lse), [(int(i), float(x[i] - lse)) for i in best]
+
+
 class StopMatcher:
     """Streams text through, holding back any tail that could be the start of a stop string, so that no
     part of a stop string is ever emitted even when it arrives split across tokens."""
@@ -129,7 +140,7 @@ class Generation:
     LOOKAHEAD = 2    # tokens generated ahead of the consumer: a Ctrl-C stops within a token of the screen
 
     def __init__(self, model, prompt_ids: list[int], sampler: Sampler, *, max_tokens: int | None,
-                 stop: Sequence[str], cache_prompt: bool, t_start: float):
+                 stop: Sequence[str], cache_prompt: bool, t_start: float, logprobs: int | None = None):
         from ..formats.tokenizer import IncrementalDecoder
         self.prompt_ids = prompt_ids
         self.sampler = sampler
@@ -140,6 +151,8 @@ class Generation:
         self.matcher = StopMatcher(stop)
         self.context = list(prompt_ids)          # the penalty window's source
         self.tokens: list[int] = []
+        self.top_logprobs = logprobs             # None: none recorded; n: the token's and the n most likely
+        self.logprobs: list[tuple[float, list[tuple[int, float]]]] = []
         self.finish_reason: str | None = None
         self.error: BaseException | None = None
         self.usage = Usage(len(prompt_ids), 0, 0)
@@ -179,6 +192,8 @@ class Generation:
             return None
         self.tokens.append(token)
         self.context.append(token)
+        if self.top_logprobs is not None:
+            self.logprobs.append(token_logprobs(logits, token, self.top_logprobs))
         self.usage.completion_tokens = len(self.tokens)
         piece, matched = self.matcher.push(self.decoder.add(token))
         self._emit(piece)
@@ -269,6 +284,11 @@ class Stream:
         return self.generation.slot
 
     @property
+    def logprobs(self) -> list[tuple[float, list[tuple[int, float]]]]:
+        """Per token of `tokens` (with `logprobs=n`): (log p of the token, [(id, log p)] of the n likeliest)."""
+        return self.generation.logprobs[:len(self.tokens)]
+
+    @property
     def sampler(self) -> Sampler:
         return self.generation.sampler
 
@@ -342,12 +362,14 @@ def stream(model, prompt: str | Sequence[int], *, max_tokens: int | None = None,
            top_k: int = 40, top_p: float = 0.95, min_p: float = 0.05, repeat_penalty: float = 1.0,
            repeat_last_n: int = 64, presence_penalty: float = 0.0, frequency_penalty: float = 0.0,
            logit_bias: dict[int, float] | None = None, seed: int | None = None, stop: Sequence[str] = (),
-           cancel: threading.Event | None = None, cache_prompt: bool = False) -> Stream:
+           cancel: threading.Event | None = None, cache_prompt: bool = False,
+           logprobs: int | None = None) -> Stream:
     """Generate from `prompt` (text, tokenized with the model's BOS rule, or token ids), streaming text.
 
     Sampling parameters and their defaults are llama.cpp's (see `runtime.sampling`); `temperature=0` is
     greedy; `seed` makes the draw reproducible; `stop` strings end generation and are not emitted;
-    `cancel` (a threading.Event) ends it with finish reason `cancelled`. `max_tokens=None` generates until
+    `cancel` (a threading.Event) ends it with finish reason `cancelled`. `logprobs=n` records, per generated
+    token, its log-probability and the n most likely alternatives (`stream.logprobs`). `max_tokens=None` generates until
     an end-of-generation token or a full context. Raises ContextOverflowError if the prompt alone does not
     fit in `model.n_ctx`. The prompt is evaluated on the first `next()`, on the model's engine thread, in a
     batch with whatever else the model is generating: from an empty cache, or, with `cache_prompt`, after
@@ -370,7 +392,7 @@ def stream(model, prompt: str | Sequence[int], *, max_tokens: int | None = None,
         raise ContextOverflowError(len(ids), model.n_ctx)
     sampler = Sampler(params, model.n_vocab)
     generation = Generation(model, ids, sampler, max_tokens=max_tokens, stop=stop, cache_prompt=cache_prompt,
-                            t_start=t_start)
+                            t_start=t_start, logprobs=logprobs)
     return Stream(model, generation, cancel)
 
 

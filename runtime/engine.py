@@ -153,7 +153,29 @@ class Engine:
             i += 1
         return i
 
+    def keep_prefix(self, slot: int, ids, kinds: np.ndarray) -> int:
+        """Roll the slot back to the longest prefix of `ids` it can reuse (`reusable`), leaving at least the
+        last id to evaluate (its logits are needed); returns the tokens kept."""
+        n_keep = min(self.reusable(slot, ids, kinds), len(ids) - 1)
+        self.truncate(n_keep, slot)
+        return n_keep
+
     # ---- evaluation ----
+
+    def prefill(self, ids, slot: int = 0, reuse: bool = True) -> tuple[np.ndarray, int]:
+        """Bring the slot's cache to exactly `ids` and return (the logits after the last id, tokens reused):
+        what a fresh evaluation of `ids` gives, evaluating only what the cache does not already hold with
+        the same bits. ContextOverflowError, the cache untouched, when `ids` does not fit."""
+        ids = self._as_ids(ids)
+        if len(ids) == 0:
+            raise NibbleError("the prompt is empty: give at least one token")
+        if len(ids) > self.n_ctx:
+            raise ContextOverflowError(len(ids), self.n_ctx)
+        kinds = self.fresh_kinds(len(ids))
+        n_keep = self.keep_prefix(slot, ids, kinds) if reuse else 0
+        if not reuse:
+            self.reset(slot)
+        return self.eval(ids[n_keep:], slot, kinds[n_keep:]), n_keep
 
     def forward_rows(self, work: list[tuple[int, np.ndarray, np.ndarray, bool]]) -> np.ndarray:
         """One forward over the rows of several sequences: `work` is a list of (slot, ids, kinds, logits),

@@ -72,6 +72,12 @@ class Model:
         if self.scheduler is not None:
             self.scheduler.close()
 
+    def __del__(self):
+        # the engine thread holds the engine (KV cache, buffers): let it go with the model
+        scheduler = getattr(self, "scheduler", None)
+        if scheduler is not None:
+            scheduler.close(wait=False)
+
     def __enter__(self) -> "Model":
         return self
 
@@ -119,6 +125,12 @@ class Model:
         (n_vocab,) float32, a buffer the next call reuses. ContextOverflowError before touching the cache if
         they do not fit."""
         return self._call(lambda e: e.eval(ids, slot).copy())
+
+    def prefill(self, ids, slot: int = 0, reuse: bool = True) -> tuple[np.ndarray, int]:
+        """Bring the slot's KV cache to exactly `ids`: (the logits after the last id, as a fresh evaluation
+        gives them; how many cached tokens were reused). Only cells whose bits a fresh evaluation would
+        reproduce are reused (see runtime/engine.py); without `reuse` the slot is emptied first."""
+        return self._call(lambda e: (lambda out: (out[0].copy(), out[1]))(e.prefill(ids, slot, reuse)))
 
     def n_past(self, slot: int = 0) -> int:
         return self._call(lambda e: e.n_past(slot))

@@ -93,12 +93,12 @@ class Scheduler:
     def queue_length(self) -> int:
         return len(self.waiting) + self.inbox.qsize()
 
-    def close(self) -> None:
-        """Cancel every request and stop the thread."""
+    def close(self, wait: bool = True) -> None:
+        """Cancel every request and stop the thread (waiting for it unless `wait` is false)."""
         with self._lock:
             thread, self._stop = self._thread, True
         self._wake.set()
-        if thread is not None and thread is not threading.current_thread():
+        if wait and thread is not None and thread is not threading.current_thread():
             thread.join()
 
     def _ensure_thread(self) -> None:
@@ -206,7 +206,7 @@ class Scheduler:
         reuse = {s: engine.reusable(s, r.ids, r.kinds) if r.state.cache_prompt else 0 for s in free}
         # the longest reusable prefix; among equals the slot holding least (keep other prefixes warm)
         slot = max(free, key=lambda s: (reuse[s], -engine.n_past(s)))
-        n_keep = min(reuse[slot], len(r.ids) - 1)     # the last prompt token is evaluated for its logits
+        n_keep = engine.keep_prefix(slot, r.ids, r.kinds) if r.state.cache_prompt else 0
         engine.truncate(n_keep, slot)
         self.busy_slots.add(slot)
         r.slot, r.n_done, r.phase = slot, n_keep, PREFILL

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 import nibble
 from nibble.errors import ContextOverflowError, NibbleError
 from nibble.runtime import generate
-from nibble.runtime.generate import StopMatcher, prefill
+from nibble.runtime.generate import StopMatcher
 from nibble.runtime.session import Session
 
 CAPITAL = "The capital of France is"
@@ -173,41 +173,43 @@ def test_full_context_stops_with_length_never_overflows(pulled):
     assert small.n_past() == 16              # the cache was not touched
 
 
-def replayed_logits(model, *evals):
-    """The logits of the last of `evals` (lists of ids) evaluated one call each from an empty cache. The
-    forward's arithmetic depends on the batch size (as llama.cpp's does), so "from scratch" repeats the
-    batches that built the cache rather than evaluating everything in one."""
+def scratch_logits(model, ids):
+    """The logits after `ids` evaluated in one call from an empty cache."""
     model.reset()
-    for ids in evals:
-        logits = model.eval(ids)
-    return logits.copy()
+    return model.eval(ids)
 
 
-def test_prefill_reuses_the_cached_prefix_and_gives_the_same_logits(smol):
+def test_prefill_reuses_the_cached_prefix_and_gives_the_logits_of_a_fresh_evaluation(smol):
     first = smol.tokenize(STORY)
     longer = first + smol.tokenize(" there lived an old fisherman")
     other = first + smol.tokenize(" a dragon slept")
     smol.reset()
-    prefill(smol, first)
-    logits, reused = prefill(smol, longer)
-    logits = logits.copy()
+    smol.prefill(first)
+    logits, reused = smol.prefill(longer)
     assert reused == len(first) and smol.cached_tokens() == longer
-    np.testing.assert_array_equal(logits, replayed_logits(smol, first, longer[len(first):]))
+    np.testing.assert_array_equal(logits, scratch_logits(smol, longer))
     # a prompt that diverges inside the cache rolls back to the common prefix
-    prefill(smol, longer)
-    logits, reused = prefill(smol, other)
-    logits = logits.copy()
+    smol.prefill(longer)
+    logits, reused = smol.prefill(other)
     assert reused == len(first) and smol.cached_tokens() == other
-    np.testing.assert_array_equal(logits, replayed_logits(smol, first, other[len(first):]))
+    np.testing.assert_array_equal(logits, scratch_logits(smol, other))
     # the whole prompt cached: the last token is evaluated again for its logits
-    logits, reused = prefill(smol, other)
-    logits = logits.copy()
+    smol.prefill(other)
+    logits, reused = smol.prefill(other)
     assert reused == len(other) - 1 and smol.cached_tokens() == other
-    np.testing.assert_array_equal(logits, replayed_logits(smol, first, other[len(first):-1], other[-1:]))
+    np.testing.assert_array_equal(logits, scratch_logits(smol, other))
+    # cells evaluated as single-token steps hold other bits than a prompt's: they are not reused
+    smol.reset()
+    for t in first:
+        smol.eval([t])
+    logits, reused = smol.prefill(longer)
+    assert reused == 0
+    np.testing.assert_array_equal(logits, scratch_logits(smol, longer))
     # without reuse the cache is emptied first
-    logits, reused = prefill(smol, other, reuse=False)
+    smol.prefill(other)
+    logits, reused = smol.prefill(other, reuse=False)
     assert reused == 0 and smol.cached_tokens() == other
-    np.testing.assert_array_equal(logits.copy(), replayed_logits(smol, other))
+    np.testing.assert_array_equal(logits, scratch_logits(smol, other))
 
 
 def test_plain_generation_does_not_depend_on_the_cache(smol):
@@ -250,21 +252,19 @@ def test_session_logits_after_reuse_and_after_save_load_equal_scratch(smol, tmp_
     assert path.exists() and not (tmp_path / "chat.session.npz").exists()
     saved_tokens = smol.cached_tokens()
 
-    reused_logits, reused = prefill(smol, next_ids)
-    reused_logits = reused_logits.copy()
+    reused_logits, reused = smol.prefill(next_ids)
     first = turn.prompt_ids
-    assert len(first) <= reused < len(next_ids) - 1 and next_ids[:len(first)] == first
+    # the first prompt's cells are reused; the reply's, evaluated one token at a time, hold other bits
+    assert reused == len(first) and next_ids[:len(first)] == first
 
     smol.reset()
     loaded = Session.load(smol, path, temperature=0, max_tokens=8)
     assert loaded.messages == session.messages and loaded.system == "You are terse."
     assert smol.cached_tokens() == saved_tokens
-    loaded_logits, reused_after_load = prefill(smol, next_ids)
-    loaded_logits = loaded_logits.copy()
+    loaded_logits, reused_after_load = smol.prefill(next_ids)
     assert reused_after_load == reused
 
-    # from scratch: the prompt in one batch, the reply one token at a time, then the new tokens
-    scratch = replayed_logits(smol, first, *([t] for t in next_ids[len(first):reused]), next_ids[reused:])
+    scratch = scratch_logits(smol, next_ids)
     np.testing.assert_array_equal(reused_logits, scratch)
     np.testing.assert_array_equal(loaded_logits, scratch)
     # and the conversation carries on from the loaded cache

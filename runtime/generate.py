@@ -30,7 +30,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from ..errors import ContextOverflowError
+from ..errors import ContextOverflowError, NibbleError
 from .sampling import Sampler, SamplingParams
 
 FINISH_REASONS = ("stop", "length", "cancelled")
@@ -262,6 +262,7 @@ class Stream:
         self.tokens: list[int] = []
         self._on_finish = on_finish
         self._submitted = self._ended = False
+        self._thread = threading.get_ident()
 
     @property
     def prompt_ids(self) -> list[int]:
@@ -299,6 +300,7 @@ class Stream:
         if self._ended:
             raise StopIteration
         if not self._submitted:
+            self._check_not_blocked_by_this_thread()
             self._submitted = True
             self.model._submit(self)
         item = self.generation.out.get()
@@ -314,8 +316,18 @@ class Stream:
         self.tokens = self.generation.tokens[:n_tokens]
         return piece
 
+    def _check_not_blocked_by_this_thread(self) -> None:
+        """This thread's other open streams only move on when it reads them; if they hold every slot, this
+        one would wait for ever."""
+        mine = [s for s in list(self.model._open_streams) if s._thread == self._thread and s is not self]
+        if len(mine) >= self.model.parallel:
+            raise NibbleError(f"another stream of this model is open in this thread and holds its "
+                              f"{'only slot' if self.model.parallel == 1 else 'slots'}: iterate it to the end or "
+                              f"close() it first (or load the model with parallel > {len(mine)})")
+
     def _end(self) -> None:
         self._ended = True
+        self.model._open_streams.discard(self)
         # what was shown is the stream's result: tokens sampled after the last piece taken are not
         if self.generation.finish_reason == "cancelled":
             self.generation.tokens[len(self.tokens):] = []

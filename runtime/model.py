@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import os
+import weakref
 from collections import Counter
 from pathlib import Path
 
@@ -61,6 +62,7 @@ class Model:
             raise ModelFormatError(f"{gguf.name}: the tokenizer has {n_tokens} tokens but the model's vocabulary "
                                    f"is {self.args.n_vocab}")
         self.engine = self.scheduler = None
+        self._open_streams = weakref.WeakSet()      # submitted streams not yet ended (generate.Stream)
         if not vocab_only:
             from .engine import Engine
             from .scheduler import Scheduler
@@ -92,6 +94,7 @@ class Model:
 
     def _submit(self, stream) -> None:
         self._engine()
+        self._open_streams.add(stream)
         self.scheduler.submit(stream.request)
 
     def _wake(self) -> None:

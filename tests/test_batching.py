@@ -77,7 +77,8 @@ def test_reused_prefixes_and_chunking_do_not_change_tokens(model):
 
 def test_a_session_gives_the_tokens_of_the_whole_conversation_from_scratch(model):
     session = model.session(system="You are terse.", temperature=0, max_tokens=10)
-    first = session.send("Name a colour.").completion()
+    first = session.send("Name a colour.")
+    first.completion()
     second = session.send("Another one.")
     second.completion()
     conversation = session.conversation()[:-1]           # the second reply is what we check

@@ -454,34 +454,26 @@ def _dequant_q3_k(o, w, p, nsb):
 
 
 @kernel
-def _dequant_q4_k(o, w, p, nsb):
+def _dequant_q4_k_q5_k(o, w, p, nsb, qtype):
+    """Q4_K (144-byte blocks) and Q5_K (176: 32 bytes of fifth bits, bit j of byte l for value 32j + l of the
+    super-block, between the scales and the nibbles): value = d * sc[j] * q - dmin * m[j]."""
+    size, nibbles_at = (176, 48) if qtype == Q5_K else (144, 16)
     for sb in range(nsb):
         d = load_f16(w, p)
         dmin = load_f16(w, p + 2)
         for c in range(4):
-            q = bytes32(w, p + 16 + 32 * c)
+            q = bytes32(w, p + nibbles_at + 32 * c)
+            lo, hi = q & 15, q >> 4
+            if qtype == Q5_K:
+                qh = bytes32(w, p + 16)
+                lo = lo | (((qh >> (2 * c)) & 1) << 4)
+                hi = hi | (((qh >> (2 * c + 1)) & 1) << 4)
             sc0, m0 = _scale_min_k4(w, p + 4, 2 * c)
             sc1, m1 = _scale_min_k4(w, p + 4, 2 * c + 1)
             i = QK_K * sb + 64 * c
-            _store_affine32(o, i, q & 15, d * sc0, -(dmin * m0))
-            _store_affine32(o, i + 32, q >> 4, d * sc1, -(dmin * m1))
-        p += 144
-
-
-@kernel
-def _dequant_q5_k(o, w, p, nsb):
-    for sb in range(nsb):
-        d = load_f16(w, p)
-        dmin = load_f16(w, p + 2)
-        qh = bytes32(w, p + 16)
-        for c in range(4):
-            q = bytes32(w, p + 48 + 32 * c)
-            sc0, m0 = _scale_min_k4(w, p + 4, 2 * c)
-            sc1, m1 = _scale_min_k4(w, p + 4, 2 * c + 1)
-            i = QK_K * sb + 64 * c
-            _store_affine32(o, i, (q & 15) | (((qh >> (2 * c)) & 1) << 4), d * sc0, -(dmin * m0))
-            _store_affine32(o, i + 32, (q >> 4) | (((qh >> (2 * c + 1)) & 1) << 4), d * sc1, -(dmin * m1))
-        p += 176
+            _store_affine32(o, i, lo, d * sc0, -(dmin * m0))
+            _store_affine32(o, i + 32, hi, d * sc1, -(dmin * m1))
+        p += size
 
 
 @kernel
@@ -541,10 +533,8 @@ def dequantize_row(o, w, qtype, row, k):
         _dequant_q2_k(o, w, p, k // QK_K)
     elif qtype == Q3_K:
         _dequant_q3_k(o, w, p, k // QK_K)
-    elif qtype == Q4_K:
-        _dequant_q4_k(o, w, p, k // QK_K)
-    elif qtype == Q5_K:
-        _dequant_q5_k(o, w, p, k // QK_K)
+    elif qtype == Q4_K or qtype == Q5_K:
+        _dequant_q4_k_q5_k(o, w, p, k // QK_K, qtype)
     elif qtype == Q6_K:
         _dequant_q6_k(o, w, p, k // QK_K)
     else:

@@ -19,7 +19,8 @@ def bench(model: str = typer.Argument(None, help="catalogue name or path (not ne
           kernels: bool = typer.Option(False, "--kernels", help="benchmark the quantized matmul kernels"),
           size_mb: int = typer.Option(64, "--size-mb", help="--kernels: weight matrix size in MB"),
           as_json: bool = typer.Option(False, "--json", help="print JSON")):
-    """Prompt processing and generation speed, as llama-bench measures them, with the bandwidth achieved."""
+    """Prompt processing and generation speed, as llama-bench measures them, with what they achieve: GFLOP/s
+    (prefill) and GB/s of weights read (decode)."""
     from ..errors import NibbleError
     from ..quant.jit import get_threads, set_threads
 

@@ -6,8 +6,11 @@
     check_supported(qtype, tensor_name)                   raises UnsupportedQuantError
 
 `data` is a tensor's raw bytes as stored in the GGUF file, `qtype` a `gguf.GGMLQuantizationType` or its int,
-`shape` numpy order (..., row_length). The njit kernels themselves (for code that is compiled too) are in
-`nibble.quant.kernels`: `matvec`, `gemm`, `get_rows`.
+`shape` numpy order (..., row_length). Behind `matmul` is `multiply`, the one matmul dispatch (the models'
+linear layers and `nibble bench --kernels` call it too): `nibble.quant.ggml_exact` holds the kernels for the
+types llama.cpp's arithmetic is reproduced for (Q4_1, Q5_0, Q8_0, Q4_K, Q6_K: `matvec`, `gemm`),
+`nibble.quant.kernels` one `gemm` for the other types and the dequantizers of all (`get_rows`, the embedding
+lookup, and `dequantize_rows`).
 """
 
 from __future__ import annotations
@@ -55,11 +58,8 @@ def row_bytes(qtype, k: int) -> int:
     return k // block_size * type_size
 
 
-def scratch_shape(k: int, n: int = 1) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """Shapes of the (xq int8, xs float32) scratch that `kernels.matvec` (n = 1: 1-D) and `kernels.gemm`
-    (n rows: 2-D) need for rows of length k."""
-    if n == 1:
-        return (k,), (k // 16,)
+def scratch_shape(k: int, n: int = 1) -> tuple[tuple[int, int], tuple[int, int]]:
+    """Shapes of the (xq int8, xs float32) scratch that `multiply` needs for n rows of length k."""
     return (n, k), (n, k // 16)
 
 
@@ -117,8 +117,8 @@ def _scratch_for(n: int, k: int) -> tuple[np.ndarray, np.ndarray]:
 def matmul(x, data, qtype, shape, out=None) -> np.ndarray:
     """x @ W.T for W the (m, k) tensor in `data`: x float32 (n, k) -> (n, m), or (k,) -> (m,).
 
-    n == 1 runs the fused decode matvec, n > 1 the prefill gemm; results are within float rounding plus
-    8-bit activation quantization of the exact product. `out` (float32, C-contiguous, the result's shape)
+    Runs `multiply`, as the models do (for a batch of n rows, the arithmetic llama.cpp gives such a batch);
+    results are within float rounding plus 8-bit activation quantization of the exact product. `out` (float32, C-contiguous, the result's shape)
     is written in place, and with it nothing is allocated after the first call for a shape.
     """
     w, qtype, m, k = _prepare(data, qtype, shape)
@@ -139,7 +139,7 @@ def matmul(x, data, qtype, shape, out=None) -> np.ndarray:
         raise ValueError(f"out must be a C-contiguous float32 array of shape {result_shape}")
     apply_threads()
     xq, xs = _scratch_for(n, k)
-    multiply(out.reshape(n, m), x2, xq.reshape(n, k), xs.reshape(n, k // 16), w, qtype, m, k)
+    multiply(out.reshape(n, m), x2, xq, xs, w, qtype, m, k)
     return out
 
 
@@ -158,8 +158,6 @@ def multiply(out, x, xq, xs, w, qtype, m, k, kinds=None) -> None:
             ggml_exact.matvec(out[0], x[0], xq[0], xs[0], w, qtype, m, k)
         else:
             ggml_exact.gemm(out, x, xq, xs, w, qtype, m, k, kinds)
-    elif n == 1:
-        kernels.matvec(out[0], x[0], xq[0], xs[0], w, qtype, m, k)
     else:
         kernels.gemm(out, x, xq, xs, w, qtype, m, k)
 

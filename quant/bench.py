@@ -5,7 +5,9 @@
 
 Matvec speed is reported as GB/s of weight bytes read, on a matrix bigger than the last-level cache, so it
 can be compared with `read_gbs`, what a plain parallel sum over the same number of bytes achieves (the
-machine's practical limit). Prefill is GFLOP/s of x (512, k) @ W.T (2 flops per multiply-add).
+machine's practical limit). Prefill is GFLOP/s of x (512, k) @ W.T (2 flops per multiply-add). Both time
+`quant.multiply`, the call the models' linear layers make, with the arithmetic a model gives a batch of
+that many rows.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import numpy as np
 from numba import prange
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 
-from . import SUPPORTED_TYPES, _prepare, kernels, scratch_shape
+from . import SUPPORTED_TYPES, _prepare, multiply, scratch_shape
 from .jit import apply_threads, get_threads, kernel, parallel_kernel, set_threads
 from .simd import f32x8_at, hsum, zeros
 
@@ -114,15 +116,15 @@ def run(size_mb: float = 64, types=None, threads=None, n_prefill: int = 512, min
             block_size, type_size = GGML_QUANT_SIZES[qtype]
             m = max(1, int(size_mb * 2**20) // (K // block_size * type_size))
             w, q, m, k = _prepare(bench_weights(qtype, m, K), qtype, (m, K))
-            x = np.random.default_rng(1).standard_normal(K, dtype=np.float32)
+            x = np.random.default_rng(1).standard_normal((1, K), dtype=np.float32)
             xq_shape, xs_shape = scratch_shape(K)
             xq, xs = np.empty(xq_shape, np.int8), np.empty(xs_shape, np.float32)
-            out = np.empty(m, np.float32)
+            out = np.empty((1, m), np.float32)
             row = {"type": qtype.name, "bits_per_weight": 8 * type_size / block_size, "matvec_shape": [m, K],
                    "matvec_mb": round(w.nbytes / 2**20, 1)}
             for t in threads:
                 set_threads(t)
-                dt = _best_time(lambda: kernels.matvec(out, x, xq, xs, w, q, m, k), min_time)
+                dt = _best_time(lambda: multiply(out, x, xq, xs, w, q, m, k), min_time)
                 row[f"matvec_gbs_{t}t"] = round(w.nbytes / dt / 1e9, 2)
                 row[f"read_gbs_{t}t"] = round(read[t], 2)
             if prefill:
@@ -133,7 +135,7 @@ def run(size_mb: float = 64, types=None, threads=None, n_prefill: int = 512, min
                 xq_shape, xs_shape = scratch_shape(K, n_prefill)
                 xqp, xsp = np.empty(xq_shape, np.int8), np.empty(xs_shape, np.float32)
                 outp = np.empty((n_prefill, mp), np.float32)
-                dt = _best_time(lambda: kernels.gemm(outp, xp, xqp, xsp, wp, q, mp, k), min_time)
+                dt = _best_time(lambda: multiply(outp, xp, xqp, xsp, wp, q, mp, k), min_time)
                 row["prefill_gflops"] = round(2 * n_prefill * mp * K / dt / 1e9, 1)
                 row["prefill_threads"] = max(threads)
                 row["prefill_rows"] = n_prefill

@@ -1,25 +1,24 @@
-"""Fused Numba kernels that multiply with quantized weights without dequantizing them to memory.
+"""Numba kernels for the block formats whose llama.cpp arithmetic nibble does not reproduce, and the
+dequantizers of every format.
 
-The three entry points the forward pass calls (from Python or from other @njit code), output first:
-
-    matvec(out, x, xq, xs, w, qtype, m, k)     out[m] = W @ x                   (decode, n = 1)
-    gemm(out, x, xq, xs, w, qtype, m, k)       out[n, m] = x @ W.T              (prefill, n >= 1)
+    gemm(out, x, xq, xs, w, qtype, m, k)       out[n, m] = x @ W.T              (any n >= 1)
     get_rows(out, ids, w, qtype, k)            out[i] = W[ids[i]] dequantized   (embedding lookup)
+    dequantize_rows(out, w, qtype, m, k)       out[m, k] = W                    (`quant.dequantize`)
 
-`w` is the raw bytes of an (m, k) tensor of GGML type `qtype` (uint8, 1-D, as stored in the file); the type
-dispatch happens here so callers never branch on types.
+`w` is the raw bytes of an (m, k) tensor of GGML type `qtype` (uint8, 1-D, as stored in the file). `gemm`
+takes Q4_0, Q5_1, Q2_K, Q3_K, Q5_K, F32, F16 and BF16: the types of `ggml_exact.EXACT_TYPES` (Q4_1, Q5_0,
+Q8_0, Q4_K, Q6_K, the ones the catalogue models hold) have their one matmul there, and `quant.multiply`
+picks between the two modules. The dequantizers serve every type.
 
-How the decode kernels work (ggml's scheme): x is quantized once per call to int8 in 32-value blocks,
+How `gemm` works (ggml's scheme): each row of x is quantized once per call to int8 in 32-value blocks,
 `xq[32b:32b+32]` with scale `xs[2b]` and `xs[2b+1] = xs[2b] * Σ xq` (the block's sum, for formats with an
 offset or a minimum). Each weight block is then unpacked to bytes in registers and multiplied with `xq` by
 an int8 dot product (`simd.dot_u8`/`dot_i8`: 32 products in two instructions on AVX2), scaled by
 d_weight * d_x and accumulated in 8 float lanes that are summed once per row. Offsets and minimums never
 touch the int8 products: Σ (d q + m) x = d Σ q x + m Σ x, so they cost one scalar FMA per block.
-F32/F16/BF16 weights take x as float32 directly.
-
-Prefill (gemm) dequantizes 16 weight rows at a time into a transposed float32 tile and multiplies it with
-every activation row by a register-blocked 6 × 16 outer-product micro-kernel (~100 GFLOP/s per Zen 4 core),
-so each weight byte is decoded once per call however many rows x has.
+F32/F16/BF16 weights take x as float32 directly. A batch runs every activation row through the same row
+kernel (parallel over weight rows, each task's rows staying in cache while every activation row passes), so
+an output row's value does not depend on the batch it was computed in.
 """
 
 from __future__ import annotations
@@ -29,9 +28,9 @@ from numba import prange
 
 from .jit import kernel, parallel_kernel
 from .simd import (bf16x8_at, bits32, bytes32, deinterleave, dot_i8, dot_u8, f16x8_at, f32x8_at, fma, hsum,
-                   i8_to_f32, i8x16_scales, k2_scales, k3_scales, k4_scales, lane, lanes, load_bf16, load_f16,
-                   load_f32, load_f32x8, load_i8, load_u8, load_u32, nibbles16, quantize32, repeat2, store_f32x8, to_f32,
-                   transpose_8x8, u8_to_f32, zeros)
+                   i8_to_f32, k2_scales, k3_scales, k4_scales, lane, lanes, load_bf16, load_f16, load_f32,
+                   load_f32x8, load_i8, load_u8, load_u32, nibbles16, quantize32, repeat2, store_f32x8, to_f32,
+                   u8_to_f32, zeros)
 
 f32 = np.float32
 
@@ -39,12 +38,9 @@ f32 = np.float32
 F32, F16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, BF16 = 0, 1, 2, 3, 6, 7, 8, 10, 11, 12, 13, 14, 30
 QK_K = 256
 
-# A matvec below this many weights runs on the calling thread: waking the pool costs more than it saves.
-SERIAL_WEIGHTS = 1 << 16
-MATVEC_TASK_ROWS = 16    # rows per parallel task in matvec
-GEMM_TILE_ROWS = 16      # weight rows dequantized at a time by gemm
-GEMM_TASKS = 64         # parallel tasks in gemm, each with its own tile buffer
-GEMM_MIN_ROWS = 12       # below this many activation rows one matvec per row is faster (measured)
+# A matmul below this many multiply-adds runs on the calling thread: waking the pool costs more than it saves.
+SERIAL_WORK = 1 << 16
+TASK_ROWS = 16           # weight rows per parallel task
 
 
 @kernel
@@ -90,9 +86,9 @@ def quantize_activations(x, xq, xs):
         xs[2 * b], xs[2 * b + 1] = quantize32(x, 32 * b, xq)
 
 
-# ---- decode: fused row kernels (rows r0 .. r1 - 1) ----
+# ---- fused row kernels: out[r] = W[r] · x for rows r0 .. r1 - 1 ----
 #
-# Each format has a block function `acc, off = _block_x(acc, off, w, p, xq, xs, b)` adding one weight block
+# Q4_0 and Q5_1 have a block function `acc, off = _block_x(acc, off, w, p, xq, xs, b)` adding one weight block
 # (bytes from w[p]) times x block b, and a row loop that alternates two accumulator chains: an FMA has a
 # 4-cycle latency, so a single chain would cap a thread at one block per 4 cycles.
 
@@ -104,37 +100,24 @@ def _block_q4_0(acc, off, w, p, xq, xs, b):
 
 
 @kernel
-def _block_q4_1(acc, off, w, p, xq, xs, b):
-    # value = d * q + m
-    acc = fma(to_f32(dot_u8(nibbles16(w, p + 4), xq, 32 * b)), load_f16(w, p) * xs[2 * b], acc)
-    return acc, off + load_f16(w, p + 2) * xs[2 * b + 1]
-
-
-@kernel
-def _block_q5_0(acc, off, w, p, xq, xs, b):
-    # value = d * (q - 16)
-    d = load_f16(w, p)
-    q = nibbles16(w, p + 6) | (bits32(load_u32(w, p + 2)) << 4)
-    return fma(to_f32(dot_u8(q, xq, 32 * b)), d * xs[2 * b], acc), off + d * xs[2 * b + 1]
-
-
-@kernel
 def _block_q5_1(acc, off, w, p, xq, xs, b):
-    # value = d * q + m
+    # value = d * q + m, q = nibble | fifth bit << 4
     q = nibbles16(w, p + 8) | (bits32(load_u32(w, p + 4)) << 4)
     acc = fma(to_f32(dot_u8(q, xq, 32 * b)), load_f16(w, p) * xs[2 * b], acc)
     return acc, off + load_f16(w, p + 2) * xs[2 * b + 1]
 
 
 @kernel
-def _block_q8_0(acc, off, w, p, xq, xs, b):
-    return fma(to_f32(dot_i8(bytes32(w, p + 2), xq, 32 * b)), load_f16(w, p) * xs[2 * b], acc), off
+def _block_32(acc, off, w, p, xq, xs, b, qtype):
+    if qtype == Q4_0:
+        return _block_q4_0(acc, off, w, p, xq, xs, b)
+    return _block_q5_1(acc, off, w, p, xq, xs, b)
 
 
 @kernel
-def _rows_legacy(out, xq, xs, w, qtype, r0, r1, k):
-    """Q4_0, Q4_1, Q5_0, Q5_1, Q8_0: 32-value blocks. `off` collects Σ_b scale_b * Σ x_b for the formats
-    with an offset (subtracted) or a minimum (added)."""
+def _rows_32(out, xq, xs, w, qtype, r0, r1, k):
+    """Q4_0 and Q5_1: 32-value blocks. `off` collects Σ_b scale_b * Σ x_b for the offset of Q4_0 (subtracted)
+    or the minimum of Q5_1 (added)."""
     nb = k // 32
     size = row_bytes(qtype, 32)
     for r in range(r0, r1):
@@ -142,61 +125,13 @@ def _rows_legacy(out, xq, xs, w, qtype, r0, r1, k):
         acc0, acc1 = zeros(), zeros()
         off0, off1 = f32(0), f32(0)
         for b in range(0, nb - 1, 2):
-            if qtype == Q4_0:
-                acc0, off0 = _block_q4_0(acc0, off0, w, p, xq, xs, b)
-                acc1, off1 = _block_q4_0(acc1, off1, w, p + size, xq, xs, b + 1)
-            elif qtype == Q4_1:
-                acc0, off0 = _block_q4_1(acc0, off0, w, p, xq, xs, b)
-                acc1, off1 = _block_q4_1(acc1, off1, w, p + size, xq, xs, b + 1)
-            elif qtype == Q5_0:
-                acc0, off0 = _block_q5_0(acc0, off0, w, p, xq, xs, b)
-                acc1, off1 = _block_q5_0(acc1, off1, w, p + size, xq, xs, b + 1)
-            elif qtype == Q5_1:
-                acc0, off0 = _block_q5_1(acc0, off0, w, p, xq, xs, b)
-                acc1, off1 = _block_q5_1(acc1, off1, w, p + size, xq, xs, b + 1)
-            else:
-                acc0, off0 = _block_q8_0(acc0, off0, w, p, xq, xs, b)
-                acc1, off1 = _block_q8_0(acc1, off1, w, p + size, xq, xs, b + 1)
+            acc0, off0 = _block_32(acc0, off0, w, p, xq, xs, b, qtype)
+            acc1, off1 = _block_32(acc1, off1, w, p + size, xq, xs, b + 1, qtype)
             p += 2 * size
         if nb % 2:
-            b = nb - 1
-            if qtype == Q4_0:
-                acc0, off0 = _block_q4_0(acc0, off0, w, p, xq, xs, b)
-            elif qtype == Q4_1:
-                acc0, off0 = _block_q4_1(acc0, off0, w, p, xq, xs, b)
-            elif qtype == Q5_0:
-                acc0, off0 = _block_q5_0(acc0, off0, w, p, xq, xs, b)
-            elif qtype == Q5_1:
-                acc0, off0 = _block_q5_1(acc0, off0, w, p, xq, xs, b)
-            else:
-                acc0, off0 = _block_q8_0(acc0, off0, w, p, xq, xs, b)
+            acc0, off0 = _block_32(acc0, off0, w, p, xq, xs, nb - 1, qtype)
         total, off = hsum(acc0 + acc1), off0 + off1
-        if qtype == Q4_0:
-            out[r] = total - f32(8) * off
-        elif qtype == Q5_0:
-            out[r] = total - f32(16) * off
-        else:
-            out[r] = total + off
-
-
-@kernel
-def _scale_min_k4(w, p, j):
-    """Scale and min j (0..7) of a Q4_K/Q5_K super-block whose 12 scale bytes start at w[p]."""
-    if j < 4:
-        sc = load_u8(w, p + j) & 63
-        mn = load_u8(w, p + j + 4) & 63
-    else:
-        sc = (load_u8(w, p + j + 4) & 15) | ((load_u8(w, p + j - 4) >> 6) << 4)
-        mn = (load_u8(w, p + j + 4) >> 4) | ((load_u8(w, p + j) >> 6) << 4)
-    return f32(sc), f32(mn)
-
-
-@kernel
-def _scale_q3_k(w, p, j):
-    """Signed scale j (0..15) of a Q3_K super-block whose 12 scale bytes start at w[p]."""
-    low = (load_u8(w, p + j % 8) >> (4 * (j // 8))) & 15
-    high = (load_u8(w, p + 8 + j % 4) >> (2 * (j // 4))) & 3
-    return f32(low | (high << 4)) - f32(32)
+        out[r] = total - f32(8) * off if qtype == Q4_0 else total + off
 
 
 @kernel
@@ -269,42 +204,16 @@ def _rows_q3_k(out, xq, xs, w, r0, r1, k):
 
 
 @kernel
-def _pair_q4_k(acc0, acc1, lo, hi, xq, i, s0, s1):
+def _pair_q5_k(acc0, acc1, lo, hi, xq, i, s0, s1):
     """x blocks i and i + 1 against sub-blocks stored as the low and high nibbles of the same 32 bytes."""
     acc0 = fma(to_f32(dot_u8(lo, xq, 32 * i)), s0, acc0)
     return acc0, fma(to_f32(dot_u8(hi, xq, 32 * i + 32)), s1, acc1)
 
 
 @kernel
-def _rows_q4_k(out, xq, xs, w, r0, r1, k):
-    # value = d * sc[j] * q - dmin * m[j] for 32-value sub-blocks j (one x block each)
-    nsb = k // QK_K
-    for r in range(r0, r1):
-        p = r * nsb * 144
-        acc0, acc1, mins = zeros(), zeros(), zeros()
-        for sb in range(nsb):
-            i = 8 * sb
-            dx, sx = deinterleave(xs, 2 * i)             # scales and sums of x blocks i .. i + 7
-            sc, mn = k4_scales(w, p + 4)
-            t = sc * (dx * load_f16(w, p))
-            mins = fma(mn * load_f16(w, p + 2), sx, mins)
-            for c in range(4):
-                q = bytes32(w, p + 16 + 32 * c)
-                if c == 0:
-                    acc0, acc1 = _pair_q4_k(acc0, acc1, q & 15, q >> 4, xq, i, lane(t, 0), lane(t, 1))
-                elif c == 1:
-                    acc0, acc1 = _pair_q4_k(acc0, acc1, q & 15, q >> 4, xq, i + 2, lane(t, 2), lane(t, 3))
-                elif c == 2:
-                    acc0, acc1 = _pair_q4_k(acc0, acc1, q & 15, q >> 4, xq, i + 4, lane(t, 4), lane(t, 5))
-                else:
-                    acc0, acc1 = _pair_q4_k(acc0, acc1, q & 15, q >> 4, xq, i + 6, lane(t, 6), lane(t, 7))
-            p += 144
-        out[r] = hsum(acc0 + acc1) - hsum(mins)
-
-
-@kernel
 def _rows_q5_k(out, xq, xs, w, r0, r1, k):
-    # as Q4_K, with bit 4 of sub-block j's values at bit j of the 32 qh bytes
+    # value = d * sc[j] * q - dmin * m[j] for 32-value sub-blocks j (one x block each), q's bit 4 for
+    # sub-block j at bit j of the 32 qh bytes
     nsb = k // QK_K
     for r in range(r0, r1):
         p = r * nsb * 176
@@ -321,45 +230,15 @@ def _rows_q5_k(out, xq, xs, w, r0, r1, k):
                 lo = (q & 15) | (((qh >> (2 * c)) & 1) << 4)
                 hi = (q >> 4) | (((qh >> (2 * c + 1)) & 1) << 4)
                 if c == 0:
-                    acc0, acc1 = _pair_q4_k(acc0, acc1, lo, hi, xq, i, lane(t, 0), lane(t, 1))
+                    acc0, acc1 = _pair_q5_k(acc0, acc1, lo, hi, xq, i, lane(t, 0), lane(t, 1))
                 elif c == 1:
-                    acc0, acc1 = _pair_q4_k(acc0, acc1, lo, hi, xq, i + 2, lane(t, 2), lane(t, 3))
+                    acc0, acc1 = _pair_q5_k(acc0, acc1, lo, hi, xq, i + 2, lane(t, 2), lane(t, 3))
                 elif c == 2:
-                    acc0, acc1 = _pair_q4_k(acc0, acc1, lo, hi, xq, i + 4, lane(t, 4), lane(t, 5))
+                    acc0, acc1 = _pair_q5_k(acc0, acc1, lo, hi, xq, i + 4, lane(t, 4), lane(t, 5))
                 else:
-                    acc0, acc1 = _pair_q4_k(acc0, acc1, lo, hi, xq, i + 6, lane(t, 6), lane(t, 7))
+                    acc0, acc1 = _pair_q5_k(acc0, acc1, lo, hi, xq, i + 6, lane(t, 6), lane(t, 7))
             p += 176
         out[r] = hsum(acc0 + acc1) - hsum(mins)
-
-
-@kernel
-def _half_q6_k(acc0, acc1, ql0, ql1, qh, xq, i, t):
-    """One 128-value half: x blocks i .. i + 3 take the low nibbles of ql0, ql1, then their high nibbles,
-    with bits 0-1, 2-3, 4-5, 6-7 of qh on top; value = d * scale * (q - 32), a scale per 16 values."""
-    acc0 = fma(to_f32(dot_i8(((ql0 & 15) | ((qh & 3) << 4)) - 32, xq, 32 * i)), lanes(t, 0, 1), acc0)
-    acc1 = fma(to_f32(dot_i8(((ql1 & 15) | (((qh >> 2) & 3) << 4)) - 32, xq, 32 * i + 32)), lanes(t, 2, 3), acc1)
-    acc0 = fma(to_f32(dot_i8(((ql0 >> 4) | (((qh >> 4) & 3) << 4)) - 32, xq, 32 * i + 64)), lanes(t, 4, 5), acc0)
-    acc1 = fma(to_f32(dot_i8(((ql1 >> 4) | ((qh >> 6) << 4)) - 32, xq, 32 * i + 96)), lanes(t, 6, 7), acc1)
-    return acc0, acc1
-
-
-@kernel
-def _rows_q6_k(out, xq, xs, w, r0, r1, k):
-    nsb = k // QK_K
-    for r in range(r0, r1):
-        p = r * nsb * 210
-        acc0, acc1 = zeros(), zeros()
-        for sb in range(nsb):
-            i = 8 * sb
-            dx, _ = deinterleave(xs, 2 * i)
-            dx = dx * load_f16(w, p + 208)
-            s0, s1 = i8x16_scales(w, p + 192)
-            acc0, acc1 = _half_q6_k(acc0, acc1, bytes32(w, p), bytes32(w, p + 32), bytes32(w, p + 128), xq, i,
-                                    s0 * repeat2(dx, 0))
-            acc0, acc1 = _half_q6_k(acc0, acc1, bytes32(w, p + 64), bytes32(w, p + 96), bytes32(w, p + 160), xq,
-                                    i + 4, s1 * repeat2(dx, 1))
-            p += 210
-        out[r] = hsum(acc0 + acc1)
 
 
 @kernel
@@ -414,15 +293,12 @@ def _float_at(w, qtype, p):
 
 
 @kernel
-def _matvec_rows(out, x, xq, xs, w, qtype, r0, r1, k):
-    if qtype == Q4_0 or qtype == Q4_1 or qtype == Q5_0 or qtype == Q5_1 or qtype == Q8_0:
-        _rows_legacy(out, xq, xs, w, qtype, r0, r1, k)
-    elif qtype == Q4_K:
-        _rows_q4_k(out, xq, xs, w, r0, r1, k)
+def _rows(out, x, xq, xs, w, qtype, r0, r1, k):
+    """out[r] = W[r] · x for r0 <= r < r1, x already quantized into xq, xs for the int8 types."""
+    if qtype == Q4_0 or qtype == Q5_1:
+        _rows_32(out, xq, xs, w, qtype, r0, r1, k)
     elif qtype == Q5_K:
         _rows_q5_k(out, xq, xs, w, r0, r1, k)
-    elif qtype == Q6_K:
-        _rows_q6_k(out, xq, xs, w, r0, r1, k)
     elif qtype == Q3_K:
         _rows_q3_k(out, xq, xs, w, r0, r1, k)
     elif qtype == Q2_K:
@@ -432,21 +308,52 @@ def _matvec_rows(out, x, xq, xs, w, qtype, r0, r1, k):
 
 
 @parallel_kernel
-def matvec(out, x, xq, xs, w, qtype, m, k):
-    """out f32[m] = W @ x for W the (m, k) tensor of type `qtype` in bytes `w`. xq int8[k] and xs f32[k // 16]
-    are scratch the kernel fills (x quantized to 8 bits) so nothing is allocated per call. Parallel over
-    rows; small matrices run on the calling thread."""
+def gemm(out, x, xq, xs, w, qtype, m, k):
+    """out f32[n, m] = x @ W.T for x f32[n, k] and W the (m, k) tensor of type `qtype` in bytes `w`, one of
+    Q4_0, Q5_1, Q2_K, Q3_K, Q5_K, F32, F16, BF16. xq int8[n, k] and xs f32[n, k // 16] are scratch the kernel
+    fills (x quantized to 8 bits) so nothing is allocated per call. Parallel over weight rows; small products
+    run on the calling thread."""
+    n = x.shape[0]
     if uses_int8_activations(qtype):
-        quantize_activations(x, xq, xs)
-    if m * k <= SERIAL_WEIGHTS:
-        _matvec_rows(out, x, xq, xs, w, qtype, 0, m, k)
+        if n == 1:                                  # decode: one parallel region per call, not two
+            quantize_activations(x[0], xq[0], xs[0])
+        else:
+            for i in prange(n):
+                quantize_activations(x[i], xq[i], xs[i])
+    if n * m * k <= SERIAL_WORK:
+        for i in range(n):
+            _rows(out[i], x[i], xq[i], xs[i], w, qtype, 0, m, k)
         return
-    # Numba hands each thread one contiguous run of tasks, so each streams its own part of W.
-    for t in prange((m + MATVEC_TASK_ROWS - 1) // MATVEC_TASK_ROWS):
-        _matvec_rows(out, x, xq, xs, w, qtype, t * MATVEC_TASK_ROWS, min(m, (t + 1) * MATVEC_TASK_ROWS), k)
+    # Numba hands each thread one contiguous run of tasks, so each streams its own part of W; a task's
+    # TASK_ROWS weight rows stay in cache while every activation row passes over them.
+    for t in prange((m + TASK_ROWS - 1) // TASK_ROWS):
+        r0, r1 = t * TASK_ROWS, min(m, (t + 1) * TASK_ROWS)
+        for i in range(n):
+            _rows(out[i], x[i], xq[i], xs[i], w, qtype, r0, r1, k)
 
 
 # ---- dequantization: one row into float32 ----
+
+@kernel
+def _scale_min_k4(w, p, j):
+    """Scale and min j (0..7) of a Q4_K/Q5_K super-block whose 12 scale bytes start at w[p]."""
+    if j < 4:
+        sc = load_u8(w, p + j) & 63
+        mn = load_u8(w, p + j + 4) & 63
+    else:
+        sc = (load_u8(w, p + j + 4) & 15) | ((load_u8(w, p + j - 4) >> 6) << 4)
+        mn = (load_u8(w, p + j + 4) >> 4) | ((load_u8(w, p + j) >> 6) << 4)
+    return f32(sc), f32(mn)
+
+
+@kernel
+def _scale_q3_k(w, p, j):
+    """Signed scale j (0..15) of a Q3_K super-block whose 12 scale bytes start at w[p]."""
+    low = (load_u8(w, p + j % 8) >> (4 * (j // 8))) & 15
+    high = (load_u8(w, p + 8 + j % 4) >> (2 * (j // 4))) & 3
+    return f32(low | (high << 4)) - f32(32)
+
+
 
 @kernel
 def _dequant_q4_0(o, w, p, nb):
@@ -547,34 +454,26 @@ def _dequant_q3_k(o, w, p, nsb):
 
 
 @kernel
-def _dequant_q4_k(o, w, p, nsb):
+def _dequant_q4_k_q5_k(o, w, p, nsb, qtype):
+    """Q4_K (144-byte blocks) and Q5_K (176: 32 bytes of fifth bits, bit j of byte l for value 32j + l of the
+    super-block, between the scales and the nibbles): value = d * sc[j] * q - dmin * m[j]."""
+    size, nibbles_at = (176, 48) if qtype == Q5_K else (144, 16)
     for sb in range(nsb):
         d = load_f16(w, p)
         dmin = load_f16(w, p + 2)
         for c in range(4):
-            q = bytes32(w, p + 16 + 32 * c)
+            q = bytes32(w, p + nibbles_at + 32 * c)
+            lo, hi = q & 15, q >> 4
+            if qtype == Q5_K:
+                qh = bytes32(w, p + 16)
+                lo = lo | (((qh >> (2 * c)) & 1) << 4)
+                hi = hi | (((qh >> (2 * c + 1)) & 1) << 4)
             sc0, m0 = _scale_min_k4(w, p + 4, 2 * c)
             sc1, m1 = _scale_min_k4(w, p + 4, 2 * c + 1)
             i = QK_K * sb + 64 * c
-            _store_affine32(o, i, q & 15, d * sc0, -(dmin * m0))
-            _store_affine32(o, i + 32, q >> 4, d * sc1, -(dmin * m1))
-        p += 144
-
-
-@kernel
-def _dequant_q5_k(o, w, p, nsb):
-    for sb in range(nsb):
-        d = load_f16(w, p)
-        dmin = load_f16(w, p + 2)
-        qh = bytes32(w, p + 16)
-        for c in range(4):
-            q = bytes32(w, p + 48 + 32 * c)
-            sc0, m0 = _scale_min_k4(w, p + 4, 2 * c)
-            sc1, m1 = _scale_min_k4(w, p + 4, 2 * c + 1)
-            i = QK_K * sb + 64 * c
-            _store_affine32(o, i, (q & 15) | (((qh >> (2 * c)) & 1) << 4), d * sc0, -(dmin * m0))
-            _store_affine32(o, i + 32, (q >> 4) | (((qh >> (2 * c + 1)) & 1) << 4), d * sc1, -(dmin * m1))
-        p += 176
+            _store_affine32(o, i, lo, d * sc0, -(dmin * m0))
+            _store_affine32(o, i + 32, hi, d * sc1, -(dmin * m1))
+        p += size
 
 
 @kernel
@@ -634,10 +533,8 @@ def dequantize_row(o, w, qtype, row, k):
         _dequant_q2_k(o, w, p, k // QK_K)
     elif qtype == Q3_K:
         _dequant_q3_k(o, w, p, k // QK_K)
-    elif qtype == Q4_K:
-        _dequant_q4_k(o, w, p, k // QK_K)
-    elif qtype == Q5_K:
-        _dequant_q5_k(o, w, p, k // QK_K)
+    elif qtype == Q4_K or qtype == Q5_K:
+        _dequant_q4_k_q5_k(o, w, p, k // QK_K, qtype)
     elif qtype == Q6_K:
         _dequant_q6_k(o, w, p, k // QK_K)
     else:
@@ -661,110 +558,3 @@ def dequantize_rows(out, w, qtype, m, k):
     """out f32[m, k] = the whole tensor, parallel over rows."""
     for r in prange(m):
         dequantize_row(out[r], w, qtype, r, k)
-
-
-# ---- prefill ----
-#
-# gemm dequantizes GEMM_TILE_ROWS = 16 weight rows at a time and stores them transposed, k-major
-# (tile[t, j] = W[r0 + j, t]), so that one k step of the micro-kernel reads the 16 rows' values at t as two
-# F32x8. The micro-kernel keeps a 6 × 16 block of `out` in 12 registers and for each t adds x[i, t] times
-# those 16 values (an outer product: 12 FMAs for 2 loads and 6 broadcasts), then stores the block once; no
-# horizontal sums. Each thread takes its own tiles; x (n, k) is read by every tile from cache.
-
-@kernel
-def _dequantize_tile(tile, rows_buf, w, qtype, r0, rows, k):
-    """tile[t, j] = W[r0 + j, t] for j < rows, 0 for rows <= j < 16 (rows_buf: f32[16, k] scratch)."""
-    for j in range(rows):
-        dequantize_row(rows_buf[j], w, qtype, r0 + j, k)
-    for j in range(rows, GEMM_TILE_ROWS):
-        rows_buf[j, :] = f32(0)
-    flat_rows, flat_tile = rows_buf.reshape(-1), tile.reshape(-1)
-    k8 = k - k % 8
-    for t in range(0, k8, 8):
-        transpose_8x8(flat_rows, t, k, flat_tile, GEMM_TILE_ROWS * t, GEMM_TILE_ROWS)
-        transpose_8x8(flat_rows, 8 * k + t, k, flat_tile, GEMM_TILE_ROWS * t + 8, GEMM_TILE_ROWS)
-    for t in range(k8, k):
-        for j in range(GEMM_TILE_ROWS):
-            tile[t, j] = rows_buf[j, t]
-
-
-@kernel
-def _outer_6x16(out, x, tile, i0, n_rows, col, cols, k):
-    """out[i0:i0+n_rows, col:col+cols] = x[i0:i0+n_rows] @ W_tile[:cols].T, tile k-major, n_rows <= 6 and
-    cols <= 16. Missing rows (n_rows < 6) repeat row i0 and are not stored."""
-    x0 = x[i0]
-    x1 = x[i0 + 1] if n_rows > 1 else x0
-    x2 = x[i0 + 2] if n_rows > 2 else x0
-    x3 = x[i0 + 3] if n_rows > 3 else x0
-    x4 = x[i0 + 4] if n_rows > 4 else x0
-    x5 = x[i0 + 5] if n_rows > 5 else x0
-    c00, c01, c10, c11, c20, c21 = zeros(), zeros(), zeros(), zeros(), zeros(), zeros()
-    c30, c31, c40, c41, c50, c51 = zeros(), zeros(), zeros(), zeros(), zeros(), zeros()
-    for t in range(k):
-        b0 = load_f32x8(tile[t], 0)
-        b1 = load_f32x8(tile[t], 8)
-        a = x0[t]
-        c00 = fma(b0, a, c00)
-        c01 = fma(b1, a, c01)
-        a = x1[t]
-        c10 = fma(b0, a, c10)
-        c11 = fma(b1, a, c11)
-        a = x2[t]
-        c20 = fma(b0, a, c20)
-        c21 = fma(b1, a, c21)
-        a = x3[t]
-        c30 = fma(b0, a, c30)
-        c31 = fma(b1, a, c31)
-        a = x4[t]
-        c40 = fma(b0, a, c40)
-        c41 = fma(b1, a, c41)
-        a = x5[t]
-        c50 = fma(b0, a, c50)
-        c51 = fma(b1, a, c51)
-    _store_16(out[i0], col, cols, c00, c01)
-    if n_rows > 1:
-        _store_16(out[i0 + 1], col, cols, c10, c11)
-    if n_rows > 2:
-        _store_16(out[i0 + 2], col, cols, c20, c21)
-    if n_rows > 3:
-        _store_16(out[i0 + 3], col, cols, c30, c31)
-    if n_rows > 4:
-        _store_16(out[i0 + 4], col, cols, c40, c41)
-    if n_rows > 5:
-        _store_16(out[i0 + 5], col, cols, c50, c51)
-
-
-@kernel
-def _store_16(out_row, col, cols, lo, hi):
-    """out_row[col:col + cols] = the first `cols` of the 16 lanes lo, hi."""
-    if cols == 16:
-        store_f32x8(out_row, col, lo)
-        store_f32x8(out_row, col + 8, hi)
-    else:
-        spill = np.empty(16, np.float32)
-        store_f32x8(spill, 0, lo)
-        store_f32x8(spill, 8, hi)
-        for j in range(cols):
-            out_row[col + j] = spill[j]
-
-
-@parallel_kernel
-def gemm(out, x, xq, xs, w, qtype, m, k):
-    """out f32[n, m] = x @ W.T for x f32[n, k]. xq int8[n, k] and xs f32[n, k // 16] are scratch (used when
-    n is small enough that gemm runs one matvec per row). Each weight row is dequantized once per call."""
-    n = x.shape[0]
-    if n < GEMM_MIN_ROWS:
-        for i in range(n):
-            matvec(out[i], x[i], xq[i], xs[i], w, qtype, m, k)
-        return
-    n_tiles = (m + GEMM_TILE_ROWS - 1) // GEMM_TILE_ROWS
-    n_tasks = min(n_tiles, GEMM_TASKS)
-    for task in prange(n_tasks):
-        tile = np.empty((k, GEMM_TILE_ROWS), np.float32)
-        rows_buf = np.empty((GEMM_TILE_ROWS, k), np.float32)
-        for t in range(task * n_tiles // n_tasks, (task + 1) * n_tiles // n_tasks):
-            r0 = t * GEMM_TILE_ROWS
-            cols = min(GEMM_TILE_ROWS, m - r0)
-            _dequantize_tile(tile, rows_buf, w, qtype, r0, cols, k)
-            for i0 in range(0, n, 6):
-                _outer_6x16(out, x, tile, i0, min(6, n - i0), r0, cols, k)

@@ -74,6 +74,15 @@ class Q3_K(BlockFormat, qtype=T.Q3_K):
         return (dl * q.astype(np.float32)).reshape(n, QK_K)
 
 
+def _scales_and_mins_k4(blocks):
+    """Q4_K/Q5_K: d * sc[j] and dmin * m[j] of each 32-value sub-block j, (n, 8, 1) float32 each, from the
+    f16 d, dmin and the 12 bytes of 6-bit scales and mins that open the block."""
+    n = blocks.shape[0]
+    d, dmin = f16(blocks[:, 0:2]), f16(blocks[:, 2:4])
+    sc, mn = unpack_scale_min_k4(blocks[:, 4:16])
+    return (d * sc.astype(np.float32)).reshape(n, 8, 1), (dmin * mn.astype(np.float32)).reshape(n, 8, 1)
+
+
 class Q4_K(BlockFormat, qtype=T.Q4_K):
     # 144 bytes: | d: f16 | dmin: f16 | scales: 12 bytes (8 scales, 8 mins, 6 bits) | qs: 128 bytes |
     #   value e = c*64 + l (chunk c 0..3): low nibble of qs[c*32 + l] for l < 32, high nibble for l >= 32
@@ -82,10 +91,7 @@ class Q4_K(BlockFormat, qtype=T.Q4_K):
     @classmethod
     def dequantize_blocks(cls, blocks):
         n = blocks.shape[0]
-        d, dmin = f16(blocks[:, 0:2]), f16(blocks[:, 2:4])
-        sc, mn = unpack_scale_min_k4(blocks[:, 4:16])
-        dl = (d * sc.astype(np.float32)).reshape(n, 8, 1)
-        ml = (dmin * mn.astype(np.float32)).reshape(n, 8, 1)
+        dl, ml = _scales_and_mins_k4(blocks)
         q = _bit_planes(blocks[:, 16:144].reshape(n * 4, 32), 4, 2).reshape(n, 8, 32).astype(np.float32)
         return (dl * q - ml).reshape(n, QK_K)
 
@@ -97,10 +103,7 @@ class Q5_K(BlockFormat, qtype=T.Q5_K):
     @classmethod
     def dequantize_blocks(cls, blocks):
         n = blocks.shape[0]
-        d, dmin = f16(blocks[:, 0:2]), f16(blocks[:, 2:4])
-        sc, mn = unpack_scale_min_k4(blocks[:, 4:16])
-        dl = (d * sc.astype(np.float32)).reshape(n, 8, 1)
-        ml = (dmin * mn.astype(np.float32)).reshape(n, 8, 1)
+        dl, ml = _scales_and_mins_k4(blocks)
         low = _bit_planes(blocks[:, 48:176].reshape(n * 4, 32), 4, 2).reshape(n, 8, 32)
         high = _bit_planes(blocks[:, 16:48], 1, 8)
         q = (low | (high << np.uint8(4))).astype(np.float32)

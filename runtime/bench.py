@@ -1,8 +1,12 @@
 """`nibble bench`: llama-bench's method, on our engine.
 
 pp = one batch of p prompt tokens from an empty cache; tg = n single-token decode steps from an empty
-cache; each repeated r times after one warm-up; mean ± stddev of tokens/s. Beside each figure: the weight
-bytes read per token × tokens/s (GB/s), so a reader sees how close decode is to the memory bandwidth.
+cache; each repeated r times after one warm-up; mean ± stddev of tokens/s. Beside each figure, what it means
+against the machine's limit:
+
+    tg  GB/s     weight bytes read per token × tokens/s: the memory bandwidth decode achieved
+    pp  GFLOP/s  2 × `matmul_params` × tokens/s: the compute prefill achieved in the weight matmuls (a
+                 batch reads the weights once for all its tokens, so bytes × tokens/s would be no bandwidth)
 """
 
 from __future__ import annotations
@@ -23,7 +27,8 @@ class BenchResult:
     n_prompt: int
     n_gen: int
     samples_ts: list[float] = field(default_factory=list)
-    weight_bytes: int = 0
+    weight_bytes: int = 0   # read per decoded token
+    matmul_params: int = 0  # weights each prompt token is multiplied with
 
     @property
     def test(self) -> str:
@@ -38,13 +43,20 @@ class BenchResult:
         return statistics.stdev(self.samples_ts) if len(self.samples_ts) > 1 else 0.0
 
     @property
-    def gbps(self) -> float:
-        return self.weight_bytes * self.avg_ts / 1e9
+    def gbps(self) -> float | None:
+        """tg: GB/s of weights read (None for pp)."""
+        return self.weight_bytes * self.avg_ts / 1e9 if not self.n_prompt else None
+
+    @property
+    def gflops(self) -> float | None:
+        """pp: GFLOP/s of the weight matmuls, 2 flops per multiply-add (None for tg)."""
+        return 2 * self.matmul_params * self.avg_ts / 1e9 if self.n_prompt else None
 
     def as_json(self) -> dict:
+        speed = {"gflops": self.gflops} if self.n_prompt else {"gbps": self.gbps}
         return {"model_type": self.model_type, "n_prompt": self.n_prompt, "n_gen": self.n_gen,
                 "n_threads": self.n_threads, "avg_ts": self.avg_ts, "stddev_ts": self.stddev_ts,
-                "gbps": self.gbps, "samples_ts": self.samples_ts}
+                **speed, "samples_ts": self.samples_ts}
 
 
 def model_type(model) -> str:
@@ -57,6 +69,14 @@ def model_type(model) -> str:
     except ValueError:
         kind = f"ftype {ftype}"
     return f"{model.architecture} {label} {kind}"
+
+
+def matmul_params(model) -> int:
+    """Weights each prompt token is multiplied with: every matrix of every layer (m × k each). Left out: the
+    output projection, which a prefill runs for the last position only, and attention's products."""
+    from ..models.linear import Linear
+    return sum(w.m * w.k for layer in model.engine.weights.layers for w in vars(layer).values()
+               if isinstance(w, Linear))
 
 
 def measure_compile(model) -> float:
@@ -73,7 +93,7 @@ def measure_compile(model) -> float:
 def run(model, n_prompt: int, n_gen: int, reps: int, threads: int, seed: int = 0) -> list[BenchResult]:
     rng = np.random.default_rng(seed)
     common = dict(model_type=model_type(model), size=model.engine.model_bytes, n_params=model.n_params,
-                  n_threads=threads, weight_bytes=model.weight_bytes)
+                  n_threads=threads, weight_bytes=model.weight_bytes, matmul_params=matmul_params(model))
     results = []
     if n_prompt:
         r = BenchResult(n_prompt=n_prompt, n_gen=0, **common)
@@ -103,9 +123,11 @@ def run(model, n_prompt: int, n_gen: int, reps: int, threads: int, seed: int = 0
 
 
 def markdown(results: list[BenchResult]) -> str:
-    rows = ["| model | size | params | backend | threads | test | t/s | GB/s |",
-            "| --- | ---: | ---: | --- | ---: | ---: | ---: | ---: |"]
+    rows = ["| model | size | params | backend | threads | test | t/s | GB/s | GFLOP/s |",
+            "| --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: |"]
     for r in results:
+        gbps = f"{r.gbps:.2f}" if r.gbps is not None else ""
+        gflops = f"{r.gflops:.1f}" if r.gflops is not None else ""
         rows.append(f"| {r.model_type} | {r.size / 2**20:.2f} MiB | {r.n_params / 1e6:.2f} M | CPU (numba) | "
-                    f"{r.n_threads} | {r.test} | {r.avg_ts:.2f} ± {r.stddev_ts:.2f} | {r.gbps:.2f} |")
+                    f"{r.n_threads} | {r.test} | {r.avg_ts:.2f} ± {r.stddev_ts:.2f} | {gbps} | {gflops} |")
     return "\n".join(rows)

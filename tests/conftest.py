@@ -110,6 +110,27 @@ def _byte_level_vocab() -> list[str]:
     return [chr(c) for _, c in sorted(zip(bs, cs))]
 
 
+# K-quants gguf-py cannot write: byte offsets of each block's f16 d and dmin (None: no minimum), the largest
+# |sub-block scale × quant| (d × that is about the block's largest value) and the mean quant (random bytes:
+# uniform quants, sub-block scales and mins alike, so dmin = d × mean quant centres the values on 0)
+K_QUANT_SCALES = {"Q2_K": (80, 82, 15 * 3, 1.5), "Q3_K": (108, None, 32 * 4, 0), "Q4_K": (0, 2, 63 * 15, 7.5),
+                  "Q5_K": (0, 2, 63 * 31, 15.5), "Q6_K": (208, None, 32 * 32, 0)}
+
+
+def k_quant_blocks(blocks, qtype: str, rng, scale: float):
+    """Random K-quant blocks (rows, bytes), their f16 d (and dmin) set in place so that the values are of
+    order `scale` around 0 (random bytes there would make infinities and NaNs)."""
+    import numpy as np
+    import gguf
+    d_at, dmin_at, largest, mean_quant = K_QUANT_SCALES[qtype]
+    flat = blocks.reshape(-1, gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[qtype]][1])
+    d = (0.5 + rng.random((flat.shape[0], 1))) * 3 * scale / largest
+    flat[:, d_at:d_at + 2] = d.astype(np.float16).view(np.uint8)
+    if dmin_at is not None:
+        flat[:, dmin_at:dmin_at + 2] = (d * mean_quant).astype(np.float16).view(np.uint8)
+    return blocks
+
+
 def write_tiny_gguf(path: Path, arch: str, qtype: str = "Q8_0", seed: int = 0, **overrides) -> Path:
     """A complete tiny model of `arch` with random weights: matrices in `qtype`, norms F32, gpt2 tokenizer."""
     import numpy as np
@@ -157,6 +178,8 @@ def write_tiny_gguf(path: Path, arch: str, qtype: str = "Q8_0", seed: int = 0, *
             except NotImplementedError:        # types gguf cannot write (IQ*): random blocks of the right size
                 block, size = gguf.GGML_QUANT_SIZES[qt]
                 blocks = rng.integers(0, 256, (m, k // block * size), dtype=np.uint8)
+                if qtype in K_QUANT_SCALES:    # K-quants nibble reads: finite scales, values of the same order
+                    blocks = k_quant_blocks(blocks, qtype, rng, scale or 1 / np.sqrt(k))
             w.add_tensor(name, blocks, raw_dtype=qt)
 
     def vector(name, n, around=1.0):

@@ -13,8 +13,11 @@ def test_bench_model_smoke(cli, pulled):
     assert [(row["n_prompt"], row["n_gen"]) for row in rows] == [(8, 0), (0, 4)]
     for row in rows:
         assert row["model_type"].startswith("llama 135M")
-        assert row["avg_ts"] > 0 and row["gbps"] > 0 and row["n_threads"] >= 1
-        assert {"model_type", "n_prompt", "n_gen", "n_threads", "avg_ts", "stddev_ts", "gbps"} <= set(row)
+        assert row["avg_ts"] > 0 and row["n_threads"] >= 1
+        assert {"model_type", "n_prompt", "n_gen", "n_threads", "avg_ts", "stddev_ts"} <= set(row)
+    pp, tg = rows
+    assert pp["gflops"] > 0 and "gbps" not in pp            # a batch reads the weights once: no bandwidth
+    assert tg["gbps"] > 0 and "gflops" not in tg
 
 
 def test_bench_model_table(cli, pulled):
@@ -22,9 +25,28 @@ def test_bench_model_table(cli, pulled):
     r = cli("bench", "smollm2-135m", "-p", "8", "-n", "4", "-r", "2", "--threads", "1")
     assert r.returncode == 0, r.stderr
     lines = r.stdout.splitlines()
-    assert lines[0] == "| model | size | params | backend | threads | test | t/s | GB/s |"
+    assert lines[0] == "| model | size | params | backend | threads | test | t/s | GB/s | GFLOP/s |"
     assert "| pp8 |" in lines[2] and "| tg4 |" in lines[3] and "| 1 |" in lines[2]
+    pp, tg = ([cell.strip() for cell in line.split("|")[-3:-1]] for line in lines[2:4])
+    assert pp[0] == "" and float(pp[1]) > 0                   # pp: GFLOP/s, no GB/s
+    assert float(tg[0]) > 0 and tg[1] == ""                   # tg: GB/s, no GFLOP/s
     assert "TTFT" in r.stdout and "TPOT" in r.stdout and "compile" in r.stdout
+
+
+def test_prefill_figure_is_flops_of_the_layer_matmuls(tiny_gguf):
+    """pp's GFLOP/s = 2 × (m × k of every layer matrix) × tokens/s; tg's GB/s = weight bytes × tokens/s."""
+    import nibble
+    from nibble.runtime import bench
+    from nibble.formats.gguf import GGUFFile
+    path = tiny_gguf("llama")
+    model = nibble.load(path, n_ctx=32)
+    layer_matrices = [t for name, t in GGUFFile(path).tensors.items()
+                      if name.startswith("blk.") and len(t.shape) == 2]
+    params = sum(t.n_elements for t in layer_matrices)
+    assert len(layer_matrices) == 7 * model.args.n_layers and bench.matmul_params(model) == params
+    pp, tg = bench.run(model, n_prompt=4, n_gen=2, reps=1, threads=1)
+    assert pp.gflops == 2 * params * pp.avg_ts / 1e9 and pp.gbps is None
+    assert tg.gbps == model.weight_bytes * tg.avg_ts / 1e9 and tg.gflops is None
 
 
 def test_bench_kernels_smoke(cli):

@@ -1,5 +1,6 @@
 """The forward pass: every architecture through one runner on tiny synthetic models, then the three real
-models against llama.cpp's reference outputs."""
+models' perplexity against llama.cpp's (their logits and greedy tokens are held to llama.cpp's bit for bit in
+test_exact.py)."""
 
 from __future__ import annotations
 
@@ -110,13 +111,7 @@ def test_inconsistent_shapes_are_a_format_error(tiny_gguf):
         nibble.load(tiny_gguf("llama", head_dim=8))                   # wq written (32, 64), expected (64, 64)
 
 
-# ---- the real models against llama.cpp ----
-
-# llama.cpp's bar for mul_mat (test-backend-ops). The models' activations are large enough that one flipped
-# rounding decision in one 8-bit activation block moves the logits by ~5e-3, so meeting it takes llama.cpp's
-# arithmetic operation for operation (quant/ggml_exact.py, models/ops.py); an exact float64 forward misses it.
-LOGITS_NMSE = 5e-4
-
+# ---- the real models' perplexity against llama.cpp ----
 
 @pytest.fixture(scope="module")
 def real_model(request):
@@ -128,25 +123,6 @@ def real_model(request):
             cache[name] = nibble.load(name, n_ctx=1024)
         return cache[name]
     return get
-
-
-@pytest.mark.parametrize("name", ["smollm2-135m", "gemma3-270m", "qwen2.5-coder-0.5b"])
-def test_real_model_matches_llama_cpp(name, real_model, ref, pulled):
-    pulled(name)
-    model = real_model(name)
-    for i, p in enumerate(ref(name, "prompts.json")):
-        logits = model.logits(p["ids"])
-        expected = np.load(ref(name, p["last_logits_file"]))
-        assert logits[-1].argmax() == expected.argmax(), f"prompt {i}"
-        assert nmse(logits[-1], expected) <= LOGITS_NMSE, f"prompt {i}"
-        top1 = [row[0] for row in p["top10_per_position"]]
-        assert logits.argmax(axis=1).tolist() == top1, f"prompt {i}: top-1 per position"
-        # greedy decoding reproduces llama.cpp's first 16 tokens
-        model.reset()
-        out = [int(model.eval(p["ids"]).argmax())]
-        while len(out) < 16:
-            out.append(int(model.eval(out[-1:]).argmax()))
-        assert out == p["greedy_ids"][:16], f"prompt {i}: greedy continuation"
 
 
 @pytest.mark.parametrize("name", ["smollm2-135m", "gemma3-270m", "qwen2.5-coder-0.5b"])

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import os
 import struct
-import time
+import sys
+import threading
 import tracemalloc
 
 import numpy as np
@@ -424,10 +425,20 @@ def test_missing_file_and_directory(tmp_path):
 def test_fifo_is_rejected_without_blocking(tmp_path):
     fifo = tmp_path / "model.gguf"
     os.mkfifo(fifo)
-    t = time.perf_counter()
-    with pytest.raises(GGUFError, match="not a regular file"):
-        nibble.load(fifo)
-    assert time.perf_counter() - t < 5
+    errors = []
+
+    def load():
+        try:
+            nibble.load(fifo)
+        except GGUFError as e:
+            errors.append(e)
+    # a blocking open of a FIFO with no writer never returns: the thread is a guard against a hung test run,
+    # its generous timeout is no speed requirement
+    thread = threading.Thread(target=load, daemon=True)
+    thread.start()
+    thread.join(timeout=120)
+    assert not thread.is_alive(), "opening a FIFO blocked"
+    assert len(errors) == 1 and "not a regular file" in str(errors[0])
 
 
 # ---- memory: claims of 2^60 elements fail before anything is allocated ----
@@ -451,7 +462,7 @@ def test_huge_claims_fail_fast_without_allocating(write, claim, fragment):
 
 
 def test_opening_reads_no_tensor_data(tmp_path):
-    # A 2 GiB tensor in a sparse file: if the reader touched the data, the time and the resident memory show it.
+    # A 2 GiB tensor in a sparse file: if the reader touched the data, the resident memory shows it.
     infos = [tensor_info("big", [2**16, 2**13], Q.F32, 0)]
     header = gguf_bytes(infos=infos)
     path = tmp_path / "big.gguf"
@@ -463,12 +474,9 @@ def test_opening_reads_no_tensor_data(tmp_path):
         with open("/proc/self/statm") as f:
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     before = rss()
-    t = time.perf_counter()
     g = GGUFFile(path)
-    elapsed = time.perf_counter() - t
     assert g.tensors["big"].nbytes == 2**31 and g.tensors["big"].shape == (2**13, 2**16)
     assert rss() - before < 32 << 20
-    assert elapsed < 0.5
 
 
 # ---- round trip through gguf.GGUFWriter ----
@@ -595,15 +603,24 @@ def test_real_model_header_rewritten_by_gguf_writer_is_identical(pulled, tmp_pat
 
 
 def test_opening_the_largest_real_model_is_fast(pulled):
+    """Its header holds ~300k strings (tokens and merges); opening it must cost a few builtin calls per
+    string and no Python function call per string (~0.2 s on 2 cores). Counted, not timed: a time would
+    depend on the machine's load."""
     path = pulled("qwen2.5-coder-0.5b")
-    GGUFFile(path).close()  # warm the page cache for the header
-    times = []
-    for _ in range(3):
-        t = time.perf_counter()
+    calls = {"call": 0, "c_call": 0}
+
+    def count(frame, event, arg):
+        if event in calls:
+            calls[event] += 1
+    sys.setprofile(count)
+    try:
         g = GGUFFile(path)
-        times.append(time.perf_counter() - t)
-        assert len(g.tensors) == 291 and len(g.metadata["tokenizer.ggml.tokens"]) == 151936
-    assert min(times) < 0.5, times
+    finally:
+        sys.setprofile(None)
+    assert len(g.tensors) == 291 and len(g.metadata["tokenizer.ggml.tokens"]) == 151936
+    strings = len(g.metadata["tokenizer.ggml.tokens"]) + len(g.metadata["tokenizer.ggml.merges"])
+    assert calls["call"] < 10_000, calls                    # per tensor and per field, not per string
+    assert calls["c_call"] < 4 * strings, calls             # length, decode, append: three per string
 
 
 # ---- typed metadata accessors ----

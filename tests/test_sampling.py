@@ -195,20 +195,31 @@ def test_out_of_range_parameters_are_refused(bad):
         Sampler(SamplingParams(**bad), 10)
 
 
-def test_sampling_a_gemma_sized_vocabulary_is_fast():
+def test_sampling_a_gemma_sized_vocabulary_sorts_a_small_part_of_it(monkeypatch):
+    """A decode step of the 270M model takes ~25 ms and sorting 262,144 logits ~20 ms (argpartition ~3 ms),
+    so the sampler must never sort or partition the whole vocabulary: counted here, not timed (the machine's
+    load would decide a time)."""
+    from nibble.runtime import sampling
+
+    sizes = []
+
+    class CountingNumpy:
+        def __getattr__(self, name):
+            return getattr(np, name)
+
+    counting = CountingNumpy()
+    for name in ("sort", "argsort", "partition", "argpartition"):
+        def counted(a, *args, _sort=getattr(np, name), **kwargs):
+            sizes.append(np.size(a))
+            return _sort(a, *args, **kwargs)
+        setattr(counting, name, counted)
+    monkeypatch.setattr(sampling, "np", counting)
     rng = np.random.default_rng(2)
     logits = distinct_logits(rng, 262_144)
     recent = rng.integers(0, 262_144, 64).tolist()
-    timings = {}
     for name, params in [("defaults", SamplingParams(seed=1, repeat_penalty=1.1)),
                          ("no top-k", SamplingParams(seed=1, top_k=0)),
                          ("greedy", SamplingParams(temperature=0.0))]:
-        sampler = Sampler(params, 262_144)
-        sampler.sample(logits, recent)
-        t = time.perf_counter()
-        for _ in range(20):
-            sampler.sample(logits, recent)
-        timings[name] = (time.perf_counter() - t) / 20 * 1e3
-    print("ms per token over 262,144 logits:", {k: round(v, 2) for k, v in timings.items()})
-    # a decode step of the 270M model takes ~25 ms; the sampler must be a small fraction of it
-    assert timings["defaults"] < 10 and timings["greedy"] < 3 and timings["no top-k"] < 15, timings
+        sizes.clear()
+        Sampler(params, 262_144).sample(logits, recent)
+        assert max(sizes, default=0) <= 262_144 // 32, (name, sizes)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import heapq
 import json
 import random
-import time
+import sys
 from pathlib import Path
 
 import gguf
@@ -99,13 +99,23 @@ def test_end_of_generation_tokens(tok, model_name):
 APACHE = Path(__file__).parent / "data" / "reference" / "apache-2.0.txt"
 
 
-def test_apache_license_tokenizes_fast_and_round_trips(tok):
+def test_apache_license_tokenizes_natively_and_round_trips(tok):
+    """The merging runs in the native backend (HF tokenizers, sentencepiece; ~4 ms for this text on 2 cores):
+    Python code runs per special-token fragment, never per token. Counted, not timed (a time would depend on
+    the machine's load)."""
     text = APACHE.read_text()
-    start = time.perf_counter()
-    ids = tok.encode(text, add_special=False)
-    elapsed = time.perf_counter() - start
+    python_calls = 0
+
+    def count(frame, event, arg):
+        nonlocal python_calls
+        python_calls += event == "call"
+    sys.setprofile(count)
+    try:
+        ids = tok.encode(text, add_special=False)
+    finally:
+        sys.setprofile(None)
     assert tok.decode(ids) == text
-    assert elapsed < 0.5, f"{elapsed:.3f} s for {len(text)} characters"   # ~4 ms measured on 2 cores
+    assert python_calls < len(ids), f"{python_calls} Python calls for {len(ids)} tokens"
 
 
 # ---- decoding ----

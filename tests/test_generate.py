@@ -227,13 +227,13 @@ LONG_SYSTEM = ("You are a helpful assistant for a small museum of maritime histo
 def test_session_reuses_the_cache_so_the_second_turn_evaluates_only_its_new_tokens(smol, monkeypatch):
     """What the cache saves in time to first token, counted as the tokens evaluated before it (prefill), not
     timed: a time would depend on the machine's load (`nibble bench` and `nibble chat` report TTFT)."""
-    evaluated = []                                   # tokens of each model.eval call, prefill or decode
-    eval_tokens = smol.eval
+    evaluated = []                                   # rows of each engine step, prefill or decode
+    forward_rows = smol.engine.forward_rows
 
-    def counting_eval(ids, slot=0):
-        evaluated.append(len(ids))
-        return eval_tokens(ids, slot)
-    monkeypatch.setattr(smol, "eval", counting_eval)
+    def counting_forward(work):
+        evaluated.append(sum(len(ids) for _, ids, _, _ in work))
+        return forward_rows(work)
+    monkeypatch.setattr(smol.engine, "forward_rows", counting_forward)
     session = Session(smol, LONG_SYSTEM, temperature=0, max_tokens=12)
     smol.reset()
     one = session.send("Who built the lighthouse?")

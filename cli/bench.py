@@ -18,6 +18,9 @@ def bench(model: str = typer.Argument(None, help="catalogue name or path (not ne
           threads: int = typer.Option(None, "--threads", "-t", help="threads (default: all cores)"),
           kernels: bool = typer.Option(False, "--kernels", help="benchmark the quantized matmul kernels"),
           size_mb: int = typer.Option(64, "--size-mb", help="--kernels: weight matrix size in MB"),
+          concurrency: str = typer.Option(None, "--concurrency", metavar="1,2,4,8",
+                                          help="concurrent streams through the engine's continuous batching: "
+                                               "aggregate generated tokens/s and TTFT per level"),
           as_json: bool = typer.Option(False, "--json", help="print JSON")):
     """Prompt processing and generation speed, as llama-bench measures them, with what they achieve: GFLOP/s
     (prefill) and GB/s of weights read (decode)."""
@@ -36,6 +39,19 @@ def bench(model: str = typer.Argument(None, help="catalogue name or path (not ne
         raise NibbleError("bench needs a MODEL (or --kernels)")
     from ..runtime import bench as mbench
     from ..runtime.model import load
+    if concurrency:
+        from ..runtime import bench_serving
+        try:
+            levels = sorted({int(c) for c in concurrency.split(",")})
+        except ValueError:
+            raise NibbleError(f"--concurrency takes numbers separated by commas, e.g. 1,2,4,8; got {concurrency!r}")
+        if levels[0] < 1:
+            raise NibbleError("--concurrency levels must be at least 1")
+        n_p, n_g = (n_prompt if n_prompt != 512 else 64), (n_gen if n_gen != 128 else 64)
+        m = load(model, n_ctx=max(n_p + n_g + 8, 16), threads=threads, parallel=levels[-1])
+        rows = bench_serving.run(m, levels, n_prompt=n_p, n_gen=n_g)
+        print(json.dumps([r.to_dict() for r in rows], indent=2) if as_json else bench_serving.table(rows))
+        return
     m = load(model, n_ctx=max(n_prompt + n_gen, 16), threads=threads)
     compile_s = mbench.measure_compile(m)
     results = mbench.run(m, n_prompt, n_gen, max(reps, 1), threads)

@@ -600,17 +600,6 @@ def k4_scales(typingctx, w, i):
 
 
 @intrinsic
-def i8x16_scales(typingctx, w, i):
-    """Q6_K: the 16 int8 scales at w[i] as two F32x8 (sub-blocks 0..7 and 8..15)."""
-    _check_array(w, _BYTES)
-
-    def codegen(context, builder, sig, args):
-        f = builder.sitofp(_bytes_at(context, builder, sig, args, 16), _vec(_F32, 16))
-        return _pair(context, builder, _shuffle(builder, f, f, range(8)), _shuffle(builder, f, f, range(8, 16)))
-    return _PAIR(w, types.intp), codegen
-
-
-@intrinsic
 def k3_scales(typingctx, w, i):
     """Q3_K: the 16 six-bit scales (minus 32) in the 12 bytes at w[i] as two F32x8: scale j has its low 4
     bits in nibble j // 8 of byte j % 8 and its high 2 bits at bits 2 * (j // 4) of byte 8 + j % 4."""
@@ -654,38 +643,6 @@ def repeat2(typingctx, v, half):
         h = sig.args[1].literal_value
         return _shuffle(builder, args[0], args[0], [4 * h + j // 2 for j in range(8)])
     return F32x8(F32x8, half), codegen
-
-
-@intrinsic
-def transpose_8x8(typingctx, src, src_at, src_stride, dst, dst_at, dst_stride):
-    """dst[dst_at + j * dst_stride + i] = src[src_at + i * src_stride + j] for i, j < 8 (float32 arrays):
-    eight vector loads, three rounds of shuffles, eight vector stores."""
-    _check_array(src, ("float32",))
-    _check_array(dst, ("float32",))
-
-    def codegen(context, builder, sig, args):
-        src_ty, _, _, dst_ty, _, _ = sig.args
-        vt = _vec(_F32, 8)
-        rows = [builder.load(_element_ptr(context, builder, src_ty, args[0],
-                                          builder.add(args[1], builder.mul(args[2], _I64(i))), vt), align=4)
-                for i in range(8)]
-        lo, hi = [0, 8, 1, 9, 4, 12, 5, 13], [2, 10, 3, 11, 6, 14, 7, 15]
-        t = []
-        for i in range(0, 8, 2):
-            t += [_shuffle(builder, rows[i], rows[i + 1], lo), _shuffle(builder, rows[i], rows[i + 1], hi)]
-        even, odd = [0, 1, 8, 9, 4, 5, 12, 13], [2, 3, 10, 11, 6, 7, 14, 15]
-        s = [_shuffle(builder, t[0], t[2], even), _shuffle(builder, t[0], t[2], odd),
-             _shuffle(builder, t[1], t[3], even), _shuffle(builder, t[1], t[3], odd),
-             _shuffle(builder, t[4], t[6], even), _shuffle(builder, t[4], t[6], odd),
-             _shuffle(builder, t[5], t[7], even), _shuffle(builder, t[5], t[7], odd)]
-        first, second = [0, 1, 2, 3, 8, 9, 10, 11], [4, 5, 6, 7, 12, 13, 14, 15]
-        columns = [_shuffle(builder, s[j], s[j + 4], first) for j in range(4)] + \
-                  [_shuffle(builder, s[j], s[j + 4], second) for j in range(4)]
-        for j, column in enumerate(columns):
-            at = builder.add(args[4], builder.mul(args[5], _I64(j)))
-            builder.store(column, _element_ptr(context, builder, dst_ty, args[3], at, vt), align=4)
-        return context.get_dummy_value()
-    return types.none(src, types.intp, types.intp, dst, types.intp, types.intp), codegen
 
 
 @intrinsic

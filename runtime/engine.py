@@ -29,6 +29,7 @@ from ..quant import ggml_exact
 DEFAULT_MAX_CTX = 4096
 MAX_BATCH = 512          # prefill chunk (llama.cpp's default n_ubatch)
 LOGIT_ROWS = 64          # rows of logits computed at once when every position's logits are wanted
+DRAFT_MAX = 16           # draft tokens verified per sequence and step (speculative decoding)
 KV_DTYPE_BYTES = 4       # the KV cache is float32 holding f16-rounded values (Numba has no fast f16 arithmetic)
 
 
@@ -67,8 +68,8 @@ class Engine:
                                        f"{args.context_length}")
         self.n_ctx, self.n_slots = n_ctx, n_slots
         self.max_batch = max_batch = min(max_batch, n_ctx)
-        # a step holds one prompt chunk and a decode row (or a few draft rows) per slot
-        self.max_rows = max_batch + 16 * n_slots
+        # a step holds one prompt chunk and, per slot, a decode row and up to DRAFT_MAX draft rows
+        self.max_rows = max_batch + (DRAFT_MAX + 1) * n_slots
         self._plan_memory(gguf)
         self.weights = arch.load_weights(gguf, args)
         self.model_bytes = sum(t.nbytes for t in gguf.tensors.values())
@@ -87,7 +88,7 @@ class Engine:
         self.v_cache = np.zeros(kv_shape, np.float32)
         self.tokens: list[list[int]] = [[] for _ in range(n_slots)]
         self.cell_kinds: list[list[int]] = [[] for _ in range(n_slots)]
-        self.logits_buf = np.zeros((max(LOGIT_ROWS, 16 * n_slots), args.n_vocab), np.float32)
+        self.logits_buf = np.zeros((max(LOGIT_ROWS, (DRAFT_MAX + 1) * n_slots), args.n_vocab), np.float32)
         rows = self.max_rows
         self._tok = np.zeros(rows, np.int64)
         self._pos = np.zeros(rows, np.int64)
@@ -143,17 +144,18 @@ class Engine:
             ggml_exact.batch_kinds_into(kinds[c:c + self.max_batch], min(self.max_batch, n - c))
         return kinds & self.kind_mask
 
-    def reusable(self, slot: int, ids, kinds: np.ndarray) -> int:
+    def reusable(self, slot: int, ids, kinds: np.ndarray | None) -> int:
         """How many of the slot's cached cells a request for `ids` with row kinds `kinds` can keep: the
-        longest prefix whose tokens and kinds both match (a cell of another kind holds other bits)."""
+        longest prefix whose tokens and kinds both match (a cell of another kind holds other bits). With
+        kinds None, tokens alone (where other bits do not matter: a draft model's guesses)."""
         cached, cached_kinds = self.tokens[slot], self.cell_kinds[slot]
         n = min(len(cached), len(ids))
         i = 0
-        while i < n and cached[i] == ids[i] and cached_kinds[i] == kinds[i]:
+        while i < n and cached[i] == ids[i] and (kinds is None or cached_kinds[i] == kinds[i]):
             i += 1
         return i
 
-    def keep_prefix(self, slot: int, ids, kinds: np.ndarray) -> int:
+    def keep_prefix(self, slot: int, ids, kinds: np.ndarray | None) -> int:
         """Roll the slot back to the longest prefix of `ids` it can reuse (`reusable`), leaving at least the
         last id to evaluate (its logits are needed); returns the tokens kept."""
         n_keep = min(self.reusable(slot, ids, kinds), len(ids) - 1)
@@ -177,11 +179,12 @@ class Engine:
             self.reset(slot)
         return self.eval(ids[n_keep:], slot, kinds[n_keep:]), n_keep
 
-    def forward_rows(self, work: list[tuple[int, np.ndarray, np.ndarray, bool]]) -> np.ndarray:
-        """One forward over the rows of several sequences: `work` is a list of (slot, ids, kinds, logits),
-        each appending `ids` (with row kinds `kinds`) after the slot's cached tokens. Returns the logits of the
-        last row of every item with `logits` true, in order, (n_out, n_vocab): a buffer the next call reuses.
-        The caller keeps the rows within max_rows and every slot within n_ctx."""
+    def forward_rows(self, work: list[tuple[int, np.ndarray, np.ndarray, int]]) -> np.ndarray:
+        """One forward over the rows of several sequences: `work` is a list of (slot, ids, kinds, n_logits),
+        each appending `ids` (with row kinds `kinds`) after the slot's cached tokens and asking for the logits
+        of its last n_logits rows (0, 1, or all of them to verify draft tokens). Returns those logits in order,
+        (n_out, n_vocab): a buffer the next call reuses. The caller keeps the rows within max_rows and every
+        slot within n_ctx."""
         B = sum(len(ids) for _, ids, _, _ in work)
         if B > self.max_rows:
             raise NibbleError(f"a step of {B} rows is more than the {self.max_rows} this engine holds")
@@ -190,15 +193,15 @@ class Engine:
         b = n_out = 0
         for slot, ids, row_kinds, want in work:
             n, p0 = len(ids), self.n_past(slot)
+            want = int(want)
             if p0 + n > self.n_ctx:
                 raise ContextOverflowError(p0 + n, self.n_ctx)
             tok[b:b + n] = ids
             pos[b:b + n] = np.arange(p0, p0 + n)
             slots[b:b + n] = slot
             kinds[b:b + n] = row_kinds
-            if want:
-                outputs[n_out] = b + n - 1
-                n_out += 1
+            outputs[n_out:n_out + want] = np.arange(b + n - want, b + n)
+            n_out += want
             b += n
         hidden = self.arch.forward(self.args, self.weights, self.state, self.k_cache, self.v_cache,
                                    tok, slots, pos, kinds, outputs[:n_out])
@@ -221,7 +224,7 @@ class Engine:
         kinds = self.fresh_kinds(len(ids)) if kinds is None else kinds
         for c in range(0, len(ids), self.max_batch):
             last = c + self.max_batch >= len(ids)
-            out = self.forward_rows([(slot, ids[c:c + self.max_batch], kinds[c:c + self.max_batch], last)])
+            out = self.forward_rows([(slot, ids[c:c + self.max_batch], kinds[c:c + self.max_batch], int(last))])
         return out[0]
 
     def eval_all(self, ids, slot: int = 0, first: int = 0, consume=None) -> np.ndarray | None:

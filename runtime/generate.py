@@ -31,7 +31,9 @@ from typing import Callable, Sequence
 import numpy as np
 
 from ..errors import ContextOverflowError, NibbleError
+from .engine import DRAFT_MAX
 from .sampling import Sampler, SamplingParams
+from .speculative import drafter_for
 
 FINISH_REASONS = ("stop", "length", "cancelled")
 
@@ -58,9 +60,15 @@ class Timings:
     total_ms: float
     prompt_tokens_per_second: float | None   # evaluated (not cached) prompt tokens / prefill time
     tokens_per_second: float | None          # generated tokens after the first / their time
+    draft_tokens: int = 0                    # speculative decoding: tokens proposed by the drafter
+    accepted_tokens: int = 0                 # of those, accepted (each saved a decoding step)
+
+    @property
+    def acceptance_rate(self) -> float | None:
+        return self.accepted_tokens / self.draft_tokens if self.draft_tokens else None
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return {**asdict(self), "acceptance_rate": self.acceptance_rate}
 
 
 @dataclass
@@ -140,7 +148,9 @@ class Generation:
     LOOKAHEAD = 2    # tokens generated ahead of the consumer: a Ctrl-C stops within a token of the screen
 
     def __init__(self, model, prompt_ids: list[int], sampler: Sampler, *, max_tokens: int | None,
-                 stop: Sequence[str], cache_prompt: bool, t_start: float, logprobs: int | None = None):
+                 stop: Sequence[str], cache_prompt: bool, t_start: float, logprobs: int | None = None,
+                 drafter=None, draft_max: int = 16):
+        from .speculative import DraftLength
         from ..formats.tokenizer import IncrementalDecoder
         self.prompt_ids = prompt_ids
         self.sampler = sampler
@@ -161,6 +171,9 @@ class Generation:
         self.out: queue.SimpleQueue = queue.SimpleQueue()
         self.consumed = 0                        # pieces the consumer has taken (the scheduler's backpressure)
         self.emitted = 0
+        self.drafter = drafter                   # speculative decoding (runtime/speculative.py), or None
+        self.draft_length = DraftLength(draft_max)
+        self.draft_tokens = self.accepted_tokens = 0
         self._matched = False                    # ended by a stop string: nothing held back is emitted
         self._t_start = t_start
         self._t_prompt = self._t_first = self._t_last = None
@@ -206,6 +219,11 @@ class Generation:
             return None
         return token
 
+    def drafted(self, proposed: int, accepted: int) -> None:
+        self.draft_tokens += proposed
+        self.accepted_tokens += accepted
+        self.draft_length.update(proposed, accepted)
+
     def fail(self, error: BaseException) -> None:
         self.error = error
 
@@ -243,6 +261,7 @@ class Generation:
             total_ms=1e3 * (now - self._t_start),
             prompt_tokens_per_second=evaluated / prompt_s if self._t_prompt and prompt_s > 0 else None,
             tokens_per_second=(n - 1) / decode_s if n > 1 and decode_s > 0 else None,
+            draft_tokens=self.draft_tokens, accepted_tokens=self.accepted_tokens,
         )
 
 
@@ -375,13 +394,16 @@ def stream(model, prompt: str | Sequence[int], *, max_tokens: int | None = None,
            repeat_last_n: int = 64, presence_penalty: float = 0.0, frequency_penalty: float = 0.0,
            logit_bias: dict[int, float] | None = None, seed: int | None = None, stop: Sequence[str] = (),
            cancel: threading.Event | None = None, cache_prompt: bool = False,
-           logprobs: int | None = None) -> Stream:
+           logprobs: int | None = None, speculative=None, draft_max: int = 16) -> Stream:
     """Generate from `prompt` (text, tokenized with the model's BOS rule, or token ids), streaming text.
 
     Sampling parameters and their defaults are llama.cpp's (see `runtime.sampling`); `temperature=0` is
     greedy; `seed` makes the draw reproducible; `stop` strings end generation and are not emitted;
     `cancel` (a threading.Event) ends it with finish reason `cancelled`. `logprobs=n` records, per generated
-    token, its log-probability and the n most likely alternatives (`stream.logprobs`). `max_tokens=None` generates until
+    token, its log-probability and the n most likely alternatives (`stream.logprobs`). `speculative`
+    ("ngram", a draft Model, or a draft model's path or catalogue name) verifies up to `draft_max` guessed
+    tokens per step: the same tokens as without it, faster where the text is guessable
+    (runtime/speculative.py). `max_tokens=None` generates until
     an end-of-generation token or a full context. Raises ContextOverflowError if the prompt alone does not
     fit in `model.n_ctx`. The prompt is evaluated on the first `next()`, on the model's engine thread, in a
     batch with whatever else the model is generating: from an empty cache, or, with `cache_prompt`, after
@@ -403,8 +425,11 @@ def stream(model, prompt: str | Sequence[int], *, max_tokens: int | None = None,
     if len(ids) > model.n_ctx:
         raise ContextOverflowError(len(ids), model.n_ctx)
     sampler = Sampler(params, model.n_vocab)
+    if not 1 <= draft_max <= DRAFT_MAX:
+        raise ValueError(f"draft_max must be in 1..{DRAFT_MAX}, not {draft_max}")
     generation = Generation(model, ids, sampler, max_tokens=max_tokens, stop=stop, cache_prompt=cache_prompt,
-                            t_start=t_start, logprobs=logprobs)
+                            t_start=t_start, logprobs=logprobs, drafter=drafter_for(model, speculative),
+                            draft_max=draft_max)
     return Stream(model, generation, cancel)
 
 

@@ -63,6 +63,7 @@ class Model:
                                    f"is {self.args.n_vocab}")
         self.engine = self.scheduler = None
         self._open_streams = weakref.WeakSet()      # submitted streams not yet ended (generate.Stream)
+        self._drafts: dict = {}                      # draft models loaded by name for speculative decoding
         if not vocab_only:
             from .engine import Engine
             from .scheduler import Scheduler
@@ -73,6 +74,8 @@ class Model:
         """Stop the engine thread (cancelling what it runs); the model can no longer evaluate."""
         if self.scheduler is not None:
             self.scheduler.close()
+        for draft in self._drafts.values():
+            draft.close()
 
     def __del__(self):
         # the engine thread holds the engine (KV cache, buffers): let it go with the model

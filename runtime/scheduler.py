@@ -30,6 +30,7 @@ import numpy as np
 
 from ..errors import NibbleError
 from ..quant.jit import KERNEL_LOCK, set_threads
+from .engine import DRAFT_MAX
 
 WAITING, PREFILL, DECODE, DONE = "waiting", "prefill", "decode", "done"
 
@@ -47,6 +48,7 @@ class Request:
         self.n_done = 0                     # prompt tokens in the slot's cache
         self.kinds: np.ndarray | None = None
         self.next_token: int | None = None  # sampled, to be evaluated in the next step
+        self.proposals: list[int] = []      # draft tokens verified after it in this step
         self.t_submit = time.perf_counter()
 
 
@@ -156,7 +158,7 @@ class Scheduler:
             with KERNEL_LOCK:
                 logits = self.engine.forward_rows(work)
         except Exception as e:                  # a bug or an impossible state: fail the requests, not the thread
-            for r in owners:
+            for r, _ in owners:
                 r.state.fail(e)
                 self._finish(r)
             return
@@ -182,8 +184,10 @@ class Scheduler:
         work, owners = [], []
         for r in self.running:                  # decode rows first: one per stream whose consumer keeps up
             if r.phase == DECODE and r.state.ready():
-                work.append((r.slot, np.array([r.next_token], np.int64), np.zeros(1, np.int8), True))
-                owners.append(r)
+                r.proposals = self._draft(r)
+                rows = np.array([r.next_token] + r.proposals, np.int64)
+                work.append((r.slot, rows, np.zeros(len(rows), np.int8), len(rows)))
+                owners.append((r, len(rows)))
         budget = engine.max_batch
         for r in self.running:
             if r.phase != PREFILL or budget == 0:
@@ -191,9 +195,9 @@ class Scheduler:
             n = min(budget, len(r.ids) - r.n_done)
             end = r.n_done + n
             last = end == len(r.ids)
-            work.append((r.slot, np.asarray(r.ids[r.n_done:end], np.int64), r.kinds[r.n_done:end], last))
+            work.append((r.slot, np.asarray(r.ids[r.n_done:end], np.int64), r.kinds[r.n_done:end], int(last)))
             if last:
-                owners.append(r)
+                owners.append((r, 1))
             r.n_done = end
             budget -= n
         return work, owners
@@ -213,21 +217,50 @@ class Scheduler:
         r.state.started(slot, n_keep)
         self.running.append(r)
 
-    def postprocess(self, owners: list[Request], logits: np.ndarray) -> None:
+    def _draft(self, r: Request) -> list[int]:
+        """Draft tokens to verify after r's next token (none without a drafter), as many as the adaptive
+        length asks and the context, max_tokens and the step's rows allow."""
+        g = r.state
+        if g.drafter is None:
+            return []
         engine = self.engine
-        for i, r in enumerate(owners):
+        room = min(engine.n_ctx - engine.n_past(r.slot) - 1, DRAFT_MAX)
+        if g.max_tokens is not None:
+            room = min(room, g.max_tokens - len(g.tokens))
+        k = min(g.draft_length.next(), room)
+        return g.drafter.propose(g.context, k, r.slot)[:k] if k > 0 else []
+
+    def postprocess(self, owners: list[tuple[Request, int]], logits: np.ndarray) -> None:
+        """Hand each request the logits of its rows: one (prefill, plain decode) or 1 + k (a verification of
+        k draft tokens: accepted while each draw equals the draft; the cells of the rest are dropped)."""
+        engine = self.engine
+        row = 0
+        for r, n_rows in owners:
+            block, row = logits[row:row + n_rows], row + n_rows
             if r.phase == PREFILL:
                 r.state.prompt_done()
                 r.phase = DECODE
             if r.cancel.is_set():
                 r.state.finish_reason = "cancelled"
+                engine.truncate(engine.n_past(r.slot) - (n_rows - 1), r.slot)   # drafts are not shown
                 self._finish(r)
                 continue
-            token = r.state.advance(logits[i], engine.n_past(r.slot), engine.n_ctx)
-            if token is None:
-                self._finish(r)
-            else:
-                r.next_token = token
+            p = engine.n_past(r.slot) - n_rows          # cells before this step's rows
+            drafts = r.proposals if n_rows > 1 else []
+            accepted = 0
+            for j in range(n_rows):
+                token = r.state.advance(block[j], p + j + 1, engine.n_ctx)
+                if token is not None and j < len(drafts) and token == drafts[j]:
+                    accepted += 1
+                    continue
+                engine.truncate(p + j + 1, r.slot)      # the cells after row j held rejected drafts
+                if token is None:
+                    self._finish(r)
+                else:
+                    r.next_token = token
+                break
+            if drafts:
+                r.state.drafted(len(drafts), accepted)
 
     def _finish(self, r: Request) -> None:
         if r.phase == DONE:

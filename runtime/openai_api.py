@@ -10,7 +10,7 @@
 
 `sampling_kwargs` checks a request's sampling fields (any JSON: wrong types raise InvalidRequestError
 naming the field) and turns them into `generate.stream`'s keywords; the server's Ollama endpoints use it
-too. `Completion` is one request: its `stream` (a `generate.Stream`), `result()` for the whole response and
+too. `CompletionRequest` is one request: its `stream` (a `generate.Stream`), `result()` for the whole response and
 `chunks()` for the streamed one. `aiterate` drives a blocking iterator from async code (`Model.astream`, the
 server). Prompts are evaluated with `cache_prompt=True`: reusing a KV slot never changes the tokens here.
 """
@@ -159,7 +159,7 @@ def prompt_ids(model, prompt: Any) -> list[int]:
 
 # ---- one request ----
 
-class Completion:
+class CompletionRequest:
     """One OpenAI-shaped generation. `body` holds the request's fields (`messages` for a chat completion,
     `prompt` otherwise, and the options); everything is checked here, and the prompt's length against the
     context (ContextOverflowError), before anything is evaluated. `result()` runs it to the end and returns
@@ -268,21 +268,21 @@ def chat_completion(model, messages: list[dict], *, stream: bool = False, **opts
     iterator of its chunks. `opts`: OpenAI's request fields (temperature, top_p, seed, stop, max_tokens or
     max_completion_tokens, presence_penalty, frequency_penalty, logit_bias, logprobs, top_logprobs, n=1,
     stream_options) and nibble's top_k, min_p, repeat_penalty, repeat_last_n."""
-    run = Completion(model, {**opts, "messages": messages}, chat=True)
+    run = CompletionRequest(model, {**opts, "messages": messages}, chat=True)
     return run.chunks() if stream else run.result()
 
 
 def completion(model, prompt, *, stream: bool = False, **opts):
     """`Model.create_completion`: OpenAI's (legacy) completion response for a text prompt (or token ids),
     or with stream=True an iterator of its chunks; `logprobs` is the number of top logprobs to return."""
-    run = Completion(model, {**opts, "prompt": prompt}, chat=False)
+    run = CompletionRequest(model, {**opts, "prompt": prompt}, chat=False)
     return run.chunks() if stream else run.result()
 
 
 # ---- from async code ----
 
 async def aiterate(items: Iterator, stop: Callable[[], None]) -> AsyncIterator:
-    """Iterate a blocking iterator (a `Stream`, `Completion.chunks()`) from async code: a thread of its own
+    """Iterate a blocking iterator (a `Stream`, `CompletionRequest.chunks()`) from async code: a thread of its own
     drives it and hands each item to the event loop, so neither waits on the other's pace. When the
     consumer stops early (break, cancellation, a client that went away) `stop()` is called, from the event
     loop; it should make the iterator end soon (`Stream.cancel`)."""

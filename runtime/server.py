@@ -4,7 +4,7 @@
     uvicorn.run(app)
 
 A thin ASGI layer (Starlette): each handler checks the JSON body, turns it into one generation
-(`openai_api.Completion` or `generate.stream`) and streams it out; batching, slots and prompt caching are
+(`openai_api.CompletionRequest` or `generate.stream`) and streams it out; batching, slots and prompt caching are
 the model's engine thread's (`runtime/scheduler.py`). Any model name in a request is answered by the served
 model, as llama-server does.
 
@@ -44,7 +44,7 @@ from starlette.routing import Route
 
 from ..errors import ContextOverflowError, InvalidRequestError, NibbleError, TemplateError
 from . import generate
-from .openai_api import Completion, aiterate, chat_messages, sampling_kwargs
+from .openai_api import CompletionRequest, aiterate, chat_messages, number, sampling_kwargs
 
 MAX_BODY = 1 << 20        # bytes of a request body
 PUBLIC_PATHS = ("/health",)
@@ -68,7 +68,7 @@ class APIError(Exception):
             return cls(400, str(e), param=e.param)
         if isinstance(e, ContextOverflowError):
             return cls(400, f"the prompt has {e.n_tokens} tokens but the context holds {e.n_ctx} (n_ctx); "
-                            f"shorten the prompt", param="messages", code="context_length_exceeded")
+                            f"shorten the prompt", code="context_length_exceeded")
         if isinstance(e, (TemplateError, ValueError)):
             return cls(400, str(e))
         if isinstance(e, NibbleError):            # e.g. the model was closed at shutdown
@@ -307,7 +307,7 @@ def create_app(model, *, alias: str | None = None, api_key: str | None = None, c
     async def openai_generate(request: Request, chat: bool) -> Response:
         body = await read_json(request)
         want_stream = boolean(body, "stream", False)
-        run = Completion(model, body, chat=chat, model_name=server.name)
+        run = CompletionRequest(model, body, chat=chat, model_name=server.name)
         endpoint = "chat_completions" if chat else "completions"
         server.admit(run.stream)
         if not want_stream:
@@ -345,7 +345,9 @@ def create_app(model, *, alias: str | None = None, api_key: str | None = None, c
             raise InvalidRequestError("'options' must be an object", "options")
         fields = dict(options)
         predict = options.get("num_predict")
-        fields["max_tokens"] = None if predict is None or (isinstance(predict, int) and predict < 0) else predict
+        if predict is not None:       # Ollama's -1 (and -2): until the end of generation or a full context
+            predict = number(predict, "options.num_predict", int)
+        fields["max_tokens"] = None if predict is None or predict < 0 else predict
         if body.get("format") or body.get("tools"):
             raise InvalidRequestError("'format' and 'tools' are not supported", "format")
         return sampling_kwargs({k: v for k, v in fields.items() if k != "logit_bias"}, model.n_vocab)
@@ -424,7 +426,7 @@ def create_app(model, *, alias: str | None = None, api_key: str | None = None, c
 
     async def api_tags(request: Request) -> Response:
         from .session import model_fingerprint
-        modified = rfc3339(model.path.stat().st_mtime) if hasattr(model.path, "stat") else rfc3339()
+        modified = rfc3339(model.path.stat().st_mtime)
         digest = model_fingerprint(model.path)
         return JSONResponse({"models": [
             {"name": name, "model": name, "modified_at": modified, "size": model.file_size, "digest": digest,

@@ -38,8 +38,8 @@ def free_port() -> int:
 
 @contextlib.contextmanager
 def nibble_serve(*args: str, timeout: float = 300):
-    """A `nibble serve` subprocess; yields its base URL once /health answers; SIGTERM at the end, which
-    must exit 0."""
+    """A `nibble serve` subprocess; yields (its base URL, the process) once /health answers; SIGTERM at the
+    end (unless it has exited), which must exit 0."""
     port = free_port()
     log = tempfile.TemporaryFile()
     proc = subprocess.Popen([sys.executable, "-m", "nibble.cli.main", "serve", *args, "--port", str(port)],
@@ -57,9 +57,10 @@ def nibble_serve(*args: str, timeout: float = 300):
             if time.monotonic() > deadline:
                 pytest.fail("nibble serve did not answer /health in time")
             time.sleep(0.5)
-        yield url
+        yield url, proc
     finally:
-        proc.send_signal(signal.SIGTERM)
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
         try:
             code = proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
@@ -75,14 +76,14 @@ def nibble_serve(*args: str, timeout: float = 300):
 def server():
     """smollm2-135m, 4 slots, an API key and an alias."""
     with nibble_serve("smollm2-135m", "--parallel", "4", "--n-ctx", str(N_CTX), "--api-key", KEY,
-                      "--alias", "tiny") as url:
+                      "--alias", "tiny") as (url, _):
         yield url
 
 
 @pytest.fixture(scope="module")
 def one_slot():
     """smollm2-135m with one slot and no queue: a second request while one runs gets 503."""
-    with nibble_serve("smollm2-135m", "--parallel", "1", "--n-ctx", "256", "--max-queue", "0") as url:
+    with nibble_serve("smollm2-135m", "--parallel", "1", "--n-ctx", "256", "--max-queue", "0") as (url, _):
         yield url
 
 
@@ -235,6 +236,16 @@ def test_metrics_count_what_was_sent(client, server):
 
 # ---- one slot, no queue: 503 and disconnects ----
 
+def wait_until_served(url: str) -> httpx.Response:
+    """A short request, retried while the one slot is still busy (503) for up to 30 s."""
+    deadline = time.monotonic() + 30
+    while True:
+        r = httpx.post(f"{url}/v1/completions", json={"prompt": "x", "max_tokens": 2, "temperature": 0}, timeout=60)
+        if r.status_code != 503 or time.monotonic() > deadline:
+            return r
+        time.sleep(0.2)
+
+
 def test_full_server_is_503_and_a_disconnect_frees_the_slot(one_slot):
     body = {"prompt": STORY, "max_tokens": 200, "stream": True}
     with httpx.stream("POST", f"{one_slot}/v1/completions", json=body, timeout=60) as r:
@@ -244,16 +255,27 @@ def test_full_server_is_503_and_a_disconnect_frees_the_slot(one_slot):
         assert busy.status_code == 503 and busy.headers["Retry-After"] == "1"
         assert busy.json()["error"]["type"] == "unavailable_error"
     # the client went away mid-stream: its generation is cancelled and the slot freed
-    deadline = time.monotonic() + 30
-    while True:
-        r = httpx.post(f"{one_slot}/v1/completions", json={"prompt": "x", "max_tokens": 2, "temperature": 0},
-                       timeout=60)
-        if r.status_code != 503 or time.monotonic() > deadline:
-            break
-        time.sleep(0.2)
+    r = wait_until_served(one_slot)
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 2
+    # the same for a client that gives up waiting for a whole (non-streamed) answer
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{one_slot}/v1/completions", json={"prompt": STORY, "max_tokens": 200}, timeout=0.5)
+    r = wait_until_served(one_slot)
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 2
     metrics = httpx.get(f"{one_slot}/metrics").text
-    assert 'nibble_requests_total{endpoint="completions",finish_reason="cancelled"} 1.0' in metrics
+    assert 'nibble_requests_total{endpoint="completions",finish_reason="cancelled"} 2.0' in metrics
+
+
+def test_sigint_cancels_running_streams_and_exits_0():
+    with nibble_serve("smollm2-135m", "--parallel", "1", "--n-ctx", "256") as (url, proc):
+        body = {"prompt": STORY, "max_tokens": 200, "stream": True}
+        with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=60) as r:
+            lines = r.iter_lines()
+            assert next(line for line in lines if line.startswith("data:"))
+            proc.send_signal(signal.SIGINT)
+            rest = [line for line in lines if line.startswith("data:")]
+        assert rest[-1] == "data: [DONE]" and '"finish_reason": "cancelled"' in rest[-2]
+        assert proc.wait(timeout=30) == 0
 
 
 # ---- Ollama's client ----
@@ -326,7 +348,7 @@ def test_batched_requests_give_the_tokens_of_lone_ones(server, lib):
 
 @pytest.mark.parametrize("name", ["gemma3-270m", "qwen2.5-coder-0.5b"])
 def test_batched_requests_give_the_tokens_of_lone_ones_other_models(name):
-    with nibble.load(name, n_ctx=512) as model, nibble_serve(name, "--parallel", "4", "--n-ctx", "512") as url:
+    with nibble.load(name, n_ctx=512) as model, nibble_serve(name, "--parallel", "4", "--n-ctx", "512") as (url, _):
         check_batch_invariance(url, model, {}, max_tokens=12)
 
 

@@ -156,13 +156,15 @@ class Server:
         self.started = time.time()
 
     def admit(self, stream) -> None:
-        """Count a generation in, or 503 when every slot is busy and max_queue more are waiting."""
+        """Count a generation in, or 503 when every slot is busy and max_queue more are waiting (as the
+        engine thread sees them: a stream is queued when its consumer first asks for a piece)."""
+        scheduler = self.model.scheduler
+        waiting = scheduler.queue_length()
+        if len(scheduler.busy_slots) >= self.model.parallel and waiting >= self.max_queue:
+            raise APIError(503, f"every slot is busy and {waiting} requests are queued (--max-queue "
+                                f"{self.max_queue}); retry later", type="unavailable_error",
+                           headers={"Retry-After": "1"})
         with self.lock:
-            waiting = self.in_flight - self.model.parallel
-            if waiting >= self.max_queue:
-                raise APIError(503, f"every slot is busy and {max(waiting, 0)} requests are queued "
-                                    f"(--max-queue {self.max_queue}); retry later", type="unavailable_error",
-                               headers={"Retry-After": "1"})
             self.in_flight += 1
             self.streams.add(stream)
 

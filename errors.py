@@ -43,6 +43,15 @@ class SessionError(NibbleError):
     """A saved session file that is damaged, of another version, or saved with another model."""
 
 
+class InvalidRequestError(NibbleError, ValueError):
+    """A request (library keywords or an HTTP body) with a missing, mistyped or out-of-range field;
+    `param` names it."""
+
+    def __init__(self, message: str, param: str | None = None):
+        self.param = param
+        super().__init__(message)
+
+
 class ContextOverflowError(NibbleError):
     """More tokens than the context holds."""
 

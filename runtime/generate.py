@@ -355,6 +355,13 @@ class Stream:
         if self._on_finish is not None:
             self._on_finish(self)
 
+    def cancel(self) -> None:
+        """Ask generation to stop (finish reason `cancelled`), from any thread, without waiting: the consumer
+        sees the stream end within a step."""
+        self.request.cancel.set()
+        if self._submitted:
+            self.model._wake()
+
     def close(self) -> None:
         """Stop generating (finish reason `cancelled` unless it had already ended) and wait for the engine
         to let go of the request."""

@@ -229,6 +229,25 @@ class Model:
         from . import generate
         return generate.chat(self, messages, **kw)
 
+    def astream(self, prompt, **kw):
+        """`stream` as an async iterator of str pieces, for event loops: `async for piece in
+        model.astream(prompt, ...)`. `prompt` may also be a list of chat messages. Same keywords as `stream`."""
+        from . import openai_api
+        return openai_api.astream(self, prompt, **kw)
+
+    def create_chat_completion(self, messages: list[dict], stream: bool = False, **opts):
+        """OpenAI's chat completion (as llama-cpp-python's): a response dict, or with stream=True an iterator
+        of chunk dicts. `opts` are OpenAI's request fields (temperature, top_p, seed, stop, max_tokens,
+        logit_bias, logprobs, top_logprobs, ...) and top_k, min_p, repeat_penalty; see runtime/openai_api.py."""
+        from . import openai_api
+        return openai_api.chat_completion(self, messages, stream=stream, **opts)
+
+    def create_completion(self, prompt, stream: bool = False, **opts):
+        """OpenAI's (legacy) text completion of `prompt` (text or token ids): a response dict, or with
+        stream=True an iterator of chunk dicts; `logprobs=n` returns the n most likely tokens at each step."""
+        from . import openai_api
+        return openai_api.completion(self, prompt, stream=stream, **opts)
+
     def session(self, system: str | None = None, **defaults):
         """A multi-turn conversation that reuses the KV cache between turns."""
         from .session import Session

@@ -18,6 +18,9 @@ def bench(model: str = typer.Argument(None, help="catalogue name or path (not ne
           threads: int = typer.Option(None, "--threads", "-t", help="threads (default: all cores)"),
           kernels: bool = typer.Option(False, "--kernels", help="benchmark the quantized matmul kernels"),
           size_mb: int = typer.Option(64, "--size-mb", help="--kernels: weight matrix size in MB"),
+          speculative: str = typer.Option(None, "--speculative", metavar="ngram|MODEL",
+                                          help="plain vs speculative decoding on nibble's fixed workloads "
+                                               "(code edit, quoting summary, free text)"),
           concurrency: str = typer.Option(None, "--concurrency", metavar="1,2,4,8",
                                           help="concurrent streams through the engine's continuous batching: "
                                                "aggregate generated tokens/s and TTFT per level"),
@@ -34,6 +37,12 @@ def bench(model: str = typer.Argument(None, help="catalogue name or path (not ne
         from ..quant import bench as kbench
         rows = kbench.run(size_mb=size_mb)
         print(json.dumps(rows, indent=2) if as_json else kbench.markdown(rows))
+        return
+    if speculative:
+        from ..runtime import bench as mbench
+        rows = mbench.run_speculative(speculative, model_override=model, threads=threads,
+                                      max_tokens=n_gen if n_gen != 128 else 256)
+        print(json.dumps([r.as_json() for r in rows], indent=2) if as_json else mbench.speculative_markdown(rows))
         return
     if model is None:
         raise NibbleError("bench needs a MODEL (or --kernels)")

@@ -136,3 +136,66 @@ def markdown(results: list[BenchResult]) -> str:
         rows.append(f"| {r.model_type} | {r.size / 2**20:.2f} MiB | {r.n_params / 1e6:.2f} M | CPU (numba) | "
                     f"{r.n_threads} | {r.test} | {r.avg_ts:.2f} ± {r.stddev_ts:.2f} | {gbps} | {gflops} |")
     return "\n".join(rows)
+
+
+# ---- speculative decoding on the fixed workloads (runtime/workloads.py) ----
+
+@dataclass
+class SpeculativeResult:
+    workload: str
+    model: str
+    tokens: int
+    plain_ts: float
+    speculative_ts: float
+    draft_tokens: int
+    accepted_tokens: int
+    verify_steps: int
+    identical: bool           # the speculative tokens equal the plain ones (they always should)
+
+    @property
+    def speedup(self) -> float:
+        return self.speculative_ts / self.plain_ts
+
+    def as_json(self) -> dict:
+        return {**self.__dict__, "speedup": self.speedup,
+                "acceptance_rate": self.accepted_tokens / self.draft_tokens if self.draft_tokens else None,
+                "mean_accepted": self.accepted_tokens / self.verify_steps if self.verify_steps else None}
+
+
+def run_speculative(speculative, workloads: list[str] | None = None, max_tokens: int = 256,
+                    model_override: str | None = None, threads: int | None = None) -> list[SpeculativeResult]:
+    """Each workload greedy, plain then with `speculative`, on its model (or `model_override`): decode
+    tokens/s of both (generated tokens after the first / their time), drafted and accepted tokens."""
+    from .model import load
+    from .workloads import WORKLOADS
+    results = []
+    loaded: dict = {}
+    for name in workloads or list(WORKLOADS):
+        model_name, messages = WORKLOADS[name]
+        model_name = model_override or model_name
+        if model_name not in loaded:
+            loaded[model_name] = load(model_name, n_ctx=2048, threads=threads)
+        model = loaded[model_name]
+        model.chat(messages, temperature=0, max_tokens=4)                    # warm-up: compile, caches
+        model.chat(messages, temperature=0, max_tokens=4, speculative=speculative)
+        plain = model.chat(messages, temperature=0, max_tokens=max_tokens)
+        spec = model.chat(messages, temperature=0, max_tokens=max_tokens, speculative=speculative)
+        t = spec.timings
+        results.append(SpeculativeResult(name, model_name, len(plain.tokens), plain.timings.tokens_per_second or 0.0,
+                                          t.tokens_per_second or 0.0, t.draft_tokens, t.accepted_tokens,
+                                          t.verify_steps, spec.tokens == plain.tokens))
+    for model in loaded.values():
+        model.close()
+    return results
+
+
+def speculative_markdown(results: list[SpeculativeResult]) -> str:
+    lines = ["| workload | model | tokens | plain t/s | speculative t/s | speedup | accepted / drafted | "
+             "mean accepted per step | identical |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        j = r.as_json()
+        rate = f"{r.accepted_tokens} / {r.draft_tokens}" + (f" ({j['acceptance_rate']:.0%})" if r.draft_tokens else "")
+        mean = f"{j['mean_accepted']:.2f}" if r.verify_steps else "-"
+        lines.append(f"| {r.workload} | {r.model} | {r.tokens} | {r.plain_ts:.1f} | {r.speculative_ts:.1f} | "
+                     f"{r.speedup:.2f}x | {rate} | {mean} | {'yes' if r.identical else 'NO'} |")
+    return "\n".join(lines)

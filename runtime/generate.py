@@ -62,6 +62,7 @@ class Timings:
     tokens_per_second: float | None          # generated tokens after the first / their time
     draft_tokens: int = 0                    # speculative decoding: tokens proposed by the drafter
     accepted_tokens: int = 0                 # of those, accepted (each saved a decoding step)
+    verify_steps: int = 0                    # steps that verified proposals
 
     @property
     def acceptance_rate(self) -> float | None:
@@ -173,7 +174,7 @@ class Generation:
         self.emitted = 0
         self.drafter = drafter                   # speculative decoding (runtime/speculative.py), or None
         self.draft_length = DraftLength(draft_max)
-        self.draft_tokens = self.accepted_tokens = 0
+        self.draft_tokens = self.accepted_tokens = self.verify_steps = 0
         self._matched = False                    # ended by a stop string: nothing held back is emitted
         self._t_start = t_start
         self._t_prompt = self._t_first = self._t_last = None
@@ -222,6 +223,7 @@ class Generation:
     def drafted(self, proposed: int, accepted: int) -> None:
         self.draft_tokens += proposed
         self.accepted_tokens += accepted
+        self.verify_steps += 1
         self.draft_length.update(proposed, accepted)
 
     def fail(self, error: BaseException) -> None:
@@ -261,7 +263,7 @@ class Generation:
             total_ms=1e3 * (now - self._t_start),
             prompt_tokens_per_second=evaluated / prompt_s if self._t_prompt and prompt_s > 0 else None,
             tokens_per_second=(n - 1) / decode_s if n > 1 and decode_s > 0 else None,
-            draft_tokens=self.draft_tokens, accepted_tokens=self.accepted_tokens,
+            draft_tokens=self.draft_tokens, accepted_tokens=self.accepted_tokens, verify_steps=self.verify_steps,
         )
 
 
@@ -281,7 +283,7 @@ class Stream:
         self.tokens: list[int] = []
         self._on_finish = on_finish
         self._submitted = self._ended = False
-        self._thread = threading.get_ident()
+        self._thread = self._reader = threading.get_ident()   # created in, last read in
 
     @property
     def prompt_ids(self) -> list[int]:
@@ -318,6 +320,7 @@ class Stream:
     def __next__(self) -> str:
         if self._ended:
             raise StopIteration
+        self._reader = threading.get_ident()
         if not self._submitted:
             self._check_not_blocked_by_this_thread()
             self._submitted = True
@@ -337,8 +340,13 @@ class Stream:
 
     def _check_not_blocked_by_this_thread(self) -> None:
         """This thread's other open streams only move on when it reads them; if they hold every slot, this
-        one would wait for ever."""
-        mine = [s for s in list(self.model._open_streams) if s._thread == self._thread and s is not self]
+        one would wait for ever. (Streams created in one thread and read in others, as an async server does,
+        are not this thread's to block.)"""
+        me = threading.get_ident()
+        if me != self._thread:
+            return
+        mine = [s for s in list(self.model._open_streams)
+                if s is not self and s._thread == me and s._reader == me]
         if len(mine) >= self.model.parallel:
             raise NibbleError(f"another stream of this model is open in this thread and holds its "
                               f"{'only slot' if self.model.parallel == 1 else 'slots'}: iterate it to the end or "

@@ -57,6 +57,10 @@ def serve(
                                                               "--api-key")] = False,
     max_queue: Annotated[int, typer.Option("--max-queue", min=0, help="requests that may wait for a slot; "
                                                                       "more get 503")] = 64,
+    speculative: Annotated[Optional[str], typer.Option("--speculative", metavar="ngram|MODEL",
+                                                       help="speculative decoding by default: prompt lookup or a "
+                                                            "draft model (same tokens, faster where guessable)")] = None,
+    draft_max: Annotated[int, typer.Option("--draft-max", min=1, max=16, help="most draft tokens per step")] = 16,
 ):
     """Serve a model over HTTP: OpenAI's /v1 API (chat, completions, models), Ollama's /api, /health and
     /metrics. Ctrl-C (or SIGTERM) stops it, cancelling what is running."""
@@ -77,8 +81,15 @@ def serve(
     model.generate(model.tokenize("Hello"), max_tokens=2, temperature=0)
     model.reset(0)
 
+    draft = None
+    if speculative and speculative != "ngram":
+        draft = load(speculative, n_ctx=model.n_ctx, threads=threads, parallel=parallel)
+        from ..runtime.speculative import check_compatible
+        check_compatible(draft, model)
+        model._drafts[speculative] = draft          # closed with the model
     application = create_app(model, alias=alias, api_key=api_key, cors_origins=cors_origin or (),
-                             max_queue=max_queue, close_model=True)
+                             max_queue=max_queue, close_model=True, speculative=draft or speculative,
+                             draft_max=draft_max)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     bound_host, bound_port = sock.getsockname()[:2]
     shown = f"[{bound_host}]" if ":" in bound_host else bound_host

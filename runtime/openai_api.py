@@ -26,6 +26,7 @@ from typing import Any, AsyncIterator, Callable, Iterator, Mapping
 
 from ..errors import InvalidRequestError
 from . import generate
+from .engine import DRAFT_MAX
 from .sampling import SamplingParams
 
 # request field -> type, for the fields passed to generate.stream under the same name
@@ -68,6 +69,12 @@ def sampling_kwargs(fields: Mapping[str, Any], n_vocab: int) -> dict:
         if fields.get(name) is not None:
             kw[name] = number(fields[name], name, kind)
     kw["stop"] = stop_strings(fields.get("stop"))
+    if fields.get("speculative") is not None:    # "ngram" or a draft Model (a server resolves its names)
+        kw["speculative"] = fields["speculative"]
+    if fields.get("draft_max") is not None:
+        kw["draft_max"] = number(fields["draft_max"], "draft_max", int)
+        if not 1 <= kw["draft_max"] <= DRAFT_MAX:
+            raise InvalidRequestError(f"'draft_max' must be between 1 and {DRAFT_MAX}", "draft_max")
     bias = fields.get("logit_bias")
     if bias is not None:
         if not isinstance(bias, Mapping):

@@ -144,8 +144,10 @@ class Server:
     """What the handlers share: the model, its names, admission (the queue limit), the running streams
     (cancelled at shutdown) and the metrics."""
 
-    def __init__(self, model, alias: str | None, max_queue: int):
+    def __init__(self, model, alias: str | None, max_queue: int, speculative=None, draft_max: int | None = None):
         self.model = model
+        self.speculative = speculative      # the default: None, "ngram" or a draft Model
+        self.draft_max = draft_max
         self.name = alias or model.name
         self.names = [model.name] + ([alias] if alias and alias != model.name else [])
         self.max_queue = max_queue
@@ -154,6 +156,27 @@ class Server:
         self.lock = threading.Lock()
         self.metrics = Metrics(self)
         self.started = time.time()
+
+    def speculation(self, fields: dict, where: str = "") -> dict:
+        """`fields` with its `speculative` option resolved: "ngram", "draft" (the draft model the server was
+        started with), "none" or null (off); absent: the server's default. A request never names a file."""
+        fields = dict(fields)
+        value = fields.get("speculative", "default")
+        if value == "default":
+            value = self.speculative
+        elif value in (None, "none", False):
+            value = None
+        elif value == "draft":
+            if self.speculative is None or isinstance(self.speculative, str):
+                raise InvalidRequestError("this server has no draft model (start it with --speculative MODEL)",
+                                          where + "speculative")
+            value = self.speculative
+        elif value != "ngram":
+            raise InvalidRequestError("'speculative' must be \"ngram\", \"draft\" or \"none\"", where + "speculative")
+        fields["speculative"] = value
+        if fields.get("draft_max") is None and self.draft_max is not None:
+            fields["draft_max"] = self.draft_max
+        return fields
 
     def admit(self, stream) -> None:
         """Count a generation in, or 503 when every slot is busy and max_queue more are waiting (as the
@@ -296,20 +319,23 @@ def rfc3339(t: float | None = None) -> str:
 # ---- the app ----
 
 def create_app(model, *, alias: str | None = None, api_key: str | None = None, cors_origins=(),
-               max_queue: int = 64, close_model: bool = False) -> Starlette:
+               max_queue: int = 64, close_model: bool = False, speculative=None,
+               draft_max: int | None = None) -> Starlette:
     """The ASGI app serving `model` (loaded with `parallel` slots). `alias`: another name it answers to and
     reports; `api_key`: required as `Authorization: Bearer KEY` on every path but /health; `cors_origins`:
     origins browsers may call it from (none by default); `max_queue`: requests that may wait for a slot
-    before more are refused with 503; `close_model`: close the model when the app shuts down."""
+    before more are refused with 503; `close_model`: close the model when the app shuts down;
+    `speculative` ("ngram" or a draft Model) and `draft_max`: speculative decoding unless a request says
+    otherwise (its `speculative`: "ngram", "draft" or "none")."""
     from .. import __version__
-    server = Server(model, alias, max_queue)
+    server = Server(model, alias, max_queue, speculative, draft_max)
 
     # ---- OpenAI ----
 
     async def openai_generate(request: Request, chat: bool) -> Response:
         body = await read_json(request)
         want_stream = boolean(body, "stream", False)
-        run = CompletionRequest(model, body, chat=chat, model_name=server.name)
+        run = CompletionRequest(model, server.speculation(body), chat=chat, model_name=server.name)
         endpoint = "chat_completions" if chat else "completions"
         server.admit(run.stream)
         if not want_stream:
@@ -345,7 +371,7 @@ def create_app(model, *, alias: str | None = None, api_key: str | None = None, c
         options = body.get("options") or {}
         if not isinstance(options, dict):
             raise InvalidRequestError("'options' must be an object", "options")
-        fields = dict(options)
+        fields = server.speculation(options, "options.")
         predict = options.get("num_predict")
         if predict is not None:       # Ollama's -1 (and -2): until the end of generation or a full context
             predict = number(predict, "options.num_predict", int)

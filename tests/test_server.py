@@ -147,6 +147,19 @@ def test_seed_reproduces_a_sampled_completion(client):
     assert len({sample(11), sample(12), sample(13)}) > 1
 
 
+def test_speculative_requests_give_the_plain_text(client, server):
+    messages = [{"role": "user", "content": "Repeat exactly: the quick brown fox jumps over the lazy dog, "
+                                            "the quick brown fox jumps over the lazy dog."}]
+    plain = client.chat.completions.create(model="tiny", messages=messages, temperature=0, max_tokens=30)
+    spec = client.chat.completions.create(model="tiny", messages=messages, temperature=0, max_tokens=30,
+                                          extra_body={"speculative": "ngram", "draft_max": 8})
+    assert spec.choices[0].message.content == plain.choices[0].message.content
+    assert spec.model_extra["timings"]["draft_tokens"] > 0
+    r = httpx.post(f"{server}/v1/chat/completions", headers=auth(), timeout=60,
+                   json={"messages": messages, "speculative": "draft"})
+    assert r.status_code == 400 and "no draft model" in r.json()["error"]["message"]
+
+
 def test_logprobs(client):
     r = client.chat.completions.create(model="tiny", messages=CHAT, temperature=0, max_tokens=5, logprobs=True,
                                        top_logprobs=3)

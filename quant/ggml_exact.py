@@ -549,6 +549,62 @@ def matvec(out, x, xq, xs, w, qtype, m, k):
 # come as indices into them (`rows`), so that one call serves rows of different kinds in any order.
 
 @exact_kernel
+def _four_rows_q4_1(out, xq, xs, w, r, rows, k, xs_row):
+    """Weight row r against the activation rows rows[0:4], `_rows_q4_1`'s arithmetic per row, the block's
+    nibbles and scales decoded once for the four (decode steps of several sequences)."""
+    i0, i1, i2, i3 = rows[0], rows[1], rows[2], rows[3]
+    nb = k // 32
+    p = r * nb * 20
+    a0, a1, a2, a3 = zeros(), zeros(), zeros(), zeros()
+    s0, s1, s2, s3 = f32(0), f32(0), f32(0), f32(0)
+    for b in range(nb):
+        d = load_f16(w, p)
+        mw = load_f16(w, p + 2)
+        q = nibbles16(w, p + 4)
+        e = 32 * b
+        a0 = fma8(splat(d * xs[i0 * xs_row + 2 * b]), to_f32(dot_u8(q, xq, i0 * k + e)), a0)
+        s0 = fma1(mw, xs[i0 * xs_row + 2 * b + 1], s0)
+        a1 = fma8(splat(d * xs[i1 * xs_row + 2 * b]), to_f32(dot_u8(q, xq, i1 * k + e)), a1)
+        s1 = fma1(mw, xs[i1 * xs_row + 2 * b + 1], s1)
+        a2 = fma8(splat(d * xs[i2 * xs_row + 2 * b]), to_f32(dot_u8(q, xq, i2 * k + e)), a2)
+        s2 = fma1(mw, xs[i2 * xs_row + 2 * b + 1], s2)
+        a3 = fma8(splat(d * xs[i3 * xs_row + 2 * b]), to_f32(dot_u8(q, xq, i3 * k + e)), a3)
+        s3 = fma1(mw, xs[i3 * xs_row + 2 * b + 1], s3)
+        p += 20
+    out[i0, r] = hsum8(a0) + s0
+    out[i1, r] = hsum8(a1) + s1
+    out[i2, r] = hsum8(a2) + s2
+    out[i3, r] = hsum8(a3) + s3
+
+
+@exact_kernel
+def _four_rows_q5_0(out, xq, xs, w, r, rows, k, xs_row, is_q8_0):
+    """`_eight_rows_q5_0` for the activation rows rows[0:4]."""
+    i0, i1, i2, i3 = rows[0], rows[1], rows[2], rows[3]
+    nb = k // 32
+    p = r * nb * (34 if is_q8_0 else 22)
+    a0, a1, a2, a3 = zeros(), zeros(), zeros(), zeros()
+    for b in range(nb):
+        if is_q8_0:
+            q = bytes32(w, p + 2)
+            d = load_f16(w, p)
+            p += 34
+        else:
+            q = (nibbles16(w, p + 6) | (bits32(load_u32(w, p + 2)) << 4)) - 16
+            d = load_f16(w, p)
+            p += 22
+        e = 32 * b
+        a0 = fma8(splat(d * xs[i0 * xs_row + 2 * b]), to_f32(dot_i8(q, xq, i0 * k + e)), a0)
+        a1 = fma8(splat(d * xs[i1 * xs_row + 2 * b]), to_f32(dot_i8(q, xq, i1 * k + e)), a1)
+        a2 = fma8(splat(d * xs[i2 * xs_row + 2 * b]), to_f32(dot_i8(q, xq, i2 * k + e)), a2)
+        a3 = fma8(splat(d * xs[i3 * xs_row + 2 * b]), to_f32(dot_i8(q, xq, i3 * k + e)), a3)
+    out[i0, r] = hsum8(a0)
+    out[i1, r] = hsum8(a1)
+    out[i2, r] = hsum8(a2)
+    out[i3, r] = hsum8(a3)
+
+
+@exact_kernel
 def _eight_rows_q5_0(out, xq, xs, w, r, rows, k, xs_row, is_q8_0):
     """Weight row r against the activation rows rows[0:8]: Q5_0, or Q8_0 when is_q8_0 (the same arithmetic
     on bytes stored as they are)."""
@@ -867,10 +923,17 @@ def gemm(out, x, xq, xs, w, qtype, m, k, kinds):
         for grp in range(g0, g1):
             real = _group(rows, order, 8 * grp)
             variant = variants[grp]
-            if qtype == Q4_1 or ((qtype == Q5_0 or qtype == Q8_0) and real < 8):
-                for j in range(real):
-                    i = rows[j]
-                    _rows_one(out[i], xq[i], xs[i], w, qtype, r0, r1, k, sub)
+            if real == 1 and variant == 0:      # one single-row-kind row: nothing to share
+                i = rows[0]
+                _rows_one(out[i], xq[i], xs[i], w, qtype, r0, r1, k, sub)
+            elif qtype == Q4_1:
+                for r in range(r0, r1):
+                    _four_rows_q4_1(out, xqf, xsf, w, r, rows[0:4], k, xs_row)
+                    if real > 4:
+                        _four_rows_q4_1(out, xqf, xsf, w, r, rows[4:8], k, xs_row)
+            elif (qtype == Q5_0 or qtype == Q8_0) and real <= 4:
+                for r in range(r0, r1):
+                    _four_rows_q5_0(out, xqf, xsf, w, r, rows[0:4], k, xs_row, qtype == Q8_0)
             elif qtype == Q5_0 or qtype == Q8_0:
                 for r in range(r0, r1):
                     _eight_rows_q5_0(out, xqf, xsf, w, r, rows, k, xs_row, qtype == Q8_0)

@@ -163,11 +163,13 @@ def test_matvec_and_gemm_are_ggml_vec_dot(smollm2, name):
     out = np.zeros(m, F32)
     ggml_exact.matvec(out, x[0], np.zeros(k, np.int8), np.zeros(k // 16, F32), t.data, qtype, m, k)
     assert np.array_equal(out[rows], expected[0])
-    # gemm gives every row the same bits as matvec (llama.cpp's results do not depend on the batch size)
-    out2 = np.zeros((5, m), F32)
-    ggml_exact.gemm(out2, x, np.zeros((5, k), np.int8), np.zeros((5, k // 16), F32), t.data, qtype, m, k,
-                    ggml_exact.batch_kinds(5))
-    assert np.array_equal(out2[:, rows], expected)
+    # gemm gives every row the same bits as matvec (llama.cpp's results do not depend on the batch size),
+    # whether the rows go one, four or eight at a time
+    for n in (2, 3, 5):
+        out2 = np.zeros((n, m), F32)
+        ggml_exact.gemm(out2, x[:n], np.zeros((n, k), np.int8), np.zeros((n, k // 16), F32), t.data, qtype, m, k,
+                        ggml_exact.batch_kinds(n))
+        assert np.array_equal(out2[:, rows], expected[:n]), n
 
 
 # ---- Q5_0 and the K-quants (Gemma 3, Qwen2.5) ----
@@ -475,3 +477,33 @@ def test_gemma_and_qwen_are_llama_cpps_bit_for_bit(name, pulled, ref):
         while len(out) < len(p["greedy_ids"]):
             out.append(int(model.eval(out[-1:]).argmax()))
         assert out == p["greedy_ids"], f"prompt {i}"
+
+
+@pytest.mark.parametrize("name", ["blk.0.ffn_down.weight", "blk.2.ffn_down.weight", "blk.0.attn_q.weight",
+                                  "blk.0.attn_v.weight"])        # Q6_K, Q4_K, Q5_0, Q8_0
+def test_gemm_rows_of_mixed_kinds_each_get_their_kinds_arithmetic(gemma3, name):
+    """One gemm over rows of every kind in a shuffled order (a server's step: decode rows beside a prompt's
+    grouped and tiled rows) gives each row what a batch of its kind alone gives it."""
+    t = gemma3.tensors[name]
+    m, k = t.shape
+    qtype = int(t.qtype)
+    w = np.asarray(t.data)
+    rng = np.random.default_rng(11)
+    kinds = np.array([0, 0, 0] + [ggml_exact.ROW_GROUP4 | ggml_exact.ROW_TILED | ggml_exact.ROW_BATCHED] * 9
+                     + [ggml_exact.ROW_TILED | ggml_exact.ROW_BATCHED] * 2 + [ggml_exact.ROW_GROUP4] * 3, np.int8)
+    rng.shuffle(kinds)
+    n = len(kinds)
+    x = (rng.standard_normal((n, k)) * rng.gamma(0.5, 20, (n, k))).astype(F32)
+    out = np.zeros((n, m), F32)
+    ggml_exact.gemm(out, x, np.zeros((n, k), np.int8), np.zeros((n, k // 16), F32), t.data, qtype, m, k, kinds)
+    for i in range(n):
+        group4, tiled = bool(kinds[i] & ggml_exact.ROW_GROUP4), bool(kinds[i] & ggml_exact.ROW_TILED)
+        if qtype == ggml_exact.Q4_K:
+            expected = q4_k_ref(w, m, k, x[i], gemm4=group4)
+        elif qtype == ggml_exact.Q6_K:
+            expected = q6_k_ref(w, m, k, x[i], tiled=tiled)
+        elif qtype == ggml_exact.Q5_0:
+            expected = q5_0_ref(w, m, k, x[i])
+        else:
+            expected = matvec_ref(w, qtype, m, k, x[i])
+        assert np.array_equal(out[i], expected), (qtype, i, kinds[i])

@@ -15,6 +15,8 @@ def bench(model: str = typer.Argument(None, help="catalogue name or path (not ne
           n_prompt: int = typer.Option(512, "-p", "--n-prompt", help="prompt tokens (pp test); 0 to skip"),
           n_gen: int = typer.Option(128, "-n", "--n-gen", help="generated tokens (tg test); 0 to skip"),
           reps: int = typer.Option(3, "-r", "--repetitions", help="repetitions after one warm-up"),
+          n_depth: int = typer.Option(0, "-d", "--n-depth", help="tokens already in the KV cache before each "
+                                                                   "test (llama-bench's -d)"),
           threads: int = typer.Option(None, "--threads", "-t", help="threads (default: all cores)"),
           kernels: bool = typer.Option(False, "--kernels", help="benchmark the quantized matmul kernels"),
           size_mb: int = typer.Option(64, "--size-mb", help="--kernels: weight matrix size in MB"),
@@ -61,15 +63,18 @@ def bench(model: str = typer.Argument(None, help="catalogue name or path (not ne
         rows = bench_serving.run(m, levels, n_prompt=n_p, n_gen=n_g)
         print(json.dumps([r.to_dict() for r in rows], indent=2) if as_json else bench_serving.table(rows))
         return
-    m = load(model, n_ctx=max(n_prompt + n_gen, 16), threads=threads)
+    if n_depth < 0:
+        raise NibbleError(f"-d must be >= 0, got {n_depth}")
+    m = load(model, n_ctx=max(n_depth + max(n_prompt, n_gen), 16), threads=threads)
     compile_s = mbench.measure_compile(m)
-    results = mbench.run(m, n_prompt, n_gen, max(reps, 1), threads)
+    results = mbench.run(m, n_prompt, n_gen, max(reps, 1), threads, n_depth=n_depth)
     if as_json:
         print(json.dumps([r.as_json() for r in results], indent=2))
         return
     print(mbench.markdown(results))
     by_test = {r.test: r for r in results}
-    pp, tg = by_test.get(f"pp{n_prompt}"), by_test.get(f"tg{n_gen}")
+    suffix = f" @ d{n_depth}" if n_depth else ""
+    pp, tg = by_test.get(f"pp{n_prompt}{suffix}"), by_test.get(f"tg{n_gen}{suffix}")
     line = []
     if pp:
         line.append(f"TTFT ({n_prompt}-token prompt): {1000 * n_prompt / pp.avg_ts:.1f} ms")

@@ -29,10 +29,12 @@ class BenchResult:
     samples_ts: list[float] = field(default_factory=list)
     weight_bytes: int = 0   # read per decoded token
     matmul_params: int = 0  # weights each prompt token is multiplied with
+    n_depth: int = 0        # tokens already in the cache when the test starts (llama-bench's -d)
 
     @property
     def test(self) -> str:
-        return f"pp{self.n_prompt}" if self.n_prompt else f"tg{self.n_gen}"
+        name = f"pp{self.n_prompt}" if self.n_prompt else f"tg{self.n_gen}"
+        return name + (f" @ d{self.n_depth}" if self.n_depth else "")
 
     @property
     def avg_ts(self) -> float:
@@ -55,7 +57,7 @@ class BenchResult:
     def as_json(self) -> dict:
         speed = {"gflops": self.gflops} if self.n_prompt else {"gbps": self.gbps}
         return {"model_type": self.model_type, "n_prompt": self.n_prompt, "n_gen": self.n_gen,
-                "n_threads": self.n_threads, "avg_ts": self.avg_ts, "stddev_ts": self.stddev_ts,
+                "n_depth": self.n_depth, "n_threads": self.n_threads, "avg_ts": self.avg_ts, "stddev_ts": self.stddev_ts,
                 **speed, "samples_ts": self.samples_ts}
 
 
@@ -90,11 +92,13 @@ def measure_compile(model) -> float:
     return time.perf_counter() - t
 
 
-def _timed(model, evals: list) -> float:
-    """Seconds to evaluate `evals` (arrays of ids, one engine call each) from an empty cache, timed on the
-    model's engine thread (no hand-over between threads inside the figure)."""
+def _timed(model, evals: list, depth: np.ndarray | None = None) -> float:
+    """Seconds to evaluate `evals` (arrays of ids, one engine call each) after `depth` (untimed; None: from an
+    empty cache), timed on the model's engine thread (no hand-over between threads inside the figure)."""
     def run(e):
         e.reset(0)
+        if depth is not None and len(depth):
+            e.eval(depth, 0)
         t = time.perf_counter()
         for ids in evals:
             e.eval(ids, 0)
@@ -102,16 +106,19 @@ def _timed(model, evals: list) -> float:
     return model._call(run)
 
 
-def run(model, n_prompt: int, n_gen: int, reps: int, threads: int, seed: int = 0) -> list[BenchResult]:
+def run(model, n_prompt: int, n_gen: int, reps: int, threads: int, seed: int = 0,
+        n_depth: int = 0) -> list[BenchResult]:
     rng = np.random.default_rng(seed)
     common = dict(model_type=model_type(model), size=model.engine.model_bytes, n_params=model.n_params,
-                  n_threads=threads, weight_bytes=model.weight_bytes, matmul_params=matmul_params(model))
+                  n_threads=threads, weight_bytes=model.weight_bytes, matmul_params=matmul_params(model),
+                  n_depth=n_depth)
+    depth = rng.integers(0, model.n_vocab, n_depth)
     results = []
     if n_prompt:
         r = BenchResult(n_prompt=n_prompt, n_gen=0, **common)
         prompt = rng.integers(0, model.n_vocab, n_prompt)
         for i in range(reps + 1):
-            dt = _timed(model, [prompt])
+            dt = _timed(model, [prompt], depth)
             if i:                                   # the first run is the warm-up
                 r.samples_ts.append(n_prompt / dt)
         results.append(r)
@@ -119,7 +126,7 @@ def run(model, n_prompt: int, n_gen: int, reps: int, threads: int, seed: int = 0
         r = BenchResult(n_prompt=0, n_gen=n_gen, **common)
         tokens = rng.integers(0, model.n_vocab, n_gen)
         for i in range(reps + 1):
-            dt = _timed(model, [tokens[j:j + 1] for j in range(n_gen)])
+            dt = _timed(model, [tokens[j:j + 1] for j in range(n_gen)], depth)
             if i:
                 r.samples_ts.append(n_gen / dt)
         results.append(r)

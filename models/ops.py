@@ -9,8 +9,9 @@ with `quant.ggml_exact` a SmolLM2 forward gives llama.cpp's logits bit for bit. 
 function it reproduces. They are compiled without fast-math (`exact_kernel`): the order of the f32
 operations is what makes them exact.
 
-KV cache layout: k_cache, v_cache float32 (slots, layers, n_ctx, n_head_kv, head_dim), C-contiguous, holding
-values rounded to fp16 (llama.cpp's cache is F16; its values, not its storage, are what the arithmetic sees).
+KV cache layout: k_cache, v_cache (slots, layers, n_ctx, n_head_kv, head_dim), C-contiguous, IEEE halves as
+llama.cpp's F16 cache holds them, passed to the kernels as their uint16 bits (Numba has no float16
+arithmetic); every load widens them to float32 exactly, so the arithmetic is llama.cpp's.
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ from numba import prange
 
 from ..quant.ggml_exact import ROW_BATCHED
 from ..quant.jit import exact_kernel, exact_parallel_kernel, kernel
-from ..quant.simd import fma1, fma8, hsum8, hsum8_hadd, load_f32x8, round_f16, splat, store_f32x8, v_expf, zeros
+from ..quant.simd import (fma1, fma8, half_bits, half_to_float, halves8, hsum8, hsum8_hadd, load_f32x8, round_f16,
+                          splat, store_f32x8, v_expf, zeros)
 
 f32 = np.float32
 
@@ -98,14 +100,14 @@ def rope(x, positions, n_heads, head_dim, rope_dim, base, neox):
 
 @exact_kernel
 def kv_store(k_cache, v_cache, layer, slots, positions, k, v, n_head_kv, head_dim):
-    """Write rows of k, v (B, n_head_kv*head_dim) into the cache at (slots[b], layer, positions[b]), rounded
-    to fp16 as llama.cpp's F16 cache stores them."""
+    """Write rows of k, v (B, n_head_kv*head_dim) into the cache at (slots[b], layer, positions[b]) as IEEE
+    halves (the caches' uint16 bits), rounded as llama.cpp's F16 cache stores them."""
     for b in range(k.shape[0]):
         s, p = slots[b], positions[b]
         for h in range(n_head_kv):
             for i in range(head_dim):
-                k_cache[s, layer, p, h, i] = round_f16(k[b, h * head_dim + i])
-                v_cache[s, layer, p, h, i] = round_f16(v[b, h * head_dim + i])
+                k_cache[s, layer, p, h, i] = np.uint16(half_bits(k[b, h * head_dim + i]))
+                v_cache[s, layer, p, h, i] = np.uint16(half_bits(v[b, h * head_dim + i]))
 
 
 # ---- attention ----
@@ -125,21 +127,21 @@ def _kq(k, kb, q16, head_dim, lanes32):
         s0, s1, s2, s3 = zeros(), zeros(), zeros(), zeros()
         n32 = head_dim - head_dim % 32
         for i in range(0, n32, 32):
-            s0 = fma8(load_f32x8(k, kb + i), load_f32x8(q16, i), s0)
-            s1 = fma8(load_f32x8(k, kb + i + 8), load_f32x8(q16, i + 8), s1)
-            s2 = fma8(load_f32x8(k, kb + i + 16), load_f32x8(q16, i + 16), s2)
-            s3 = fma8(load_f32x8(k, kb + i + 24), load_f32x8(q16, i + 24), s3)
+            s0 = fma8(halves8(k, kb + i), load_f32x8(q16, i), s0)
+            s1 = fma8(halves8(k, kb + i + 8), load_f32x8(q16, i + 8), s1)
+            s2 = fma8(halves8(k, kb + i + 16), load_f32x8(q16, i + 16), s2)
+            s3 = fma8(halves8(k, kb + i + 24), load_f32x8(q16, i + 24), s3)
         total = np.float64(hsum8_hadd((s0 + s2) + (s1 + s3)))
         for i in range(n32, head_dim):     # ggml_vec_dot_f16's leftovers: each product added in double
-            total += np.float64(k[kb + i] * q16[i])
+            total += np.float64(half_to_float(k[kb + i]) * q16[i])
         return f32(total)
     n8 = head_dim - head_dim % 8
     a = zeros()
     for i in range(0, n8, 8):
-        a = fma8(load_f32x8(k, kb + i), load_f32x8(q16, i), a)
+        a = fma8(halves8(k, kb + i), load_f32x8(q16, i), a)
     r = hsum8(a)
     for i in range(n8, head_dim):          # (tinyBLAS needs head_dim % 8 == 0; not llama.cpp's order here)
-        r = fma1(k[kb + i], q16[i], r)
+        r = fma1(half_to_float(k[kb + i]), q16[i], r)
     return r
 
 
@@ -208,9 +210,9 @@ def attention(out, q, k_cache, v_cache, layer, slots, positions, kinds, n_head, 
             a = (j % n_lanes) * head_dim
             vb = base + j * cell
             for i in range(0, n8, 8):
-                store_f32x8(acc, a + i, fma8(splat(pj), load_f32x8(vf, vb + i), load_f32x8(acc, a + i)))
+                store_f32x8(acc, a + i, fma8(splat(pj), halves8(vf, vb + i), load_f32x8(acc, a + i)))
             for i in range(n8, head_dim):
-                acc[a + i] = fma1(pj, vf[vb + i], acc[a + i])
+                acc[a + i] = fma1(pj, half_to_float(vf[vb + i]), acc[a + i])
         for i in range(head_dim):
             if lanes32:
                 out[b, o + i] = _reduce32(acc, i, head_dim)

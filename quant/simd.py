@@ -220,6 +220,16 @@ def load_bf16(typingctx, w, i):
 
 
 @intrinsic
+def halves8(typingctx, a, i):
+    """F32x8 of the 8 IEEE halves a[i:i + 8] of a uint16 array (the f16 KV cache); exact."""
+    _check_array(a, ("uint16",))
+
+    def codegen(context, builder, sig, args):
+        return _half_to_float(builder, _load(context, builder, sig, args, _vec(_I16, 8)))
+    return F32x8(a, types.intp), codegen
+
+
+@intrinsic
 def half_to_float(typingctx, bits):
     """float32 value of the IEEE half with these 16 bits."""
     def codegen(context, builder, sig, args):
@@ -812,3 +822,18 @@ def v_expf(x):
     if abs(n) > f32(192):
         return s1 * s1
     return fma1(s2, j, s2) * s1
+
+
+@exact_kernel
+def half_bits(x):
+    """The IEEE half nearest to float32 x (ties to even, as round_f16 and F16C's vcvtps2ph), as its 16 bits in
+    an int: plain integer arithmetic, so the f16 KV cache needs no F16C and no runtime library."""
+    r = round_f16(x)
+    bits = f32_bits(r)
+    sign = (bits >> 16) & 0x8000
+    e = (bits >> 23) & 0xFF
+    if e == 0xFF:                                            # inf, nan (kept quiet)
+        return sign | 0x7C00 | (0x200 if bits & 0x7FFFFF else 0)
+    if e >= 113:                                             # a normal half: rebias 127 -> 15
+        return sign | ((e - 112) << 10) | ((bits >> 13) & 0x3FF)
+    return sign | np.int64(abs(r) * f32(16777216.0))         # subnormal or zero: a multiple of 2^-24

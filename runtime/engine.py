@@ -1,9 +1,8 @@
 """The engine: one architecture's weights, run state and KV cache, and the calls that move tokens through them.
 
-The KV cache is allocated once, shaped (slots, layers, n_ctx, n_head_kv, head_dim). It holds fp16-rounded
-values, as llama.cpp's F16 cache does (so the attention arithmetic is llama.cpp's), stored as float32 so the
-attention loop pays no conversion (Numba has no fast f16 arithmetic); the models nibble targets are small:
-SmolLM2 at n_ctx 4096 needs 180 MiB. Halving it with real f16 storage is a later option.
+The KV cache is allocated once, shaped (slots, layers, n_ctx, n_head_kv, head_dim), in IEEE halves as
+llama.cpp's F16 cache (so the attention arithmetic is llama.cpp's; the kernels widen each value to float32
+exactly): SmolLM2 at n_ctx 4096 needs 90 MiB.
 
 Batches and kinds. Every row of a forward carries its own (slot, position) and its *kind*
 (`quant.ggml_exact.batch_kinds`): which of llama.cpp's kernel variants computes it, the one thing through which
@@ -30,7 +29,7 @@ DEFAULT_MAX_CTX = 4096
 MAX_BATCH = 512          # prefill chunk (llama.cpp's default n_ubatch)
 LOGIT_ROWS = 64          # rows of logits computed at once when every position's logits are wanted
 DRAFT_MAX = 16           # draft tokens verified per sequence and step (speculative decoding)
-KV_DTYPE_BYTES = 4       # the KV cache is float32 holding f16-rounded values (Numba has no fast f16 arithmetic)
+KV_DTYPE_BYTES = 2       # the KV cache holds IEEE halves, as llama.cpp's F16 cache
 
 
 def available_memory() -> int:
@@ -84,8 +83,9 @@ class Engine:
                                  | (ggml_exact.ROW_TILED if ggml_exact.Q6_K in layer_types else 0))
         self.state = arch.RunState(args, self.max_rows)
         kv_shape = (n_slots, args.n_layers, n_ctx, args.n_head_kv, args.head_dim)
-        self.k_cache = np.zeros(kv_shape, np.float32)
-        self.v_cache = np.zeros(kv_shape, np.float32)
+        self.k_cache = np.zeros(kv_shape, np.float16)
+        self.v_cache = np.zeros(kv_shape, np.float16)
+        self._k_bits, self._v_bits = self.k_cache.view(np.uint16), self.v_cache.view(np.uint16)   # for the kernels
         self.tokens: list[list[int]] = [[] for _ in range(n_slots)]
         self.cell_kinds: list[list[int]] = [[] for _ in range(n_slots)]
         self.logits_buf = np.zeros((max(LOGIT_ROWS, (DRAFT_MAX + 1) * n_slots), args.n_vocab), np.float32)
@@ -203,7 +203,7 @@ class Engine:
             outputs[n_out:n_out + want] = np.arange(b + n - want, b + n)
             n_out += want
             b += n
-        hidden = self.arch.forward(self.args, self.weights, self.state, self.k_cache, self.v_cache,
+        hidden = self.arch.forward(self.args, self.weights, self.state, self._k_bits, self._v_bits,
                                    tok, slots, pos, kinds, outputs[:n_out])
         for slot, ids, row_kinds, _ in work:
             self.tokens[slot].extend(int(t) for t in ids)
@@ -244,7 +244,7 @@ class Engine:
             self._kinds[:B] = kinds[c:c + B]
             outputs = self._outputs[:max(B - lo, 1)]
             outputs[:] = np.arange(B - len(outputs), B)
-            hidden = self.arch.forward(self.args, self.weights, self.state, self.k_cache, self.v_cache,
+            hidden = self.arch.forward(self.args, self.weights, self.state, self._k_bits, self._v_bits,
                                        self._tok[:B], self._slot[:B], self._pos[:B], self._kinds[:B], outputs)
             self.tokens[slot].extend(int(t) for t in chunk)
             self.cell_kinds[slot].extend(int(k) for k in kinds[c:c + B])

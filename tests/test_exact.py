@@ -114,6 +114,12 @@ def test_round_f16_is_ieee_round_to_nearest_even():
     expected = f16(x)
     same = (ours == expected) | (np.isnan(ours) & np.isnan(expected))
     assert same.all(), x[~same][:5]
+    # the f16 KV cache stores the same value as IEEE half bits
+    with np.errstate(over="ignore"):
+        bits = np.array([simd.half_bits(v) for v in x], np.int64).astype(np.uint16).view(np.float16)
+        halves = x.astype(np.float16)
+    same = (bits == halves) | (np.isnan(bits) & np.isnan(halves))
+    assert same.all() and np.array_equal(np.signbit(bits), np.signbit(halves)), x[~same][:5]
     assert (np.signbit(ours) == np.signbit(expected))[~np.isnan(x)].all()
 
 
@@ -401,18 +407,20 @@ def test_attention_lanes_follow_the_batch_size(batch):
     """One query row (decode) takes ggml_vec_dot_f16's 32 lanes, several take tinyBLAS's 8."""
     rng = np.random.default_rng(5)
     H, Hk, D, n_ctx, layer = 6, 2, 64, 80, 1
-    k_cache = np.zeros((2, 2, n_ctx, Hk, D), F32)
+    k_cache = np.zeros((2, 2, n_ctx, Hk, D), np.float16)      # the kernels take the halves' bits
     v_cache = np.zeros_like(k_cache)
     n = 70                                                     # cached positions 0..69 of slot 1
     k = (rng.standard_normal((n, Hk * D)) * 3).astype(F32)
     v = rng.standard_normal((n, Hk * D)).astype(F32)
-    ops.kv_store(k_cache, v_cache, layer, np.ones(n, np.int64), np.arange(n), k, v, Hk, D)
-    assert np.array_equal(k_cache[1, layer, :n], f16(k).reshape(n, Hk, D))
+    ops.kv_store(k_cache.view(np.uint16), v_cache.view(np.uint16), layer, np.ones(n, np.int64), np.arange(n),
+                 k, v, Hk, D)
+    assert np.array_equal(k_cache[1, layer, :n].astype(F32), f16(k).reshape(n, Hk, D))
     positions = np.arange(n - batch, n)
     q = (rng.standard_normal((batch, H * D)) * 3).astype(F32)
     out = np.zeros_like(q)
-    ops.attention(out, q, k_cache, v_cache, layer, np.ones(batch, np.int64), positions, ggml_exact.batch_kinds(batch),
-                  H, Hk, D, F32(0.125), 0)
+    ops.attention(out, q, k_cache.view(np.uint16), v_cache.view(np.uint16), layer, np.ones(batch, np.int64),
+                  positions, ggml_exact.batch_kinds(batch), H, Hk, D, F32(0.125), 0)
+    k_cache, v_cache = k_cache.astype(F32), v_cache.astype(F32)
     lanes = 32 if batch == 1 else 8
     for b, p in enumerate(positions):
         for h in range(H):

@@ -134,13 +134,14 @@ def test_attention_with_a_sliding_window(batch):
     32-lane decode path, a batch the 8-lane one (both held bit for bit in test_exact.py)."""
     rng = np.random.default_rng(5)
     n_head, n_head_kv, head_dim, n_ctx, layer, window, scale = 4, 2, 32, 40, 1, 8, 1 / np.sqrt(32)
-    k_cache = np.zeros((2, 2, n_ctx, n_head_kv, head_dim), F32)
+    k_cache = np.zeros((2, 2, n_ctx, n_head_kv, head_dim), np.float16)   # the kernels take the halves' bits
     v_cache = np.zeros_like(k_cache)
     n = 32                                                  # positions 0..31 cached in both slots
     for slot in (0, 1):
         k = (rng.standard_normal((n, n_head_kv * head_dim)) * 2).astype(F32)
         v = rng.standard_normal((n, n_head_kv * head_dim)).astype(F32)
-        ops.kv_store(k_cache, v_cache, layer, np.full(n, slot, np.int64), np.arange(n), k, v, n_head_kv, head_dim)
+        ops.kv_store(k_cache.view(np.uint16), v_cache.view(np.uint16), layer, np.full(n, slot, np.int64),
+                     np.arange(n), k, v, n_head_kv, head_dim)
     positions = np.array([31, 20, 25, 31, 7, 26][:batch], np.int64)  # 7: a row that starts inside the window
     slots = np.array([1, 0, 0, 0, 1, 1][:batch], np.int64)
     q = (rng.standard_normal((batch, n_head * head_dim)) * 2).astype(F32)
@@ -148,14 +149,14 @@ def test_attention_with_a_sliding_window(batch):
 
     def run(k_cache, v_cache):
         out = np.zeros_like(q)
-        ops.attention(out, q, k_cache, v_cache, layer, slots, positions, kinds, n_head, n_head_kv, head_dim,
-                      F32(scale), window)
+        ops.attention(out, q, k_cache.view(np.uint16), v_cache.view(np.uint16), layer, slots, positions, kinds,
+                      n_head, n_head_kv, head_dim, F32(scale), window)
         return out
     out = run(k_cache, v_cache)
-    ref = attention_ref(q, k_cache[:, layer], v_cache[:, layer], positions, slots, n_head, n_head_kv, head_dim,
-                        scale, window)
+    ref = attention_ref(q, k_cache[:, layer].astype(F32), v_cache[:, layer].astype(F32), positions, slots, n_head,
+                        n_head_kv, head_dim, scale, window)
     # f32 sums and ggml's expf (~1 ulp) against float64; the fp16 roundings are in the reference too
-    np.testing.assert_allclose(out, ref, rtol=0, atol=1e-5 * np.abs(v_cache).max())
+    np.testing.assert_allclose(out, ref, rtol=0, atol=1e-5 * float(np.abs(v_cache).max()))
     # the cells before each row's window are not read: changing them changes nothing, bit for bit
     stale_k, stale_v = k_cache.copy(), v_cache.copy()
     for s in set(slots.tolist()):
@@ -165,6 +166,6 @@ def test_attention_with_a_sliding_window(batch):
     assert np.array_equal(run(stale_k, stale_v), out)
     # without the window the far cells do count
     full = np.zeros_like(q)
-    ops.attention(full, q, k_cache, v_cache, layer, slots, positions, kinds, n_head, n_head_kv, head_dim,
-                  F32(scale), 0)
+    ops.attention(full, q, k_cache.view(np.uint16), v_cache.view(np.uint16), layer, slots, positions, kinds, n_head,
+                  n_head_kv, head_dim, F32(scale), 0)
     assert not np.allclose(full[positions >= window], out[positions >= window], atol=1e-3)

@@ -143,7 +143,9 @@ def test_show_json_on_the_real_files(cli, pulled, model_name):
     assert m.gguf.metadata[f"{arch}.block_count"] == n_layers
     assert m.gguf.metadata[f"{arch}.embedding_length"] == n_embd
     assert info["n_params"] == sum(t.n_elements for t in m.gguf.tensors.values())
-    assert info["kv_bytes_per_token"] > 0 and info["context_length"] >= 8192
+    assert info["context_length"] >= 8192
+    a = m.args                       # f16 K and V: layers x kv heads x head_dim x 2 (K and V) x 2 bytes
+    assert info["kv_bytes_per_token"] == a.n_layers * a.n_head_kv * a.head_dim * 2 * 2
 
 
 def test_list_json(cli, pulled):

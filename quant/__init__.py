@@ -24,7 +24,7 @@ from ..errors import UnsupportedQuantError
 from . import floats, kquants, legacy  # noqa: F401  (registers the formats)
 from . import ggml_exact, kernels
 from .blocks import FORMATS
-from .jit import apply_threads, get_threads, set_threads
+from .jit import KERNEL_LOCK, apply_threads, get_threads, set_threads
 
 __all__ = ["SUPPORTED_TYPES", "check_supported", "dequantize", "dequantize_reference", "matmul", "quantize",
            "scratch_shape", "row_bytes", "set_threads", "get_threads", "FORMATS"]
@@ -87,8 +87,9 @@ def dequantize(data, qtype, shape) -> np.ndarray:
     `dequantize_reference`)."""
     w, qtype, m, k = _prepare(data, qtype, shape)
     out = np.empty((m, k), np.float32)
-    apply_threads()
-    kernels.dequantize_rows(out, w, qtype, m, k)
+    with KERNEL_LOCK:
+        apply_threads()
+        kernels.dequantize_rows(out, w, qtype, m, k)
     return out.reshape(tuple(int(s) for s in shape))
 
 
@@ -137,9 +138,10 @@ def matmul(x, data, qtype, shape, out=None) -> np.ndarray:
         out = np.empty(result_shape, np.float32)
     elif out.shape != result_shape or out.dtype != np.float32 or not out.flags.c_contiguous:
         raise ValueError(f"out must be a C-contiguous float32 array of shape {result_shape}")
-    apply_threads()
     xq, xs = _scratch_for(n, k)
-    multiply(out.reshape(n, m), x2, xq, xs, w, qtype, m, k)
+    with KERNEL_LOCK:                # one thread in Numba's pool at a time (a model's engine thread included)
+        apply_threads()
+        multiply(out.reshape(n, m), x2, xq, xs, w, qtype, m, k)
     return out
 
 

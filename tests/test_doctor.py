@@ -108,3 +108,9 @@ def test_library_doctor_on_a_tiny_model(tiny_gguf):
     assert checks["chat.render"].status == "skip"
     assert checks["memory.plan"].details["largest_n_ctx"] == 256
     assert report.to_json()["models"][0]["checks"][0]["id"] == "file.gguf"
+
+
+def test_list_piped_prints_whole_paths(cli, pulled):
+    path = pulled("smollm2-135m")
+    r = cli("list")                                     # stdout is a pipe here, not a terminal
+    assert r.returncode == 0 and str(path) in r.stdout and "…" not in r.stdout

@@ -15,8 +15,16 @@ from .runtime.store import pull
 
 __version__ = "0.1.0"
 
+
+def doctor(model=None, n_ctx: int | None = None):
+    """Check this machine and `model` (a catalogue name or a .gguf path; None: every pulled catalogue model):
+    a `runtime.doctor.Report` whose `ok` is what `nibble doctor` exits 0 on. See runtime/doctor.py."""
+    from .runtime.doctor import doctor as run
+    return run(model, n_ctx)
+
+
 __all__ = [
-    "load", "Model", "Session", "pull", "CATALOG", "DEFAULT_MODEL", "__version__",
+    "load", "Model", "Session", "pull", "doctor", "CATALOG", "DEFAULT_MODEL", "__version__",
     "NibbleError", "ModelNotFoundError", "PullError", "GGUFError", "ModelFormatError", "UnsupportedModelError",
     "UnsupportedQuantError", "TokenizerError", "TemplateError", "ContextOverflowError", "OutOfMemoryError",
     "SessionError", "InvalidRequestError",

@@ -35,12 +35,14 @@ def list_models(as_json: bool = typer.Option(False, "--json", help="print JSON")
     if as_json:
         print(json.dumps(rows, indent=2))
         return
+    from rich.console import Console
     from rich.table import Table
     table = Table("name", "description", "size", "pulled", "path")
     for r in rows:
         table.add_row(r["name"] + (" (default)" if r["default"] else ""), r["description"], fmt_bytes(r["size"]),
                       "yes" if r["pulled"] else "no", r["path"] if r["pulled"] else "")
-    out.print(table)
+    # piped: whole values, however wide (a terminal's width would cut the paths short)
+    (out if out.is_terminal else Console(width=100_000)).print(table)
 
 
 @app.command()

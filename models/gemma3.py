@@ -149,18 +149,21 @@ class RunState:
 
 def forward(args: ModelArgs, w: Weights, st: RunState, k_cache: np.ndarray, v_cache: np.ndarray,
             tokens: np.ndarray, slots: np.ndarray, positions: np.ndarray, kinds: np.ndarray,
-            outputs: np.ndarray) -> np.ndarray:
+            outputs: np.ndarray, trace=None) -> np.ndarray:
     """The fast path. Rows b = 0..B-1: token tokens[b] at positions[b] of KV slot slots[b], computed with
     the arithmetic llama.cpp gives a row of kind kinds[b] (`quant.ggml_exact.batch_kinds`). Returns the final
     normed hidden states of the rows `outputs`, (len(outputs), n_embd), a view into the run state that the
     caller projects to logits with `w.output`. Every buffer is preallocated (the attention and a few matmul
-    kernels take small scratch arrays of their own)."""
+    kernels take small scratch arrays of their own). `trace` (`runtime.trace.Trace`, or None) receives copies
+    of the intermediate tensors under llama.cpp's graph names."""
     B = tokens.shape[0]
     x, xb, xb2 = st.x[:B], st.xb[:B], st.xb2[:B]
     q, k, v, att, hb, hb2 = st.q[:B], st.k[:B], st.v[:B], st.att[:B], st.hb[:B], st.hb2[:B]
     scale = np.float32(1.0 / np.sqrt(args.head_dim))    # f_attention_scale = 1/sqrt(key_length)
     embed(x, tokens, w.token_embd)
     x *= np.float32(np.sqrt(args.n_embd))
+    if trace is not None:
+        trace.record(None, inp_scaled=x)
     for i, L in enumerate(w.layers):
         base = args.rope_base if args.is_global(i) else ROPE_BASE_LOCAL
         window = 0 if args.is_global(i) else args.sliding_window
@@ -173,12 +176,16 @@ def forward(args: ModelArgs, w: Weights, st: RunState, k_cache: np.ndarray, v_ca
         ops.rmsnorm_heads(k, L.k_norm, args.n_head_kv, args.head_dim, args.rms_eps)
         ops.rope(q, positions, args.n_head, args.head_dim, args.rope_dim, base, NEOX_ROPE)
         ops.rope(k, positions, args.n_head_kv, args.head_dim, args.rope_dim, base, NEOX_ROPE)
+        if trace is not None:
+            trace.record(i, attn_norm=xb, Qcur=q, Kcur=k, Vcur=v)
         ops.kv_store(k_cache, v_cache, i, slots, positions, k, v, args.n_head_kv, args.head_dim)
         ops.attention(att, q, k_cache, v_cache, i, slots, positions, kinds, args.n_head, args.n_head_kv,
                       args.head_dim, scale, window)
         linear(xb2, att, L.wo, st.scratch, kinds)
         ops.rmsnorm(xb2, xb2, L.post_attn_norm, args.rms_eps)
         x += xb2
+        if trace is not None:
+            trace.record(i, kqv_out=att, attn_post_norm=xb2, sa_out=x)
         # x = x + post_ffw_norm(down(gelu(gate(ffn_norm(x))) * up(ffn_norm(x))))
         ops.rmsnorm(xb, x, L.ffn_norm, args.rms_eps)
         linear(hb, xb, L.ffn_gate, st.scratch, kinds)
@@ -187,15 +194,19 @@ def forward(args: ModelArgs, w: Weights, st: RunState, k_cache: np.ndarray, v_ca
         linear(xb2, hb, L.ffn_down, st.scratch, kinds)
         ops.rmsnorm(xb2, xb2, L.post_ffn_norm, args.rms_eps)
         x += xb2
+        if trace is not None:
+            trace.record(i, ffn_norm=xb, ffn_post_norm=xb2, l_out=x)
     n_out = len(outputs)
     np.take(x, outputs, axis=0, out=xb2[:n_out])
     ops.rmsnorm(xb[:n_out], xb2[:n_out], w.output_norm, args.rms_eps)
+    if trace is not None:
+        trace.record(None, result_norm=xb[:n_out])
     return xb[:n_out]
 
 
-def forward_reference(args: ModelArgs, w: Weights, tokens: list[int]) -> np.ndarray:
+def forward_reference(args: ModelArgs, w: Weights, tokens: list[int], trace=None) -> np.ndarray:
     """The readable forward the fast path is tested against: plain numpy over dequantized weights, one
-    sequence from position 0, no cache. Returns logits (T, n_vocab)."""
+    sequence from position 0, no cache. Returns logits (T, n_vocab). `trace` as in `forward`."""
     T, hd = len(tokens), args.head_dim
     deq = {}
 
@@ -223,6 +234,8 @@ def forward_reference(args: ModelArgs, w: Weights, tokens: list[int]) -> np.ndar
     dist = pos[:, None] - pos[None, :]
     local = np.where(dist >= args.sliding_window, -np.inf, causal) if args.sliding_window else causal
     x = W(w.token_embd)[tokens].astype(np.float64) * np.sqrt(args.n_embd)            # (T, d)
+    if trace is not None:
+        trace.record(None, inp_scaled=x)
     for i, L in enumerate(w.layers):
         base = args.rope_base if args.is_global(i) else ROPE_BASE_LOCAL
         mask = causal if args.is_global(i) else local
@@ -231,15 +244,27 @@ def forward_reference(args: ModelArgs, w: Weights, tokens: list[int]) -> np.ndar
         k = rmsnorm((h @ W(L.wk).T).reshape(T, args.n_head_kv, hd), L.k_norm)         # (T, Hkv, hd)
         q, k = rope(q, base), rope(k, base)
         v = (h @ W(L.wv).T).reshape(T, args.n_head_kv, hd)
+        if trace is not None:
+            trace.record(i, attn_norm=h, Qcur=q, Kcur=k, Vcur=v)
         group = args.n_head // args.n_head_kv
         k, v = np.repeat(k, group, axis=1), np.repeat(v, group, axis=1)               # (T, H, hd)
         scores = np.einsum("thd,shd->hts", q, k) / np.sqrt(hd) + mask                # (H, T, T)
         p = np.exp(scores - scores.max(-1, keepdims=True))
         p /= p.sum(-1, keepdims=True)
         a = np.einsum("hts,shd->thd", p, v).reshape(T, args.q_dim)
-        x = x + rmsnorm(a @ W(L.wo).T, L.post_attn_norm)
+        attn_post_norm = rmsnorm(a @ W(L.wo).T, L.post_attn_norm)
+        x = x + attn_post_norm
+        if trace is not None:
+            trace.record(i, kqv_out=a, attn_post_norm=attn_post_norm, sa_out=x)
         h = rmsnorm(x, L.ffn_norm)
         g, u = h @ W(L.ffn_gate).T, h @ W(L.ffn_up).T
         gelu = 0.5 * g * (1 + np.tanh(np.sqrt(2 / np.pi) * (g + 0.044715 * g ** 3)))
-        x = x + rmsnorm((gelu * u) @ W(L.ffn_down).T, L.post_ffn_norm)
-    return (rmsnorm(x, w.output_norm) @ W(w.output).T).astype(np.float32)
+        ffn_post_norm = rmsnorm((gelu * u) @ W(L.ffn_down).T, L.post_ffn_norm)
+        x = x + ffn_post_norm
+        if trace is not None:
+            trace.record(i, ffn_norm=h, ffn_post_norm=ffn_post_norm, l_out=x)
+    x = rmsnorm(x, w.output_norm)
+    logits = (x @ W(w.output).T).astype(np.float32)
+    if trace is not None:
+        trace.record(None, result_norm=x, result_output=logits)
+    return logits

@@ -136,17 +136,20 @@ class RunState:
 
 def forward(args: ModelArgs, w: Weights, st: RunState, k_cache: np.ndarray, v_cache: np.ndarray,
             tokens: np.ndarray, slots: np.ndarray, positions: np.ndarray, kinds: np.ndarray,
-            outputs: np.ndarray) -> np.ndarray:
+            outputs: np.ndarray, trace=None) -> np.ndarray:
     """The fast path. Rows b = 0..B-1: token tokens[b] at positions[b] of KV slot slots[b], computed with
     the arithmetic llama.cpp gives a row of kind kinds[b] (`quant.ggml_exact.batch_kinds`). Returns the final
     normed hidden states of the rows `outputs`, (len(outputs), n_embd), a view into the run state that the
     caller projects to logits with `w.output`. Every buffer is preallocated (the attention and a few matmul
-    kernels take small scratch arrays of their own)."""
+    kernels take small scratch arrays of their own). `trace` (`runtime.trace.Trace`, or None) receives copies
+    of the intermediate tensors under llama.cpp's graph names."""
     B = tokens.shape[0]
     x, xb, xb2 = st.x[:B], st.xb[:B], st.xb2[:B]
     q, k, v, att, hb, hb2 = st.q[:B], st.k[:B], st.v[:B], st.att[:B], st.hb[:B], st.hb2[:B]
     scale = np.float32(1.0 / np.sqrt(args.head_dim))
     embed(x, tokens, w.token_embd)
+    if trace is not None:
+        trace.record(None, inp_embd=x)
     for i, L in enumerate(w.layers):
         # x = x + attention(attention_norm(x))
         ops.rmsnorm(xb, x, L.attn_norm, args.rms_eps)
@@ -158,11 +161,15 @@ def forward(args: ModelArgs, w: Weights, st: RunState, k_cache: np.ndarray, v_ca
         ops.add_bias(v, L.bv)
         ops.rope(q, positions, args.n_head, args.head_dim, args.rope_dim, args.rope_base, NEOX_ROPE)
         ops.rope(k, positions, args.n_head_kv, args.head_dim, args.rope_dim, args.rope_base, NEOX_ROPE)
+        if trace is not None:
+            trace.record(i, attn_norm=xb, Qcur=q, Kcur=k, Vcur=v)
         ops.kv_store(k_cache, v_cache, i, slots, positions, k, v, args.n_head_kv, args.head_dim)
         ops.attention(att, q, k_cache, v_cache, i, slots, positions, kinds, args.n_head, args.n_head_kv,
                       args.head_dim, scale, 0)
         linear(xb2, att, L.wo, st.scratch, kinds)
         x += xb2
+        if trace is not None:
+            trace.record(i, kqv_out=att, attn_out=xb2, ffn_inp=x)
         # x = x + feed_forward(ffn_norm(x)), feed_forward = w2(silu(w1(x)) * w3(x))
         ops.rmsnorm(xb, x, L.ffn_norm, args.rms_eps)
         linear(hb, xb, L.ffn_gate, st.scratch, kinds)
@@ -170,15 +177,19 @@ def forward(args: ModelArgs, w: Weights, st: RunState, k_cache: np.ndarray, v_ca
         ops.silu_mul(hb, hb2)
         linear(xb2, hb, L.ffn_down, st.scratch, kinds)
         x += xb2
+        if trace is not None:
+            trace.record(i, ffn_norm=xb, ffn_out=xb2, l_out=x)
     n_out = len(outputs)
     np.take(x, outputs, axis=0, out=xb2[:n_out])
     ops.rmsnorm(xb[:n_out], xb2[:n_out], w.output_norm, args.rms_eps)
+    if trace is not None:
+        trace.record(None, result_norm=xb[:n_out])
     return xb[:n_out]
 
 
-def forward_reference(args: ModelArgs, w: Weights, tokens: list[int]) -> np.ndarray:
+def forward_reference(args: ModelArgs, w: Weights, tokens: list[int], trace=None) -> np.ndarray:
     """The readable forward the fast path is tested against: plain numpy over dequantized weights, one
-    sequence from position 0, no cache. Returns logits (T, n_vocab)."""
+    sequence from position 0, no cache. Returns logits (T, n_vocab). `trace` as in `forward`."""
     T, hd = len(tokens), args.head_dim
     deq = {}
 
@@ -204,19 +215,33 @@ def forward_reference(args: ModelArgs, w: Weights, tokens: list[int]) -> np.ndar
 
     mask = np.triu(np.full((T, T), -np.inf), 1)
     x = W(w.token_embd)[tokens].astype(np.float64)                                   # (T, d)
-    for L in w.layers:
+    if trace is not None:
+        trace.record(None, inp_embd=x)
+    for i, L in enumerate(w.layers):
         h = rmsnorm(x, L.attn_norm)
         q = rope((h @ W(L.wq).T + L.bq).reshape(T, args.n_head, hd))                  # (T, H, hd)
         k = rope((h @ W(L.wk).T + L.bk).reshape(T, args.n_head_kv, hd))               # (T, Hkv, hd)
         v = (h @ W(L.wv).T + L.bv).reshape(T, args.n_head_kv, hd)
+        if trace is not None:
+            trace.record(i, attn_norm=h, Qcur=q, Kcur=k, Vcur=v)
         group = args.n_head // args.n_head_kv
         k, v = np.repeat(k, group, axis=1), np.repeat(v, group, axis=1)               # (T, H, hd)
         scores = np.einsum("thd,shd->hts", q, k) / np.sqrt(hd) + mask                # (H, T, T)
         p = np.exp(scores - scores.max(-1, keepdims=True))
         p /= p.sum(-1, keepdims=True)
         a = np.einsum("hts,shd->thd", p, v).reshape(T, args.q_dim)
-        x = x + a @ W(L.wo).T
+        attn_out = a @ W(L.wo).T
+        x = x + attn_out
+        if trace is not None:
+            trace.record(i, kqv_out=a, attn_out=attn_out, ffn_inp=x)
         h = rmsnorm(x, L.ffn_norm)
         g, u = h @ W(L.ffn_gate).T, h @ W(L.ffn_up).T
-        x = x + (g / (1 + np.exp(-g)) * u) @ W(L.ffn_down).T
-    return (rmsnorm(x, w.output_norm) @ W(w.output).T).astype(np.float32)
+        ffn_out = (g / (1 + np.exp(-g)) * u) @ W(L.ffn_down).T
+        x = x + ffn_out
+        if trace is not None:
+            trace.record(i, ffn_norm=h, ffn_out=ffn_out, l_out=x)
+    x = rmsnorm(x, w.output_norm)
+    logits = (x @ W(w.output).T).astype(np.float32)
+    if trace is not None:
+        trace.record(None, result_norm=x, result_output=logits)
+    return logits

@@ -56,7 +56,7 @@ class Engine:
         self.arch = arch
         self.args = args = arch.ModelArgs.from_gguf(gguf)
         if n_ctx is None:
-            n_ctx = min(args.context_length, DEFAULT_MAX_CTX)
+            n_ctx = self.default_n_ctx(args)
         if n_ctx <= 0:
             raise NibbleError(f"n_ctx must be positive, got {n_ctx}")
         if n_slots <= 0:
@@ -66,9 +66,8 @@ class Engine:
                                        f"n_ctx {n_ctx} is larger than the model's context length "
                                        f"{args.context_length}")
         self.n_ctx, self.n_slots = n_ctx, n_slots
-        self.max_batch = max_batch = min(max_batch, n_ctx)
-        # a step holds one prompt chunk and, per slot, a decode row and up to DRAFT_MAX draft rows
-        self.max_rows = max_batch + (DRAFT_MAX + 1) * n_slots
+        self.max_batch = min(max_batch, n_ctx)
+        self.max_rows = self.step_rows(max_batch, n_ctx, n_slots)
         self._plan_memory(gguf)
         self.weights = arch.load_weights(gguf, args)
         self.model_bytes = sum(t.nbytes for t in gguf.tensors.values())
@@ -102,13 +101,31 @@ class Engine:
         """Bytes of the K and V caches for n_slots sequences of n_ctx tokens: the one KV-size formula."""
         return 2 * n_slots * args.n_layers * n_ctx * args.n_head_kv * args.head_dim * KV_DTYPE_BYTES
 
+    @staticmethod
+    def default_n_ctx(args) -> int:
+        """The context when none is asked for: the model's, capped at DEFAULT_MAX_CTX."""
+        return min(args.context_length, DEFAULT_MAX_CTX)
+
+    @staticmethod
+    def step_rows(max_batch: int, n_ctx: int, n_slots: int) -> int:
+        """Rows one step can hold: a prompt chunk and, per slot, a decode row and up to DRAFT_MAX draft rows."""
+        return min(max_batch, n_ctx) + (DRAFT_MAX + 1) * n_slots
+
+    @classmethod
+    def memory_plan(cls, args, weights_bytes: int, n_ctx: int, n_slots: int = 1,
+                    max_batch: int = MAX_BATCH) -> dict[str, int]:
+        """Bytes an engine needs: {"weights", "kv_cache", "buffers"} (the run state and the logits)."""
+        widest = max(args.n_embd, args.q_dim, args.n_ff, args.kv_dim)
+        rows = cls.step_rows(max_batch, n_ctx, n_slots)
+        buffers = rows * (6 * widest + 2 * args.n_ff) * 4 + LOGIT_ROWS * args.n_vocab * 4
+        return {"weights": weights_bytes, "kv_cache": cls.kv_bytes(args, n_ctx, n_slots), "buffers": buffers}
+
     def _plan_memory(self, gguf: GGUFFile) -> None:
         """Weights (mmap'd, but resident once touched) + KV cache + activations must fit, or we refuse."""
         a = self.args
-        widest = max(a.n_embd, a.q_dim, a.n_ff, a.kv_dim)
-        scratch = self.max_rows * (6 * widest + 2 * a.n_ff) * 4 + LOGIT_ROWS * a.n_vocab * 4
+        plan = self.memory_plan(a, gguf.file_size, self.n_ctx, self.n_slots, self.max_batch)
+        scratch, kv = plan["buffers"], plan["kv_cache"]
         fixed = gguf.file_size + scratch
-        kv = self.kv_bytes(a, self.n_ctx, self.n_slots)
         required = fixed + kv
         available = available_memory()
         if required > available:

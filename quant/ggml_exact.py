@@ -578,6 +578,14 @@ def _four_rows_q4_1(out, xq, xs, w, r, rows, k, xs_row):
 
 
 @exact_kernel
+def _block_q5_0_q8_0(w, p, is_q8_0):
+    """The 32 signed quants and the scale of the Q8_0 (d f16 | 32 int8) or Q5_0 block at byte p."""
+    if is_q8_0:
+        return bytes32(w, p + 2), load_f16(w, p)
+    return (nibbles16(w, p + 6) | (bits32(load_u32(w, p + 2)) << 4)) - 16, load_f16(w, p)
+
+
+@exact_kernel
 def _four_rows_q5_0(out, xq, xs, w, r, rows, k, xs_row, is_q8_0):
     """`_eight_rows_q5_0` for the activation rows rows[0:4]."""
     i0, i1, i2, i3 = rows[0], rows[1], rows[2], rows[3]
@@ -585,14 +593,8 @@ def _four_rows_q5_0(out, xq, xs, w, r, rows, k, xs_row, is_q8_0):
     p = r * nb * (34 if is_q8_0 else 22)
     a0, a1, a2, a3 = zeros(), zeros(), zeros(), zeros()
     for b in range(nb):
-        if is_q8_0:
-            q = bytes32(w, p + 2)
-            d = load_f16(w, p)
-            p += 34
-        else:
-            q = (nibbles16(w, p + 6) | (bits32(load_u32(w, p + 2)) << 4)) - 16
-            d = load_f16(w, p)
-            p += 22
+        q, d = _block_q5_0_q8_0(w, p, is_q8_0)
+        p += 34 if is_q8_0 else 22
         e = 32 * b
         a0 = fma8(splat(d * xs[i0 * xs_row + 2 * b]), to_f32(dot_i8(q, xq, i0 * k + e)), a0)
         a1 = fma8(splat(d * xs[i1 * xs_row + 2 * b]), to_f32(dot_i8(q, xq, i1 * k + e)), a1)
@@ -614,14 +616,8 @@ def _eight_rows_q5_0(out, xq, xs, w, r, rows, k, xs_row, is_q8_0):
     a0, a1, a2, a3 = zeros(), zeros(), zeros(), zeros()
     a4, a5, a6, a7 = zeros(), zeros(), zeros(), zeros()
     for b in range(nb):
-        if is_q8_0:
-            q = bytes32(w, p + 2)
-            d = load_f16(w, p)
-            p += 34
-        else:
-            q = (nibbles16(w, p + 6) | (bits32(load_u32(w, p + 2)) << 4)) - 16
-            d = load_f16(w, p)
-            p += 22
+        q, d = _block_q5_0_q8_0(w, p, is_q8_0)
+        p += 34 if is_q8_0 else 22
         e = 32 * b
         a0 = fma8(splat(d * xs[i0 * xs_row + 2 * b]), to_f32(dot_i8(q, xq, i0 * k + e)), a0)
         a1 = fma8(splat(d * xs[i1 * xs_row + 2 * b]), to_f32(dot_i8(q, xq, i1 * k + e)), a1)

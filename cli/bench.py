@@ -23,6 +23,9 @@ def bench(model: str = typer.Argument(None, help="catalogue name or path (not ne
           speculative: str = typer.Option(None, "--speculative", metavar="ngram|MODEL",
                                           help="plain vs speculative decoding on nibble's fixed workloads "
                                                "(code edit, quoting summary, free text)"),
+          compare: str = typer.Option(None, "--compare-llama-bench", metavar="PATH",
+                                      help="run llama-bench (this binary) on the same file and settings, "
+                                           "interleaved with nibble's runs, and print both with the ratio"),
           concurrency: str = typer.Option(None, "--concurrency", metavar="1,2,4,8",
                                           help="concurrent streams through the engine's continuous batching: "
                                                "aggregate generated tokens/s and TTFT per level"),
@@ -67,6 +70,13 @@ def bench(model: str = typer.Argument(None, help="catalogue name or path (not ne
         raise NibbleError(f"-d must be >= 0, got {n_depth}")
     m = load(model, n_ctx=max(n_depth + max(n_prompt, n_gen), 16), threads=threads)
     compile_s = mbench.measure_compile(m)
+    if compare:
+        rows = mbench.run_compared(m, compare, n_prompt, n_gen, max(reps, 1), threads, n_depth=n_depth)
+        if as_json:
+            print(json.dumps([{**r.as_json(), "llama_bench_ts": theirs} for r, theirs in rows], indent=2))
+        else:
+            print(mbench.compared_markdown(rows))
+        return
     results = mbench.run(m, n_prompt, n_gen, max(reps, 1), threads, n_depth=n_depth)
     if as_json:
         print(json.dumps([r.as_json() for r in results], indent=2))

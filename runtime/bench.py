@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ..errors import NibbleError
+
 
 @dataclass
 class BenchResult:
@@ -132,6 +134,46 @@ def run(model, n_prompt: int, n_gen: int, reps: int, threads: int, seed: int = 0
         results.append(r)
     model.reset()
     return results
+
+
+def llama_bench(binary: str, model_path, n_prompt: int, n_gen: int, threads: int, n_depth: int = 0) -> dict:
+    """One run of llama-bench (`-r 1`, JSON output) on the same file and settings: {"pp": t/s, "tg": t/s}."""
+    import json
+    import subprocess
+    cmd = [binary, "-m", str(model_path), "-p", str(n_prompt), "-n", str(n_gen), "-t", str(threads), "-r", "1",
+           "-o", "json"] + (["-d", str(n_depth)] if n_depth else [])
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=1800).stdout
+    except (OSError, subprocess.CalledProcessError, subprocess.TimeoutExpired) as e:
+        raise NibbleError(f"llama-bench failed ({' '.join(cmd)}): {e}") from None
+    rows = json.loads(out)
+    return {("pp" if r["n_prompt"] else "tg"): float(r["avg_ts"]) for r in rows}
+
+
+def run_compared(model, binary: str, n_prompt: int, n_gen: int, reps: int, threads: int,
+                 n_depth: int = 0) -> list[tuple[BenchResult, list[float]]]:
+    """`run` and llama-bench interleaved, one repetition of each at a time (so both see the same machine
+    load): [(nibble's result, llama-bench's t/s samples)] for pp and tg."""
+    ours = run(model, n_prompt, n_gen, 0, threads, n_depth=n_depth)      # the warm-up run only
+    for r in ours:
+        r.samples_ts.clear()
+    theirs: dict[str, list[float]] = {"pp": [], "tg": []}
+    for i in range(reps):
+        for r, new in zip(ours, run(model, n_prompt, n_gen, 1, threads, seed=i + 1, n_depth=n_depth)):
+            r.samples_ts.extend(new.samples_ts)
+        for key, ts in llama_bench(binary, model.path, n_prompt, n_gen, threads, n_depth).items():
+            theirs[key].append(ts)
+    return [(r, theirs["pp" if r.n_prompt else "tg"]) for r in ours]
+
+
+def compared_markdown(rows: list[tuple[BenchResult, list[float]]]) -> str:
+    lines = ["| model | test | nibble t/s | llama.cpp t/s | ratio |", "| --- | ---: | ---: | ---: | ---: |"]
+    for r, theirs in rows:
+        t = statistics.fmean(theirs) if theirs else float("nan")
+        sd = statistics.stdev(theirs) if len(theirs) > 1 else 0.0
+        lines.append(f"| {r.model_type} | {r.test} | {r.avg_ts:.2f} ± {r.stddev_ts:.2f} | {t:.2f} ± {sd:.2f} | "
+                     f"{r.avg_ts / t:.2f} |")
+    return "\n".join(lines)
 
 
 def markdown(results: list[BenchResult]) -> str:

@@ -59,3 +59,32 @@ def test_bench_kernels_smoke(cli):
 def test_bench_needs_a_model(cli):
     r = cli("bench")
     assert r.returncode == 1 and "MODEL" in r.stderr
+
+
+def test_bench_interleaves_llama_bench_and_prints_the_ratio(cli, pulled, tmp_path):
+    """--compare-llama-bench runs the given binary with the same file and settings once per repetition; a
+    stand-in llama-bench records its arguments and answers in llama-bench's JSON."""
+    log = tmp_path / "calls.txt"
+    fake = tmp_path / "llama-bench"
+    fake.write_text("#!/bin/sh\n"
+                    f"echo \"$@\" >> {log}\n"
+                    "echo '[{\"n_prompt\": 8, \"n_gen\": 0, \"avg_ts\": 100.0},"
+                    " {\"n_prompt\": 0, \"n_gen\": 4, \"avg_ts\": 50.0}]'\n")
+    fake.chmod(0o755)
+    pulled("smollm2-135m")
+    r = cli("bench", "smollm2-135m", "-p", "8", "-n", "4", "-r", "2", "--threads", "1",
+            "--compare-llama-bench", str(fake), "--json")
+    assert r.returncode == 0, r.stderr
+    rows = json.loads(r.stdout)
+    assert [row["llama_bench_ts"] for row in rows] == [[100.0, 100.0], [50.0, 50.0]]
+    calls = log.read_text().splitlines()
+    assert len(calls) == 2 and all("-p 8 -n 4 -t 1 -r 1 -o json" in c and "smollm2-135m.gguf" in c for c in calls)
+    table = cli("bench", "smollm2-135m", "-p", "8", "-n", "4", "-r", "1", "--threads", "1",
+                "--compare-llama-bench", str(fake))
+    assert "| llama.cpp t/s | ratio |" in table.stdout and "100.00" in table.stdout
+
+
+def test_bench_bad_llama_bench_is_one_error_line(cli, pulled):
+    pulled("smollm2-135m")
+    r = cli("bench", "smollm2-135m", "-p", "8", "-n", "4", "-r", "1", "--compare-llama-bench", "/nonexistent")
+    assert r.returncode == 1 and r.stderr.startswith("error: llama-bench failed")

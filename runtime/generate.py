@@ -29,7 +29,7 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 
 from ..errors import ContextOverflowError
-from .sampling import Sampler, SamplingParams
+from .sampling import Sampler, SamplingParams, token_limit
 
 FINISH_REASONS = ("stop", "length", "cancelled")
 
@@ -272,8 +272,8 @@ def stream(model, prompt: str | Sequence[int], *, max_tokens: int | None = None,
 
     Sampling parameters and their defaults are llama.cpp's (see `runtime.sampling`); `temperature=0` is
     greedy; `seed` makes the draw reproducible; `stop` strings end generation and are not emitted;
-    `cancel` (a threading.Event) ends it with finish reason `cancelled`. `max_tokens=None` generates until
-    an end-of-generation token or a full context. Raises ContextOverflowError if the prompt alone does not
+    `cancel` (a threading.Event) ends it with finish reason `cancelled`. `max_tokens=None` (or -1) generates
+    until an end-of-generation token or a full context. Raises ContextOverflowError if the prompt alone does not
     fit in `model.n_ctx`. The prompt is evaluated on the first `next()`: from an empty cache, or, with
     `cache_prompt`, after the longest prefix of it that the slot's KV cache already holds (what sessions do;
     the logits then come from different batch shapes, so a seed reproduces text only from the same cache
@@ -285,8 +285,7 @@ def stream(model, prompt: str | Sequence[int], *, max_tokens: int | None = None,
                             logit_bias=logit_bias, seed=seed)
     if isinstance(stop, str):
         stop = (stop,)
-    if max_tokens is not None and max_tokens < 0:
-        raise ValueError(f"max_tokens must be >= 0, not {max_tokens}")
+    max_tokens = token_limit(max_tokens)   # -1: no limit
     ids = model.tokenize(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
     if len(ids) == 0:
         raise ValueError("the prompt is empty: give at least one token")

@@ -10,10 +10,11 @@ assistant and tool unless the caller allows any (`allow_any_role`). On top of th
   sandbox) raises TemplateError at once, where the plain sandbox would hand back a silent Undefined;
 - budgets, each enforced *before* the work it bounds, so that a hostile template is refused in milliseconds
   and without allocating more than a few times the budget:
-  - nesting, before parsing: Jinja's parser and code generator recurse once per level of a bracket, a block
-    or an operator chain, so the template's tokens (from Jinja's lexer, a loop) are counted for how deeply
-    they nest (`_nesting`, in operator levels: MAX_NESTING) and a template that would need more than ~400
-    frames is refused. Counting beats catching RecursionError, which comes at a depth that depends on the
+  - nesting and length, before parsing: Jinja's parser and code generator recurse once per level of a
+    bracket, a block or an operator chain, so the template's tokens (from Jinja's lexer, a loop) are
+    counted for how deeply they nest (`_measure`, in operator levels: MAX_NESTING) and a template that
+    would need more than ~400 frames is refused; compiling costs ~3 KB per token, so the tokens are counted
+    too (MAX_TOKENS). Counting beats catching RecursionError, which comes at a depth that depends on the
     caller's stack; what the count does not foresee (Python's limit of 20 statically nested loops) still
     ends as a TemplateError when the template is compiled;
   - size, before a value is built: every operator and call that can make a value much larger than its
@@ -66,9 +67,10 @@ WRITTEN_PER_OUTPUT = 4          # every value written, in macros and blocks too:
 ITEM_CHARS = 16                 # what one element of a list, tuple or dict counts against the size budget,
 CONTAINER_CHARS = 256           # and the list, tuple or dict itself (which bounds the work of sizing a value)
 MAX_INT_BITS = 1 << 13          # integers a template computes with (~2,500 digits; Python prints up to 4,300)
-MAX_NESTING = 120               # how deeply a template's text may nest, in operators (see _nesting)
+MAX_NESTING = 120               # how deeply a template's text may nest, in operators (see _measure)
 MAX_VALUE_DEPTH = 40            # how deeply the lists and dicts it builds may nest
-MAX_SOURCE_CHARS = 1 << 20      # a template's text (the longest known chat templates are ~20,000 characters)
+MAX_SOURCE_CHARS = 1 << 18      # a template's text (the longest known chat templates are ~20,000 characters),
+MAX_TOKENS = 1 << 14            # and its tokens (Qwen2.5's has 337): compiling takes ~3 KB and ~0.2 ms per token
 
 # ---- built-in formats for GGUFs without a template, chosen by the special tokens the vocabulary has ----
 
@@ -167,17 +169,19 @@ _WORD_OPERATORS = frozenset({"and", "or", "not", "is", "in", "if", "else"})
 _BRACKET_WEIGHT, _BLOCK_WEIGHT = 4, 3
 
 
-def _nesting(tokens, limit: int) -> int:
-    """How deeply a template nests (counting stops past `limit`), as the recursion that parsing and compiling
-    it will need, measured on its tokens. Jinja's parser and code generator recurse per level of a bracket
+def _measure(tokens) -> tuple[int, int]:
+    """(how deeply a template nests, how many tokens it has), counting stopped past MAX_NESTING or MAX_TOKENS.
+    The nesting is the recursion that parsing and compiling it will need, measured on its tokens. Jinja's parser and code generator recurse per level of a bracket
     (~14 frames), of a block such as `{% if %}` in `{% for %}` (~10) and of an operator of a chain (~3.5:
     `a + b + c`, `x|f|g`, `a.b.c`, `f(x)(y)` and `not not x` build nested nodes). The result is in operator
     levels: a bracket counts 4, a block 3. Operators that separate (`a or b or c`) are counted as if they
     nested, which overestimates; the known templates need under 30."""
-    deepest = blocks = chained = 0
+    deepest = blocks = chained = count = 0
     levels = [0]          # per open bracket of the current tag: operators chained there since its last comma
     tag = pending_set = None
-    for token in tokens:
+    for count, token in enumerate(tokens, 1):
+        if count > MAX_TOKENS:
+            break
         kind = token.type
         if kind in _TAG_BEGIN:
             levels, chained, tag = [0], 0, kind
@@ -206,9 +210,9 @@ def _nesting(tokens, limit: int) -> int:
             blocks += 1
             pending_set = False
         deepest = max(deepest, _BLOCK_WEIGHT * blocks + _BRACKET_WEIGHT * len(levels) + chained)
-        if deepest > limit:
+        if deepest > MAX_NESTING:
             break
-    return deepest
+    return deepest, count
 
 
 class _CheckedCodeGenerator(CodeGenerator):
@@ -540,14 +544,16 @@ class ChatTemplate:
         self.time_budget_s = time_budget_s
         self.max_output_chars = max_output_chars
         self._env = _Sandbox(max_output_chars)
-        # Budgets before work: the length of the text, then its nesting from the tokens (the lexer is a loop
+        # Budgets before work: the length of the text, then its tokens and their nesting (the lexer is a loop
         # over regular expressions; the parser and the compilers recurse per level), then the parse. What
         # the count does not foresee (Python's 20 statically nested loops, a caller already deep in its
         # stack) still ends here as a TemplateError.
         try:
             if len(source) > MAX_SOURCE_CHARS:
                 raise _OverBudget(f"its text is longer than {MAX_SOURCE_CHARS} characters")
-            depth = _nesting(self._env.lexer.tokenize(source), MAX_NESTING)
+            depth, count = _measure(self._env.lexer.tokenize(source))
+            if count > MAX_TOKENS:
+                raise _OverBudget(f"it has more than {MAX_TOKENS} tokens")
             if depth > MAX_NESTING:
                 raise _OverBudget(f"it nests blocks, brackets and operators too deeply ({depth} levels counted "
                                   f"as operators; the limit is {MAX_NESTING})")

@@ -223,6 +223,12 @@ def test_deep_nesting_is_refused_before_parsing(name):
     assert "nest" in message and "Recursion" not in message
 
 
+def test_a_template_too_long_to_compile_is_refused_before_parsing():
+    # ~3 KB of compiler memory per token: these 60,000 tokens would take ~200 MB and seconds to compile
+    assert "tokens" in str(hostile("{{x}}" * 20000))
+    assert "longer than" in str(hostile("x" * (1 << 20)))
+
+
 @pytest.mark.parametrize("source", [
     "{{ '%1500000000s' % 'x' }}",
     "{{ '%10000000000s' % 'x' }}",

@@ -31,7 +31,6 @@ import os
 import re
 import threading
 import zipfile
-import zlib
 from pathlib import Path
 
 import numpy as np
@@ -235,16 +234,21 @@ class _SessionFile:
         return SessionError(f"{self.path}: not a nibble session file, or a damaged one ({why})")
 
     def _open_zip(self) -> zipfile.ZipFile:
+        # zipfile on crafted bytes raises BadZipFile, but also NotImplementedError (a version or a method),
+        # struct.error, UnicodeDecodeError (a name), OSError (a seek before the start), ...: all mean damaged.
         try:
             end = zipfile._EndRecData(self._file)   # the end record (zip64 too), as ZipFile reads it
-            if end is None:
-                raise self._damaged("not a zip archive")
-            if end[zipfile._ECD_ENTRIES_TOTAL] != len(_MEMBERS) or end[zipfile._ECD_SIZE] > _MAX_CENTRAL_DIRECTORY:
-                raise self._damaged(f"{end[zipfile._ECD_ENTRIES_TOTAL]} entries in a "
-                                    f"{end[zipfile._ECD_SIZE]}-byte directory")
+        except Exception as e:
+            raise self._damaged(f"{type(e).__name__}: {e}") from None
+        if end is None:
+            raise self._damaged("not a zip archive")
+        if end[zipfile._ECD_ENTRIES_TOTAL] != len(_MEMBERS) or end[zipfile._ECD_SIZE] > _MAX_CENTRAL_DIRECTORY:
+            raise self._damaged(f"{end[zipfile._ECD_ENTRIES_TOTAL]} entries in a {end[zipfile._ECD_SIZE]}-byte "
+                                f"directory")
+        try:
             zf = zipfile.ZipFile(self._file)
-        except (OSError, EOFError, ValueError, zipfile.BadZipFile, zipfile.LargeZipFile) as e:
-            raise self._damaged(str(e)) from None
+        except Exception as e:
+            raise self._damaged(f"{type(e).__name__}: {e}") from None
         names = sorted(info.filename for info in zf.infolist())
         if names != sorted(f"{name}.npy" for name in _MEMBERS):
             zf.close()
@@ -266,8 +270,7 @@ class _SessionFile:
                     raise ValueError(f"npy format version {version}")
                 shape, fortran_order, found = read(f)
                 offset = f.tell()
-        # numpy parses the header dict with ast.literal_eval: whatever a crafted one makes it raise
-        except Exception as e:
+        except Exception as e:   # as in _open_zip; and numpy parses the header with ast.literal_eval
             raise self._damaged(f"{name}: {type(e).__name__}: {e}") from None
         if found != dtype or fortran_order or len(shape) != ndim:
             raise self._damaged(f"{name} is a {'Fortran-order ' if fortran_order else ''}{found} array of "
@@ -293,8 +296,8 @@ class _SessionFile:
                         raise EOFError(f"{name} ends after {done} of {len(view)} bytes")
                     view[done:done + len(chunk)] = chunk
                     done += len(chunk)
-        except (OSError, EOFError, ValueError, zipfile.BadZipFile, zlib.error) as e:
-            raise self._damaged(str(e)) from None
+        except Exception as e:   # as in _open_zip; here also a bad CRC and zlib.error
+            raise self._damaged(f"{type(e).__name__}: {e}") from None
         return out
 
     def meta(self):

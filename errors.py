@@ -7,6 +7,11 @@ class NibbleError(Exception):
     """Base of every error nibble raises on bad input or a failed operation."""
 
 
+class ConfigError(NibbleError, ValueError):
+    """A setting nibble cannot use: a keyword (`threads=`, `top_p=`, `max_tokens=`), a command-line option or an
+    environment variable (`NIBBLE_THREADS`) out of range or of the wrong kind."""
+
+
 class ModelNotFoundError(NibbleError, FileNotFoundError):
     """An unknown catalogue name or a path that does not exist."""
 

@@ -18,7 +18,9 @@ out = Console()
 
 
 def handles_errors(fn):
-    """Turn every NibbleError into a one-line message on stderr and exit code 1 (no traceback)."""
+    """Turn every NibbleError into a one-line message on stderr and exit code 1 (no traceback, no usage box):
+    a value the command itself finds out of range is a ConfigError, not a typer.BadParameter. (What click
+    cannot parse, such as `--top-k abc`, click refuses before the command runs, with its usage message.)"""
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:

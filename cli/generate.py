@@ -13,8 +13,12 @@ from typing import Annotated, Optional
 import typer
 from rich.markup import escape
 
+from ..errors import ConfigError
 from ..runtime.catalog import DEFAULT_MODEL
+from ..runtime.sampling import SamplingParams, token_limit
 from .app import app, err, handles_errors, out
+
+DEFAULTS = SamplingParams()   # the library's defaults are the options' defaults
 
 # ---- options shared by `run` and `chat`, named like the library's keywords ----
 
@@ -28,16 +32,17 @@ RepeatPenalty = Annotated[float, typer.Option("--repeat-penalty", help="penalise
 RepeatLastN = Annotated[int, typer.Option("--repeat-last-n", help="how many recent tokens the penalties see")]
 PresencePenalty = Annotated[float, typer.Option("--presence-penalty")]
 FrequencyPenalty = Annotated[float, typer.Option("--frequency-penalty")]
-Seed = Annotated[Optional[int], typer.Option("--seed", help="makes sampling reproducible")]
+Seed = Annotated[Optional[int], typer.Option("--seed", help="makes sampling reproducible (-1: random)")]
 MaxTokens = Annotated[Optional[int], typer.Option("--max-tokens", "-n",
-                                                  help="stop after this many tokens (default: until the "
-                                                       "model ends or the context is full)")]
+                                                  help="stop after this many tokens (default, or -1: until "
+                                                       "the model ends or the context is full)")]
 Stop = Annotated[Optional[list[str]], typer.Option("--stop", help="stop at this string (repeatable)")]
 LogitBias = Annotated[Optional[list[str]], typer.Option("--logit-bias", metavar="TOKEN_ID=BIAS",
                                                         help="add BIAS to a token's logit (repeatable; "
                                                              "-inf bans it)")]
 NCtx = Annotated[Optional[int], typer.Option("--n-ctx", help="context size in tokens")]
-Threads = Annotated[Optional[int], typer.Option("--threads", "-t", help="threads for the kernels")]
+Threads = Annotated[Optional[int], typer.Option("--threads", "-t",
+                                                help="threads for the kernels (0 or negative: every core)")]
 ChatTemplateOpt = Annotated[Optional[Path], typer.Option("--chat-template", metavar="FILE",
                                                          help="a Jinja chat template to use instead of the "
                                                               "model's")]
@@ -49,18 +54,14 @@ SETTABLE = {"temperature": float, "top_k": int, "top_p": float, "min_p": float, 
 
 def sampling_kwargs(temperature, top_k, top_p, min_p, repeat_penalty, repeat_last_n, presence_penalty,
                     frequency_penalty, seed, max_tokens, stop, logit_bias) -> dict:
+    """The options as `generate.stream` keywords, checked before the model loads (ConfigError)."""
     kw = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, repeat_penalty=repeat_penalty,
               repeat_last_n=repeat_last_n, presence_penalty=presence_penalty,
-              frequency_penalty=frequency_penalty, seed=seed, max_tokens=max_tokens, stop=tuple(stop or ()))
+              frequency_penalty=frequency_penalty, seed=seed, max_tokens=token_limit(max_tokens),
+              stop=tuple(stop or ()))
     if logit_bias:
         kw["logit_bias"] = parse_logit_bias(logit_bias)
-    from ..runtime.sampling import SamplingParams
-    try:  # out-of-range values are usage errors, reported before the model loads
-        SamplingParams(**{k: v for k, v in kw.items() if k in SamplingParams.names()}).check(2**31 - 1)
-        if max_tokens is not None and max_tokens < 0:
-            raise ValueError("max_tokens must be >= 0")
-    except ValueError as e:
-        raise typer.BadParameter(str(e)) from None
+    SamplingParams(**{k: v for k, v in kw.items() if k in SamplingParams.names()}).check(2**31 - 1)
     return kw
 
 
@@ -71,7 +72,7 @@ def parse_logit_bias(items: list[str]) -> dict[int, float]:
         try:
             bias[int(token)] = float(value)
         except ValueError:
-            raise typer.BadParameter(f"--logit-bias {item!r}: expected TOKEN_ID=BIAS, e.g. 13=-inf") from None
+            raise ConfigError(f"--logit-bias {item!r}: expected TOKEN_ID=BIAS, e.g. 13=-inf") from None
     return bias
 
 
@@ -90,7 +91,7 @@ def load_template(model, path: Path | None):
     try:
         source = path.read_text()
     except OSError as e:
-        raise typer.BadParameter(f"--chat-template {path}: {e.strerror}") from None
+        raise ConfigError(f"--chat-template {path}: {e.strerror}") from None
     return chat_template(model, override=source)
 
 
@@ -130,10 +131,12 @@ def run(
     model: ModelOpt = None,
     raw: Annotated[bool, typer.Option("--raw", help="do not apply the chat template")] = False,
     system: SystemOpt = None,
-    temperature: Temperature = 0.8, top_k: TopK = 40, top_p: TopP = 0.95, min_p: MinP = 0.05,
-    repeat_penalty: RepeatPenalty = 1.0, repeat_last_n: RepeatLastN = 64,
-    presence_penalty: PresencePenalty = 0.0, frequency_penalty: FrequencyPenalty = 0.0,
-    seed: Seed = None, max_tokens: MaxTokens = None, stop: Stop = None, logit_bias: LogitBias = None,
+    temperature: Temperature = DEFAULTS.temperature, top_k: TopK = DEFAULTS.top_k, top_p: TopP = DEFAULTS.top_p,
+    min_p: MinP = DEFAULTS.min_p, repeat_penalty: RepeatPenalty = DEFAULTS.repeat_penalty,
+    repeat_last_n: RepeatLastN = DEFAULTS.repeat_last_n,
+    presence_penalty: PresencePenalty = DEFAULTS.presence_penalty,
+    frequency_penalty: FrequencyPenalty = DEFAULTS.frequency_penalty, seed: Seed = DEFAULTS.seed,
+    max_tokens: MaxTokens = None, stop: Stop = None, logit_bias: LogitBias = None,
     n_ctx: NCtx = None, threads: Threads = None, chat_template: ChatTemplateOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="print one JSON object instead of streaming")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="timings and memory bandwidth on stderr")]
@@ -142,8 +145,7 @@ def run(
     """Generate once from a prompt and stream the text to stdout."""
     args = list(args or [])
     if len(args) > (1 if model else 2):
-        raise typer.BadParameter(f"too many arguments: {' '.join(args)!r} (expected [MODEL] [PROMPT]; "
-                                 f"quote the prompt)")
+        raise ConfigError(f"too many arguments: {' '.join(args)!r} (expected [MODEL] [PROMPT]; quote the prompt)")
     if model is None:
         model = args.pop(0) if len(args) == 2 else DEFAULT_MODEL
     prompt = args[0] if args else "-"
@@ -151,22 +153,20 @@ def run(
                          frequency_penalty, seed, max_tokens, stop, logit_bias)
     if prompt == "-":
         prompt = sys.stdin.read()
+    if not prompt.strip():   # as a chat turn it would be answered until the context is full
+        raise ConfigError("the prompt is empty: give it as an argument, or on stdin with '-'")
     if raw and system:
-        raise typer.BadParameter("--system needs the chat template; drop --raw")
+        raise ConfigError("--system needs the chat template; drop --raw")
 
     from ..runtime import generate
     m = load_model(model, n_ctx, threads)
     cancel = threading.Event()
-    try:
-        if raw:
-            stream = generate.stream(m, prompt, cancel=cancel, **kw)
-        else:
-            messages = ([{"role": "system", "content": system}] if system else []) + \
-                       [{"role": "user", "content": prompt}]
-            stream = generate.chat_stream(m, messages, template=load_template(m, chat_template),
-                                          cancel=cancel, **kw)
-    except ValueError as e:   # an empty prompt
-        raise typer.BadParameter(str(e)) from None
+    if raw:
+        stream = generate.stream(m, prompt, cancel=cancel, **kw)
+    else:
+        messages = ([{"role": "system", "content": system}] if system else []) + \
+                   [{"role": "user", "content": prompt}]
+        stream = generate.chat_stream(m, messages, template=load_template(m, chat_template), cancel=cancel, **kw)
 
     with ctrl_c_sets(cancel):
         for piece in stream:
@@ -232,16 +232,18 @@ def chat(
                                                             f"{DEFAULT_MODEL})")] = None,
     model: ModelOpt = None,
     system: SystemOpt = None,
-    temperature: Temperature = 0.8, top_k: TopK = 40, top_p: TopP = 0.95, min_p: MinP = 0.05,
-    repeat_penalty: RepeatPenalty = 1.0, repeat_last_n: RepeatLastN = 64,
-    presence_penalty: PresencePenalty = 0.0, frequency_penalty: FrequencyPenalty = 0.0,
-    seed: Seed = None, max_tokens: MaxTokens = None, stop: Stop = None, logit_bias: LogitBias = None,
+    temperature: Temperature = DEFAULTS.temperature, top_k: TopK = DEFAULTS.top_k, top_p: TopP = DEFAULTS.top_p,
+    min_p: MinP = DEFAULTS.min_p, repeat_penalty: RepeatPenalty = DEFAULTS.repeat_penalty,
+    repeat_last_n: RepeatLastN = DEFAULTS.repeat_last_n,
+    presence_penalty: PresencePenalty = DEFAULTS.presence_penalty,
+    frequency_penalty: FrequencyPenalty = DEFAULTS.frequency_penalty, seed: Seed = DEFAULTS.seed,
+    max_tokens: MaxTokens = None, stop: Stop = None, logit_bias: LogitBias = None,
     n_ctx: NCtx = None, threads: Threads = None, chat_template: ChatTemplateOpt = None,
 ):
     """Chat with a model: streamed answers, history and line editing, /help for commands. With stdin
     piped, each line is one message."""
     if model and model_arg:
-        raise typer.BadParameter("give the model either as an argument or with --model, not both")
+        raise ConfigError("give the model either as an argument or with --model, not both")
     kw = sampling_kwargs(temperature, top_k, top_p, min_p, repeat_penalty, repeat_last_n, presence_penalty,
                          frequency_penalty, seed, max_tokens, stop, logit_bias)
     from ..runtime.session import Session
@@ -398,12 +400,11 @@ class Repl:
                     new = SETTABLE[key](value)
                 except ValueError:
                     raise ValueError(f"/set {key}: {value!r} is not a {SETTABLE[key].__name__}") from None
-                from ..runtime.sampling import SamplingParams
-                if key != "max_tokens":
+                if key == "max_tokens":
+                    new = token_limit(new)
+                else:
                     SamplingParams(**{k: v for k, v in {**d, key: new}.items()
                                       if k in SamplingParams.names()}).check(self.session.model.n_vocab)
-                elif new < 0:
-                    raise ValueError("max_tokens must be >= 0")
                 d[key] = new
         else:
             raise ValueError(f"/set: unknown setting {key!r}; settable: {', '.join([*SETTABLE, 'stop'])}")

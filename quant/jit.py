@@ -15,20 +15,24 @@ below, with these flags:
 - `boundscheck=False`, `error_model="numpy"`: no per-element checks, no exceptions on division by zero;
 - `nogil=True`: a server thread can decode while another thread runs Python.
 
-Threads: the parallel kernels use Numba's pool, sized at import from `NIBBLE_THREADS` (default: every core
-this process may run on). `set_threads(n)` changes how many of them the calling thread's kernels use; Numba
-keeps that setting per calling thread, so call it from the thread that runs the model.
+Threads: the parallel kernels use Numba's pool; they run on `NIBBLE_THREADS` of its threads (default: every
+core this process may run on; 0 or a negative count also means every core, as in llama.cpp).
+`set_threads(n)` changes how many of them the calling thread's kernels use; Numba keeps that setting per
+calling thread, so call it from the thread that runs the model.
 """
 
 from __future__ import annotations
 
 import hashlib
-import threading
+import numbers
 import os
+import threading
 from pathlib import Path
 
 import numba
 from numba.core.caching import FunctionCache
+
+from ..errors import ConfigError
 
 FASTMATH = {"nsz", "arcp", "contract", "afn", "reassoc"}
 # The same flags as LLVM instruction flags, for the hand-built vector operations in simd.py.
@@ -90,46 +94,59 @@ def available_cores() -> int:
         return os.cpu_count() or 1
 
 
+def _all_cores() -> int:
+    return max(1, min(available_cores(), numba.config.NUMBA_NUM_THREADS))
+
+
+def _thread_count(n, source: str) -> int:
+    """A requested thread count as Numba can run it: llama.cpp's convention that 0 or a negative count means
+    every core this process may use, and at most Numba's pool (fixed when Numba starts)."""
+    if isinstance(n, bool) or not isinstance(n, numbers.Integral):
+        raise ConfigError(f"{source}: the number of threads must be a whole number, not {n!r}")
+    return _all_cores() if n <= 0 else min(int(n), numba.config.NUMBA_NUM_THREADS)
+
+
 def default_threads() -> int:
-    """`NIBBLE_THREADS` if set (clamped to Numba's pool), else every core the process may use."""
-    pool = numba.config.NUMBA_NUM_THREADS
+    """`NIBBLE_THREADS` if set (0 or negative: every core), else every core the process may use; clamped to
+    Numba's pool."""
     env = os.environ.get("NIBBLE_THREADS", "").strip()
-    if env:
-        try:
-            wanted = int(env)
-        except ValueError:
-            raise ValueError(f"NIBBLE_THREADS={env!r} is not a whole number of threads") from None
-        if wanted < 1:
-            raise ValueError(f"NIBBLE_THREADS={env!r}: needs at least 1 thread")
-        return min(wanted, pool)
-    return max(1, min(available_cores(), pool))
+    if not env:
+        return _all_cores()
+    try:
+        wanted = int(env)
+    except ValueError:
+        raise ConfigError(f"NIBBLE_THREADS={env!r} is not a whole number of threads (0: every core)") from None
+    return _thread_count(wanted, "NIBBLE_THREADS")
 
 
-_threads = default_threads()
+# Decided on first use rather than at import, so that a bad NIBBLE_THREADS is reported as a ConfigError by the
+# call that needs the count (`nibble.load`, which dequantizes through `apply_threads`), not by an import.
+_threads: int | None = None
 
 
 def set_threads(n: int | None) -> int:
-    """Use `n` threads (None: the default) in the kernels this thread runs. Returns the count now in use, which
-    is at most the size of Numba's pool (fixed when Numba starts: raise it with NUMBA_NUM_THREADS)."""
+    """Use `n` threads in the kernels this thread runs: None is the default (`NIBBLE_THREADS`, else every
+    core), 0 or negative every core. Returns the count now in use, which is at most the size of Numba's pool
+    (fixed when Numba starts: raise it with NUMBA_NUM_THREADS)."""
     global _threads
-    if n is None:
-        n = default_threads()
-    if int(n) < 1:
-        raise ValueError(f"threads must be at least 1, got {n}")
-    _threads = min(int(n), numba.config.NUMBA_NUM_THREADS)
+    _threads = default_threads() if n is None else _thread_count(n, "threads")
     numba.set_num_threads(_threads)
     return _threads
 
 
 def get_threads() -> int:
+    global _threads
+    if _threads is None:
+        _threads = default_threads()
     return _threads
 
 
 def apply_threads() -> None:
     """Make the calling thread's kernels use the configured count (cheap; the public wrappers call it so a
     thread that never called `set_threads` still gets the configured count)."""
-    if numba.get_num_threads() != _threads:
-        numba.set_num_threads(_threads)
+    n = get_threads()
+    if numba.get_num_threads() != n:
+        numba.set_num_threads(n)
 
 
 # Numba's workqueue threading layer aborts the process when two threads enter parallel kernels at once:

@@ -32,7 +32,7 @@ import numpy as np
 
 from ..errors import ContextOverflowError, NibbleError
 from .engine import DRAFT_MAX
-from .sampling import Sampler, SamplingParams
+from .sampling import Sampler, SamplingParams, token_limit
 from .speculative import drafter_for
 
 FINISH_REASONS = ("stop", "length", "cancelled")
@@ -418,7 +418,7 @@ def stream(model, prompt: str | Sequence[int], *, max_tokens: int | None = None,
     token, its log-probability and the n most likely alternatives (`stream.logprobs`). `speculative`
     ("ngram", a draft Model, or a draft model's path or catalogue name) verifies up to `draft_max` guessed
     tokens per step: the same tokens as without it, faster where the text is guessable
-    (runtime/speculative.py). `max_tokens=None` generates until
+    (runtime/speculative.py). `max_tokens=None` (or -1) generates until
     an end-of-generation token or a full context. Raises ContextOverflowError if the prompt alone does not
     fit in `model.n_ctx`. The prompt is evaluated on the first `next()`, on the model's engine thread, in a
     batch with whatever else the model is generating: from an empty cache, or, with `cache_prompt`, after
@@ -432,8 +432,7 @@ def stream(model, prompt: str | Sequence[int], *, max_tokens: int | None = None,
                             logit_bias=logit_bias, seed=seed)
     if isinstance(stop, str):
         stop = (stop,)
-    if max_tokens is not None and max_tokens < 0:
-        raise ValueError(f"max_tokens must be >= 0, not {max_tokens}")
+    max_tokens = token_limit(max_tokens)   # -1: no limit
     ids = model.tokenize(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
     if len(ids) == 0:
         raise ValueError("the prompt is empty: give at least one token")

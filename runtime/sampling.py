@@ -9,21 +9,30 @@ The chain and its order are llama.cpp's defaults (`common/common.h`, `common/sam
 Top-p and min-p both measure the logits *before* temperature, as llama.cpp does. Temperature 0 (or below)
 is greedy: the argmax of the biased, penalised logits. Each filter is a pure function over numpy arrays;
 `Sampler` holds the parameters and the random generator and runs the chain.
+
+`SamplingParams()` holds the defaults; the CLI's options take theirs from it. As in llama.cpp, a seed of -1
+draws a fresh one and `max_tokens=-1` means no limit (`token_limit`).
 """
 
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass, field, fields, replace
 from typing import Mapping, Sequence
 
 import numpy as np
 
+from ..errors import ConfigError
+
+RANDOM_SEED = -1   # llama.cpp's `--seed -1` (LLAMA_DEFAULT_SEED): a fresh seed from the OS, like None
+NO_LIMIT = -1      # llama.cpp's `-n -1`: generate until an end-of-generation token or a full context
+
 
 @dataclass(frozen=True)
 class SamplingParams:
     """What shapes the draw; the defaults are llama.cpp's. 0 turns top_k off, 1.0 turns top_p off, 0.0
-    turns min_p off, temperature <= 0 means greedy, seed None draws a fresh seed from the OS."""
+    turns min_p off, temperature <= 0 means greedy, seed None or -1 draws a fresh seed from the OS."""
     temperature: float = 0.8
     top_k: int = 40
     top_p: float = 0.95
@@ -43,29 +52,38 @@ class SamplingParams:
         return replace(self, **changes)
 
     def check(self, n_vocab: int) -> None:
-        """Raise ValueError naming the parameter that is out of range."""
+        """Raise ConfigError (a ValueError) naming the parameter that is out of range."""
         if not math.isfinite(self.temperature):
-            raise ValueError(f"temperature must be a finite number, not {self.temperature}")
+            raise ConfigError(f"temperature must be a finite number, not {self.temperature}")
         if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0 (0 turns it off), not {self.top_k}")
+            raise ConfigError(f"top_k must be >= 0 (0 turns it off), not {self.top_k}")
         if not 0.0 <= self.top_p <= 1.0:
-            raise ValueError(f"top_p must be in [0, 1], not {self.top_p}")
+            raise ConfigError(f"top_p must be in [0, 1], not {self.top_p}")
         if not 0.0 <= self.min_p <= 1.0:
-            raise ValueError(f"min_p must be in [0, 1], not {self.min_p}")
+            raise ConfigError(f"min_p must be in [0, 1], not {self.min_p}")
         if not (self.repeat_penalty > 0 and math.isfinite(self.repeat_penalty)):
-            raise ValueError(f"repeat_penalty must be > 0 (1.0 turns it off), not {self.repeat_penalty}")
+            raise ConfigError(f"repeat_penalty must be > 0 (1.0 turns it off), not {self.repeat_penalty}")
         if self.repeat_last_n < -1:
-            raise ValueError(f"repeat_last_n must be >= 0, or -1 for the whole context, not {self.repeat_last_n}")
+            raise ConfigError(f"repeat_last_n must be >= 0, or -1 for the whole context, not {self.repeat_last_n}")
         for name in ("presence_penalty", "frequency_penalty"):
             if not math.isfinite(getattr(self, name)):
-                raise ValueError(f"{name} must be a finite number")
+                raise ConfigError(f"{name} must be a finite number")
         for token, bias in (self.logit_bias or {}).items():
             if not 0 <= int(token) < n_vocab:
-                raise ValueError(f"logit_bias names token {token}, outside the vocabulary (0..{n_vocab - 1})")
+                raise ConfigError(f"logit_bias names token {token}, outside the vocabulary (0..{n_vocab - 1})")
             if math.isnan(bias):
-                raise ValueError(f"logit_bias for token {token} is NaN")
-        if self.seed is not None and self.seed < 0:
-            raise ValueError(f"seed must be >= 0, not {self.seed}")
+                raise ConfigError(f"logit_bias for token {token} is NaN")
+        if self.seed is not None and self.seed < RANDOM_SEED:
+            raise ConfigError(f"seed must be >= 0, or -1 for a random seed, not {self.seed}")
+
+
+def token_limit(max_tokens: int | None) -> int | None:
+    """`max_tokens` as the generation loop wants it: None (or -1) for no limit, else a count >= 0."""
+    if max_tokens is None or max_tokens == NO_LIMIT:
+        return None
+    if isinstance(max_tokens, bool) or not isinstance(max_tokens, numbers.Integral) or max_tokens < 0:
+        raise ConfigError(f"max_tokens must be >= 0, or -1 for no limit, not {max_tokens!r}")
+    return int(max_tokens)
 
 
 # ---- the filters: pure functions; `logits` is float32 (n_vocab,) unless said otherwise ----
@@ -163,7 +181,8 @@ class Sampler:
         params.check(n_vocab)
         self.params = params
         self.n_vocab = n_vocab
-        self.seed = params.seed if params.seed is not None else int(np.random.SeedSequence().entropy % 2**32)
+        random = params.seed is None or params.seed == RANDOM_SEED
+        self.seed = int(np.random.SeedSequence().entropy % 2**32) if random else params.seed
         self.rng = np.random.default_rng(self.seed)
         self._work = np.empty(n_vocab, dtype=np.float32)
 

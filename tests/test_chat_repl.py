@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import sys
 
 import pexpect
@@ -11,10 +12,16 @@ import pytest
 PROMPT = ">>> "
 
 
+def default_sigint() -> None:
+    # A suite started in the background by a shell (`pytest &`) runs with SIGINT ignored, and the child would
+    # inherit that: Ctrl-C (sendintr) would then do nothing and the tests that send it would wait forever.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def spawn(*args: str) -> pexpect.spawn:
     env = dict(os.environ, NO_COLOR="1", TERM="dumb", COLUMNS="200")
     child = pexpect.spawn(sys.executable, ["-m", "nibble.cli.main", "chat", *args], env=env,
-                          encoding="utf-8", timeout=120, dimensions=(50, 200))
+                          encoding="utf-8", timeout=120, dimensions=(50, 200), preexec_fn=default_sigint)
     child.expect_exact(PROMPT)   # the model is loaded
     return child
 
@@ -143,3 +150,18 @@ def test_piped_stdin_one_message_per_line(cli, model_path):
     assert "context" in lines[stats] and "answer 12 tokens" in lines[stats]
     assert any(line.strip() for line in lines[:stats])        # the first answer
     assert any(line.strip() for line in lines[stats + 1:])    # the second
+
+
+def test_a_failed_load_is_one_error_line_and_the_conversation_goes_on(cli, model_path, tmp_path):
+    damaged = tmp_path / "damaged.npz"
+    damaged.write_bytes(b"PK\x03\x04" + bytes(200))
+    r = cli("chat", model_path, "--temperature", "0", "--max-tokens", "4",
+            input=f"What is the capital of France?\n/stats\n/load {damaged}\n/load {tmp_path}\n/stats\n"
+                  f"And of Italy?\n/stats\n")
+    assert r.returncode == 0, r.stderr
+    errors = [line for line in r.stderr.splitlines() if line.strip()]
+    assert len(errors) == 2 and all(e.startswith("error: ") for e in errors), r.stderr
+    assert "not a nibble session" in errors[0] and "Traceback" not in r.stderr
+    used = [int(line.split("context ")[1].split(" /")[0]) for line in r.stdout.splitlines()
+            if line.startswith("TTFT ")]
+    assert used[0] > 0 and used[1] == used[0] and used[2] > used[1]   # the conversation was kept

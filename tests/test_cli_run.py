@@ -111,10 +111,10 @@ def test_overflowing_prompt_exits_nonzero_with_the_message(cli):
     (["--logit-bias", "abc"], "TOKEN_ID=BIAS"),
     (["a", "b", "c"], "too many arguments"),
 ])
-def test_bad_arguments_are_usage_errors(cli, args, message):
+def test_bad_arguments_are_one_error_line(cli, args, message):
     r = cli("run", *args, *(["x"] if args[0].startswith("-") else []))
-    assert r.returncode == 2
-    assert message in r.stderr and "Traceback" not in r.stderr
+    assert r.returncode == 1
+    assert r.stderr.startswith("error: ") and r.stderr.count("\n") == 1 and message in r.stderr
 
 
 def test_ctrl_c_stops_the_stream(pulled):

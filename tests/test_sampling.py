@@ -188,7 +188,7 @@ def test_penalty_window():
 
 
 @pytest.mark.parametrize("bad", [dict(top_k=-1), dict(top_p=1.5), dict(min_p=-0.1), dict(repeat_penalty=0.0),
-                                 dict(temperature=math.nan), dict(logit_bias={10: 1.0}), dict(seed=-1),
+                                 dict(temperature=math.nan), dict(logit_bias={10: 1.0}), dict(seed=-2),
                                  dict(repeat_last_n=-2)])
 def test_out_of_range_parameters_are_refused(bad):
     with pytest.raises(ValueError):

@@ -43,6 +43,10 @@ LogitBias = Annotated[Optional[list[str]], typer.Option("--logit-bias", metavar=
 NCtx = Annotated[Optional[int], typer.Option("--n-ctx", help="context size in tokens")]
 Threads = Annotated[Optional[int], typer.Option("--threads", "-t",
                                                 help="threads for the kernels (0 or negative: every core)")]
+Speculative = Annotated[Optional[str], typer.Option("--speculative", metavar="ngram|MODEL",
+                                                   help="speculative decoding: prompt lookup (ngram) or a draft "
+                                                        "model; the same tokens, faster where guessable")]
+DraftMax = Annotated[int, typer.Option("--draft-max", help="most draft tokens per step (1..16)")]
 ChatTemplateOpt = Annotated[Optional[Path], typer.Option("--chat-template", metavar="FILE",
                                                          help="a Jinja chat template to use instead of the "
                                                               "model's")]
@@ -63,6 +67,13 @@ def sampling_kwargs(temperature, top_k, top_p, min_p, repeat_penalty, repeat_las
         kw["logit_bias"] = parse_logit_bias(logit_bias)
     SamplingParams(**{k: v for k, v in kw.items() if k in SamplingParams.names()}).check(2**31 - 1)
     return kw
+
+
+def speculative_kwargs(speculative: str | None, draft_max: int) -> dict:
+    from ..runtime.engine import DRAFT_MAX
+    if not 1 <= draft_max <= DRAFT_MAX:
+        raise ConfigError(f"--draft-max must be between 1 and {DRAFT_MAX}, not {draft_max}")
+    return dict(speculative=speculative, draft_max=draft_max) if speculative else {}
 
 
 def parse_logit_bias(items: list[str]) -> dict[int, float]:
@@ -138,6 +149,7 @@ def run(
     frequency_penalty: FrequencyPenalty = DEFAULTS.frequency_penalty, seed: Seed = DEFAULTS.seed,
     max_tokens: MaxTokens = None, stop: Stop = None, logit_bias: LogitBias = None,
     n_ctx: NCtx = None, threads: Threads = None, chat_template: ChatTemplateOpt = None,
+    speculative: Speculative = None, draft_max: DraftMax = 16,
     as_json: Annotated[bool, typer.Option("--json", help="print one JSON object instead of streaming")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="timings and memory bandwidth on stderr")]
         = False,
@@ -160,6 +172,7 @@ def run(
 
     from ..runtime import generate
     m = load_model(model, n_ctx, threads)
+    kw.update(speculative_kwargs(speculative, draft_max))
     cancel = threading.Event()
     if raw:
         stream = generate.stream(m, prompt, cancel=cancel, **kw)
@@ -177,7 +190,9 @@ def run(
         t, u = stream.timings, stream.usage
         print(json.dumps({"model": m.name, "text": stream.text, "finish_reason": stream.finish_reason,
                           "prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens,
-                          "ttft_ms": t.ttft_ms, "tpot_ms": t.tpot_ms, "tokens_per_second": t.tokens_per_second},
+                          "ttft_ms": t.ttft_ms, "tpot_ms": t.tpot_ms, "tokens_per_second": t.tokens_per_second,
+                          **({"draft_tokens": t.draft_tokens, "accepted_tokens": t.accepted_tokens,
+                              "acceptance_rate": t.acceptance_rate} if speculative else {})},
                          ensure_ascii=False))
     elif sys.stdout.isatty() and not stream.text.endswith("\n"):
         sys.stdout.write("\n")   # piped output stays byte-exact
@@ -202,6 +217,9 @@ def report_timings(model, stream) -> None:
         lines.append(f"decode      {t.tpot_ms:.1f} ms/token, {t.tokens_per_second:.1f} tokens/s")
         lines.append(f"bandwidth   {model.weight_bytes / 2**20:.1f} MiB of weights per token × "
                      f"{t.tokens_per_second:.1f} tokens/s = {bandwidth / 1e9:.2f} GB/s")
+    if t.draft_tokens:
+        lines.append(f"speculative {t.accepted_tokens} of {t.draft_tokens} drafted tokens accepted "
+                     f"({t.acceptance_rate:.0%}) in {t.verify_steps} verification steps")
     lines.append(f"total       {t.total_ms:.0f} ms")
     for line in lines:
         err.print(f"[dim]{escape(line)}[/]", highlight=False, soft_wrap=True)
@@ -239,6 +257,7 @@ def chat(
     frequency_penalty: FrequencyPenalty = DEFAULTS.frequency_penalty, seed: Seed = DEFAULTS.seed,
     max_tokens: MaxTokens = None, stop: Stop = None, logit_bias: LogitBias = None,
     n_ctx: NCtx = None, threads: Threads = None, chat_template: ChatTemplateOpt = None,
+    speculative: Speculative = None, draft_max: DraftMax = 16,
 ):
     """Chat with a model: streamed answers, history and line editing, /help for commands. With stdin
     piped, each line is one message."""
@@ -248,6 +267,7 @@ def chat(
                          frequency_penalty, seed, max_tokens, stop, logit_bias)
     from ..runtime.session import Session
     m = load_model(model or model_arg or DEFAULT_MODEL, n_ctx, threads)
+    kw.update(speculative_kwargs(speculative, draft_max))
     session = Session(m, system, template=load_template(m, chat_template), **kw)
     Repl(session, interactive=sys.stdin.isatty()).run()
 
@@ -421,4 +441,6 @@ class Repl:
                  f"{t.tokens_per_second:.1f} tokens/s" if t.tokens_per_second else "tokens/s -",
                  f"prompt {u.prompt_tokens} tokens ({u.cached_tokens} cached)",
                  f"answer {u.completion_tokens} tokens", used]
+        if t.draft_tokens:
+            parts.append(f"drafted {t.draft_tokens}, accepted {t.accepted_tokens} ({t.acceptance_rate:.0%})")
         out.print(" · ".join(parts), highlight=False, soft_wrap=True)

@@ -134,3 +134,16 @@ def test_ctrl_c_stops_the_stream(pulled):
     assert b"Traceback" not in stderr
     n = int(stderr.decode().split("generated")[1].split("tokens")[0])
     assert 0 < n < 2000
+
+
+def test_speculative_run_prints_the_plain_text_and_reports_the_drafts(cli):
+    prompt = "Repeat exactly: the quick brown fox jumps over the lazy dog, the quick brown fox jumps over the lazy dog."
+    common = ("run", "smollm2-135m", prompt, "--temperature", "0", "--max-tokens", "24", "--json")
+    plain = json.loads(cli(*common).stdout)
+    r = cli(*common, "--speculative", "ngram", "--draft-max", "6")
+    assert r.returncode == 0, r.stderr
+    spec = json.loads(r.stdout)
+    assert spec["text"] == plain["text"] and spec["draft_tokens"] > 0
+    assert 0 <= spec["accepted_tokens"] <= spec["draft_tokens"]
+    bad = cli("run", "smollm2-135m", "hi", "--speculative", "ngram", "--draft-max", "0")
+    assert bad.returncode == 1 and bad.stderr.startswith("error: --draft-max")

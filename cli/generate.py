@@ -42,6 +42,14 @@ ChatTemplateOpt = Annotated[Optional[Path], typer.Option("--chat-template", meta
                                                          help="a Jinja chat template to use instead of the "
                                                               "model's")]
 
+FormatOpt = Annotated[Optional[str], typer.Option("--format", help="'json': the output is a JSON object")]
+JsonSchemaOpt = Annotated[Optional[str], typer.Option("--json-schema", metavar="FILE|JSON",
+                                                      help="the output is JSON valid against this schema")]
+GrammarOpt = Annotated[Optional[Path], typer.Option("--grammar", metavar="FILE",
+                                                    help="the output is a sentence of this Lark or GBNF grammar")]
+RegexOpt = Annotated[Optional[str], typer.Option("--regex", help="the output matches this regular expression")]
+ChoiceOpt = Annotated[Optional[list[str]], typer.Option("--choice", help="the output is one of these (repeatable)")]
+
 SETTABLE = {"temperature": float, "top_k": int, "top_p": float, "min_p": float, "repeat_penalty": float,
             "repeat_last_n": int, "presence_penalty": float, "frequency_penalty": float, "seed": int,
             "max_tokens": int}
@@ -62,6 +70,14 @@ def sampling_kwargs(temperature, top_k, top_p, min_p, repeat_penalty, repeat_las
     except ValueError as e:
         raise typer.BadParameter(str(e)) from None
     return kw
+
+
+def constraint_kwargs(format, json_schema, grammar, regex, choice) -> dict:
+    """--format / --json-schema / --grammar / --regex / --choice -> generate.stream's keywords (runtime/structured.py)."""
+    if json_schema is not None and Path(json_schema).is_file():
+        json_schema = Path(json_schema).read_text()
+    return {k: v for k, v in dict(format=format, json_schema=json_schema, regex=regex, choices=choice or None,
+                                  grammar=grammar.read_text() if grammar else None).items() if v is not None}
 
 
 def parse_logit_bias(items: list[str]) -> dict[int, float]:
@@ -135,6 +151,8 @@ def run(
     presence_penalty: PresencePenalty = 0.0, frequency_penalty: FrequencyPenalty = 0.0,
     seed: Seed = None, max_tokens: MaxTokens = None, stop: Stop = None, logit_bias: LogitBias = None,
     n_ctx: NCtx = None, threads: Threads = None, chat_template: ChatTemplateOpt = None,
+    format: FormatOpt = None, json_schema: JsonSchemaOpt = None, grammar: GrammarOpt = None, regex: RegexOpt = None,
+    choice: ChoiceOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="print one JSON object instead of streaming")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="timings and memory bandwidth on stderr")]
         = False,
@@ -149,6 +167,7 @@ def run(
     prompt = args[0] if args else "-"
     kw = sampling_kwargs(temperature, top_k, top_p, min_p, repeat_penalty, repeat_last_n, presence_penalty,
                          frequency_penalty, seed, max_tokens, stop, logit_bias)
+    kw.update(constraint_kwargs(format, json_schema, grammar, regex, choice))
     if prompt == "-":
         prompt = sys.stdin.read()
     if raw and system:

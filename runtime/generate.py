@@ -11,7 +11,10 @@ each token, in batches with other requests) and `Generation.advance`: per token,
 logits, the incremental decoder turns the id into text, `StopMatcher` holds back anything that may be the start of a
 stop string, and the token is evaluated to get the next logits. Generation ends at an end-of-generation
 token (`stop`), a user stop string (`stop`, the string itself never emitted), `max_tokens` or a full context
-(`length`), or when `cancel` is set or the consumer stops iterating (`cancelled`).
+(`length`), or when `cancel` is set or the consumer stops iterating (`cancelled`). With a constraint
+(`json_schema`, `format`, `grammar`, `regex`, `choices`: runtime/structured.py) the sampler draws only
+tokens the grammar allows, end-of-generation only where the text is complete, and generation also ends
+(`stop`) as soon as nothing else may follow.
 
 KV cache after each ending: the prompt and every generated token, except that the last one is not
 evaluated when generation ends by `max_tokens` or a stop string, and an end-of-generation token never is;
@@ -30,10 +33,11 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from ..errors import ContextOverflowError, NibbleError
+from ..errors import ContextOverflowError, GrammarError, NibbleError
 from .engine import DRAFT_MAX
 from .sampling import Sampler, SamplingParams
 from .speculative import drafter_for
+from .structured import ConstrainedDrafter, constraint_for
 
 FINISH_REASONS = ("stop", "length", "cancelled")
 
@@ -79,10 +83,14 @@ class Completion:
     usage: Usage
     timings: Timings
     tokens: list[int]
+    tool_calls: list[dict] | None = None   # `chat(..., tools=...)`: OpenAI's message.tool_calls; text is the rest
 
     def to_dict(self) -> dict:
-        return {"text": self.text, "finish_reason": self.finish_reason, "usage": self.usage.to_dict(),
-                "timings": self.timings.to_dict(), "tokens": list(self.tokens)}
+        out = {"text": self.text, "finish_reason": self.finish_reason, "usage": self.usage.to_dict(),
+               "timings": self.timings.to_dict(), "tokens": list(self.tokens)}
+        if self.tool_calls is not None:
+            out["tool_calls"] = self.tool_calls
+        return out
 
 
 # ---- the steps ----
@@ -150,7 +158,7 @@ class Generation:
 
     def __init__(self, model, prompt_ids: list[int], sampler: Sampler, *, max_tokens: int | None,
                  stop: Sequence[str], cache_prompt: bool, t_start: float, logprobs: int | None = None,
-                 drafter=None, draft_max: int = 16):
+                 drafter=None, draft_max: int = 16, constraint=None):
         from .speculative import DraftLength
         from ..formats.tokenizer import IncrementalDecoder
         self.prompt_ids = prompt_ids
@@ -172,6 +180,9 @@ class Generation:
         self.out: queue.SimpleQueue = queue.SimpleQueue()
         self.consumed = 0                        # pieces the consumer has taken (the scheduler's backpressure)
         self.emitted = 0
+        self.constraint = constraint             # the grammar's state (runtime/structured.py), or None
+        if constraint is not None and drafter is not None:
+            drafter = ConstrainedDrafter(drafter, constraint)
         self.drafter = drafter                   # speculative decoding (runtime/speculative.py), or None
         self.draft_length = DraftLength(draft_max)
         self.draft_tokens = self.accepted_tokens = self.verify_steps = 0
@@ -198,12 +209,19 @@ class Generation:
         if (self.max_tokens is not None and len(self.tokens) >= self.max_tokens) or n_past >= n_ctx:
             self.finish_reason = "length"
             return None
-        token = self.sampler.sample(logits, self.sampler.penalty_window(self.context))
+        allowed = self.constraint.allowed() if self.constraint is not None else None
+        token = self.sampler.sample(logits, self.sampler.penalty_window(self.context), allowed)
         self._t_last = time.perf_counter()
         self._t_first = self._t_first or self._t_last
         if token in self.eog:
             self.finish_reason = "stop"
             return None
+        if self.constraint is not None:
+            try:
+                self.constraint.accept(token)
+            except GrammarError as e:            # only if the mask and the matcher disagree: a bug
+                self.fail(e)
+                return None
         self.tokens.append(token)
         self.context.append(token)
         if self.top_logprobs is not None:
@@ -214,6 +232,9 @@ class Generation:
         if matched:
             self.finish_reason = "stop"
             self._matched = True
+            return None
+        if self.constraint is not None and self.constraint.done:
+            self.finish_reason = "stop"    # only the end may follow: the last token need not be evaluated
             return None
         if self.max_tokens is not None and len(self.tokens) >= self.max_tokens:
             self.finish_reason = "length"  # the last token need not be evaluated
@@ -409,7 +430,9 @@ def stream(model, prompt: str | Sequence[int], *, max_tokens: int | None = None,
            repeat_last_n: int = 64, presence_penalty: float = 0.0, frequency_penalty: float = 0.0,
            logit_bias: dict[int, float] | None = None, seed: int | None = None, stop: Sequence[str] = (),
            cancel: threading.Event | None = None, cache_prompt: bool = False,
-           logprobs: int | None = None, speculative=None, draft_max: int = 16) -> Stream:
+           logprobs: int | None = None, speculative=None, draft_max: int = 16, json_schema=None,
+           format: str | dict | None = None, grammar: str | None = None, regex: str | None = None,
+           choices: Sequence[str] | None = None) -> Stream:
     """Generate from `prompt` (text, tokenized with the model's BOS rule, or token ids), streaming text.
 
     Sampling parameters and their defaults are llama.cpp's (see `runtime.sampling`); `temperature=0` is
@@ -418,7 +441,10 @@ def stream(model, prompt: str | Sequence[int], *, max_tokens: int | None = None,
     token, its log-probability and the n most likely alternatives (`stream.logprobs`). `speculative`
     ("ngram", a draft Model, or a draft model's path or catalogue name) verifies up to `draft_max` guessed
     tokens per step: the same tokens as without it, faster where the text is guessable
-    (runtime/speculative.py). `max_tokens=None` generates until
+    (runtime/speculative.py). At most one constraint (runtime/structured.py): `json_schema` (a dict or its
+    JSON text), `format="json"` (any JSON object), `grammar` (Lark or GBNF text), `regex` or `choices` (a list
+    of strings); the output then always parses, and GrammarError is raised here, before anything is
+    evaluated, if the constraint is malformed. `max_tokens=None` generates until
     an end-of-generation token or a full context. Raises ContextOverflowError if the prompt alone does not
     fit in `model.n_ctx`. The prompt is evaluated on the first `next()`, on the model's engine thread, in a
     batch with whatever else the model is generating: from an empty cache, or, with `cache_prompt`, after
@@ -442,9 +468,11 @@ def stream(model, prompt: str | Sequence[int], *, max_tokens: int | None = None,
     sampler = Sampler(params, model.n_vocab)
     if not 1 <= draft_max <= DRAFT_MAX:
         raise ValueError(f"draft_max must be in 1..{DRAFT_MAX}, not {draft_max}")
+    constraint = constraint_for(model, json_schema=json_schema, format=format, grammar=grammar, regex=regex,
+                                choices=choices)
     generation = Generation(model, ids, sampler, max_tokens=max_tokens, stop=stop, cache_prompt=cache_prompt,
                             t_start=t_start, logprobs=logprobs, drafter=drafter_for(model, speculative),
-                            draft_max=draft_max)
+                            draft_max=draft_max, constraint=constraint)
     return Stream(model, generation, cancel)
 
 

@@ -77,6 +77,20 @@ def apply_logit_bias(logits: np.ndarray, bias: Mapping[int, float]) -> None:
         logits[ids] += np.fromiter(bias.values(), dtype=np.float32, count=len(bias))
 
 
+def apply_token_mask(logits: np.ndarray, allowed: np.ndarray) -> None:
+    """Set, in place, every logit that `allowed` (bool, (n_vocab,)) rules out to -inf: a grammar's mask
+    (runtime/structured.py). Whichever side is smaller is indexed: a JSON value allows a handful of
+    tokens, free text all but a few."""
+    n_allowed = int(np.count_nonzero(allowed))
+    if 2 * n_allowed <= len(allowed):
+        ids = np.flatnonzero(allowed)
+        keep = logits[ids]
+        logits.fill(-np.inf)
+        logits[ids] = keep
+    else:
+        logits[np.flatnonzero(~allowed)] = -np.inf
+
+
 def apply_penalties(logits: np.ndarray, recent: Sequence[int], repeat: float, frequency: float,
                     presence: float) -> None:
     """Penalise, in place, every token that occurs in `recent` (llama_sampler_penalties_apply):
@@ -155,9 +169,11 @@ def _logsumexp(x: np.ndarray) -> float:
 
 
 class Sampler:
-    """The chain with its parameters and random generator. `sample(logits, recent)` -> token id, where
-    `recent` is the context's last tokens (the penalty window: prompt and generated, as llama.cpp feeds
-    both to its sampler). The logits array is not modified."""
+    """The chain with its parameters and random generator. `sample(logits, recent, allowed)` -> token id,
+    where `recent` is the context's last tokens (the penalty window: prompt and generated, as llama.cpp
+    feeds both to its sampler) and `allowed` an optional bool mask of the tokens a grammar permits, applied
+    after bias and penalties so that every filter and every seed works on what is left. The logits array
+    is not modified."""
 
     def __init__(self, params: SamplingParams, n_vocab: int):
         params.check(n_vocab)
@@ -171,12 +187,14 @@ class Sampler:
         n = self.params.repeat_last_n
         return context if n < 0 else context[len(context) - n:] if n > 0 else ()
 
-    def sample(self, logits: np.ndarray, recent: Sequence[int] = ()) -> int:
+    def sample(self, logits: np.ndarray, recent: Sequence[int] = (), allowed: np.ndarray | None = None) -> int:
         p = self.params
         x = self._work
         np.copyto(x, logits[: self.n_vocab])
         apply_logit_bias(x, p.logit_bias or {})
         apply_penalties(x, recent, p.repeat_penalty, p.frequency_penalty, p.presence_penalty)
+        if allowed is not None:
+            apply_token_mask(x, allowed)
         if p.temperature <= 0.0:
             return int(np.argmax(x))
         ids = self._candidates(x)

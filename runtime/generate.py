@@ -302,6 +302,7 @@ class Stream:
         self.request = Request(generation.prompt_ids, generation, cancel)
         self.text = ""
         self.tokens: list[int] = []
+        self.tools: list[dict] | None = None     # chat_stream with tools: those in the prompt
         self._on_finish = on_finish
         self._submitted = self._ended = False
         self._thread = self._reader = threading.get_ident()   # created in, last read in
@@ -481,11 +482,17 @@ def generate(model, prompt: str | Sequence[int], **kw) -> Completion:
     return stream(model, prompt, **kw).completion()
 
 
-def chat_prompt(model, messages: list[dict], *, template=None, add_generation_prompt: bool = True) -> list[int]:
-    """Token ids of `messages` rendered with the model's chat template (or `template`, a ChatTemplate)."""
+def chat_prompt(model, messages: list[dict], *, template=None, add_generation_prompt: bool = True,
+                tools: list[dict] | None = None) -> list[int]:
+    """Token ids of `messages` rendered with the model's chat template (or `template`, a ChatTemplate), with
+    `tools` (checked OpenAI tools) and any tool calls and results in the messages as runtime/tools.py
+    renders them."""
     from ..formats.chat import chat_tokens
-    return chat_tokens(model.tokenizer, template or chat_template(model), messages,
-                       add_generation_prompt=add_generation_prompt)
+    from .tools import template_inputs
+    template = template or chat_template(model)
+    messages, tools = template_inputs(template, messages, tools)
+    return chat_tokens(model.tokenizer, template, messages, add_generation_prompt=add_generation_prompt,
+                       tools=tools)
 
 
 def chat_template(model, override: str | None = None):
@@ -497,12 +504,33 @@ def chat_template(model, override: str | None = None):
     return model.chat_template_object
 
 
-def chat_stream(model, messages: list[dict], *, template=None, **kw) -> Stream:
+def chat_stream(model, messages: list[dict], *, template=None, tools=None, tool_choice=None,
+                parallel_tool_calls: bool = True, **kw) -> Stream:
     """`stream` over the chat-template rendering of `messages` (dicts with `role` and `content`) followed
-    by the assistant's generation prompt."""
-    return stream(model, chat_prompt(model, messages, template=template), **kw)
+    by the assistant's generation prompt. `tools` (OpenAI's function tools), `tool_choice` ("auto" by default
+    with tools, "none", "required" or a function's name or OpenAI's {"type": "function", ...}) and
+    `parallel_tool_calls`: see runtime/tools.py; the stream's text holds the calls in their markup."""
+    from .tools import prepare
+    tools, grammar = prepare(tools, tool_choice, parallel_tool_calls)
+    if grammar is not None:
+        if any(kw.get(k) is not None for k in ("json_schema", "format", "grammar", "regex", "choices")):
+            raise GrammarError("tool calls and another constraint (json_schema, format, grammar, regex, "
+                               "choices) cannot be combined")
+        kw["grammar"] = grammar
+    s = stream(model, chat_prompt(model, messages, template=template, tools=tools), **kw)
+    s.tools = tools
+    return s
 
 
 def chat(model, messages: list[dict], *, template=None, **kw) -> Completion:
-    """The assistant's reply to `messages` as a Completion; same keywords as `stream`."""
-    return chat_stream(model, messages, template=template, **kw).completion()
+    """The assistant's reply to `messages` as a Completion; same keywords as `stream`, and chat_stream's
+    tools. With tools the Completion's `tool_calls` holds the calls (OpenAI's message.tool_calls), `text`
+    the rest, and `finish_reason` is "tool_calls" when there are calls."""
+    from .tools import parse
+    s = chat_stream(model, messages, template=template, **kw)
+    c = s.completion()
+    if s.tools is not None:
+        c.text, c.tool_calls = parse(c.text)
+        if c.tool_calls and c.finish_reason == "stop":
+            c.finish_reason = "tool_calls"
+    return c

@@ -5,11 +5,20 @@ mask; and OpenAI's client running a tool-calling round trip against `nibble serv
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
 from concurrent.futures import ThreadPoolExecutor
 
+import httpx
 import jsonschema
+import openai
 import pytest
 
 import nibble
@@ -230,3 +239,182 @@ def test_a_schema_compiles_once(smollm):
     n = len(vocab._compiled)
     second = vocab.compile(grammar)
     assert len(vocab._compiled) == n and first is not second   # a copy of the cached matcher per request
+
+
+# ---- tool calls ----
+
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "The current weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 40}},
+                   "required": ["city"]}}}
+ADD = {"type": "function", "function": {
+    "name": "add", "description": "Add two integers",
+    "parameters": {"type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}},
+                   "required": ["a", "b"]}}}
+SYSTEM = ("You are a helpful assistant. When a tool result arrives, answer the user's question in one plain "
+          "sentence.")
+QUESTION = "Is it sunny in Paris? Answer in one sentence."
+
+
+def test_stream_parser_gives_the_calls_that_parse_gives_whatever_the_pieces():
+    from nibble.runtime.tools import StreamParser, parse
+    texts = ['Sure.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Pa}ris"}}\n</tool_call>\n'
+             '<tool_call>\n{"name": "add", "arguments": {"a": {"b": 1}}}\n</tool_call>',
+             '{"name": "get_weather", "arguments": {"city": "Paris"}}\n{"name": "add", "arguments": {}}',
+             '```json\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n```',
+             'Hello < world <tool', '``` code', '{"name": "add", "arguments": {"a": {"b": 1}}']
+    for text in texts:
+        content, calls = parse(text)
+        for size in (1, 2, 3, 7, len(text)):
+            parser = StreamParser()
+            deltas = [d for k in range(0, len(text), size) for d in parser.feed(text[k:k + size])]
+            deltas += parser.close(complete=not text.endswith("1}}"))
+            assert "".join(d.get("content", "") for d in deltas).strip() == content
+            streamed = parser.complete_calls()
+            assert [c["function"]["name"] for c in streamed] == [c["function"]["name"] for c in calls]
+            assert [json.loads(c["function"]["arguments"]) for c in streamed] == \
+                   [json.loads(c["function"]["arguments"]) for c in calls]
+            args: dict[int, str] = {}
+            for d in deltas:
+                for tc in d.get("tool_calls", ()):
+                    args[tc["index"]] = args.get(tc["index"], "") + tc["function"].get("arguments", "")
+            assert [args[k] for k in range(len(streamed))] == [c["function"]["arguments"] for c in streamed]
+
+
+@pytest.mark.parametrize("choice, parallel", [("required", True), ("required", False), ("add", True)])
+def test_tool_choice_required_and_named_give_valid_calls_on_a_template_without_tools(smollm, choice, parallel):
+    for seed in SEEDS[:2]:
+        c = smollm.chat([{"role": "user", "content": "What is 2 plus 3?"}], tools=[WEATHER, ADD], tool_choice=choice,
+                        parallel_tool_calls=parallel, seed=seed, max_tokens=60)
+        assert c.text == "" and c.tool_calls
+        assert c.finish_reason == "tool_calls" or (parallel and c.finish_reason == "length")   # calls after calls
+        if not parallel:
+            assert len(c.tool_calls) == 1
+        for call in c.tool_calls:
+            tool = {"get_weather": WEATHER, "add": ADD}[call["function"]["name"]]
+            jsonschema.validate(json.loads(call["function"]["arguments"]), tool["function"]["parameters"])
+            assert call["id"].startswith("call_") and call["type"] == "function"
+        if choice == "add":
+            assert [call["function"]["name"] for call in c.tool_calls] == ["add"]
+
+
+def test_generic_tool_format_renders_calls_and_results_for_a_template_without_tools(smollm):
+    from nibble.runtime import generate
+    call = {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}
+    messages = [{"role": "user", "content": QUESTION}, {"role": "assistant", "content": None, "tool_calls": [call]},
+                {"role": "tool", "tool_call_id": "call_1", "content": "sunny"}]
+    text = smollm.detokenize(generate.chat_prompt(smollm, messages, tools=[WEATHER]), special=True)
+    assert '"name": "get_weather"' in text and "<tools>" in text
+    assert '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>' in text
+    assert "<tool_response>\nsunny\n</tool_response>" in text
+
+
+# ---- the server: OpenAI's client and Ollama's API against `nibble serve` ----
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def qwen_server():
+    """`nibble serve qwen2.5-coder-0.5b` on a free loopback port (SIGTERM at the end must exit 0)."""
+    port = free_port()
+    log = tempfile.TemporaryFile()
+    proc = subprocess.Popen([sys.executable, "-m", "nibble.cli.main", "serve", "qwen2.5-coder-0.5b", "--parallel", "2",
+                             "--n-ctx", "2048", "--port", str(port)], stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            assert proc.poll() is None, "nibble serve exited"
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            assert time.monotonic() < deadline, "nibble serve did not answer /health in time"
+            time.sleep(0.5)
+        yield url
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+        code = proc.wait(timeout=60)
+        log.seek(0)
+        output = log.read().decode()
+        log.close()
+        assert code == 0, output
+
+
+@pytest.fixture(scope="module")
+def client(qwen_server):
+    return openai.OpenAI(base_url=f"{qwen_server}/v1", api_key="none", max_retries=0, timeout=300)
+
+
+def test_openai_tool_calling_round_trip(client):
+    """OpenAI's tool loop: the model calls get_weather, the client runs it and sends the result back, the
+    model answers. (Qwen2.5-Coder 0.5B calls the tool again and again under "auto" once it has the result,
+    so the last turn says "none": the tools stay in the prompt, a call is impossible.)"""
+    messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": QUESTION}]
+    r = client.chat.completions.create(model="qwen", messages=messages, tools=[WEATHER, ADD], temperature=0,
+                                       max_tokens=60)
+    choice = r.choices[0]
+    assert choice.finish_reason == "tool_calls", choice
+    call = choice.message.tool_calls[0]
+    assert call.type == "function" and call.function.name == "get_weather" and call.id.startswith("call_")
+    assert "paris" in json.loads(call.function.arguments)["city"].lower()
+
+    # the same answer streamed: deltas joined as the openai package's helpers join them
+    chunks = list(client.chat.completions.create(model="qwen", messages=messages, tools=[WEATHER, ADD],
+                                                 temperature=0, max_tokens=60, stream=True))
+    calls: dict[int, dict] = {}
+    for chunk in chunks:
+        for tc in chunk.choices[0].delta.tool_calls or ():
+            c = calls.setdefault(tc.index, {"id": tc.id, "name": tc.function.name, "arguments": ""})
+            c["arguments"] += tc.function.arguments or ""
+    assert [(c["name"], json.loads(c["arguments"])) for c in calls.values()] == \
+           [(t.function.name, json.loads(t.function.arguments)) for t in choice.message.tool_calls]
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+
+    messages.append(choice.message.model_dump(exclude_none=True))
+    for tc in choice.message.tool_calls:
+        messages.append({"role": "tool", "tool_call_id": tc.id, "content": json.dumps({"temperature": 21, "sky": "sunny"})})
+    r = client.chat.completions.create(model="qwen", messages=messages, tools=[WEATHER, ADD], tool_choice="none",
+                                       temperature=0, max_tokens=60)
+    final = r.choices[0]
+    assert final.finish_reason == "stop" and not final.message.tool_calls
+    assert final.message.content and "<tool_call>" not in final.message.content
+
+
+def test_openai_response_format(client):
+    schema = SCHEMAS[6]
+    r = client.chat.completions.create(model="qwen", messages=ask(schema), max_tokens=60, seed=3, response_format={
+        "type": "json_schema", "json_schema": {"name": "contact", "schema": schema}})
+    assert r.choices[0].finish_reason == "stop"
+    jsonschema.validate(json.loads(r.choices[0].message.content), schema)
+    r = client.chat.completions.create(model="qwen", messages=[{"role": "user", "content": "A cat, as JSON."}],
+                                       max_tokens=60, seed=3, response_format={"type": "json_object"})
+    if r.choices[0].finish_reason == "stop":
+        assert isinstance(json.loads(r.choices[0].message.content), dict)
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model="qwen", messages=ask(schema), max_tokens=8, response_format={
+            "type": "json_schema", "json_schema": {"name": "bad", "schema": {"type": "objekt"}}})
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model="qwen", messages=ask(schema), max_tokens=8,
+                                       tools=[{"type": "function", "function": {"name": "bad name!"}}])
+
+
+def test_ollama_format_and_tools(qwen_server):
+    schema = SCHEMAS[2]
+    r = httpx.post(f"{qwen_server}/api/chat", timeout=300, json={
+        "model": "qwen", "messages": ask(schema), "format": schema, "stream": False,
+        "options": {"seed": 1, "num_predict": 40}})
+    assert r.status_code == 200, r.text
+    jsonschema.validate(json.loads(r.json()["message"]["content"]), schema)
+    r = httpx.post(f"{qwen_server}/api/generate", timeout=60, json={"model": "qwen", "prompt": "hi", "format": "yaml"})
+    assert r.status_code == 400 and "format" in r.json()["error"]
+    r = httpx.post(f"{qwen_server}/api/chat", timeout=300, json={
+        "model": "qwen", "messages": [{"role": "system", "content": SYSTEM}, {"role": "user", "content": QUESTION}],
+        "tools": [WEATHER], "stream": False, "options": {"temperature": 0, "num_predict": 60}})
+    assert r.status_code == 200, r.text
+    calls = r.json()["message"]["tool_calls"]
+    assert calls[0]["function"]["name"] == "get_weather" and isinstance(calls[0]["function"]["arguments"], dict)

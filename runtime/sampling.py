@@ -77,20 +77,6 @@ def apply_logit_bias(logits: np.ndarray, bias: Mapping[int, float]) -> None:
         logits[ids] += np.fromiter(bias.values(), dtype=np.float32, count=len(bias))
 
 
-def apply_token_mask(logits: np.ndarray, allowed: np.ndarray) -> None:
-    """Set, in place, every logit that `allowed` (bool, (n_vocab,)) rules out to -inf: a grammar's mask
-    (runtime/structured.py). Whichever side is smaller is indexed: a JSON value allows a handful of
-    tokens, free text all but a few."""
-    n_allowed = int(np.count_nonzero(allowed))
-    if 2 * n_allowed <= len(allowed):
-        ids = np.flatnonzero(allowed)
-        keep = logits[ids]
-        logits.fill(-np.inf)
-        logits[ids] = keep
-    else:
-        logits[np.flatnonzero(~allowed)] = -np.inf
-
-
 def apply_penalties(logits: np.ndarray, recent: Sequence[int], repeat: float, frequency: float,
                     presence: float) -> None:
     """Penalise, in place, every token that occurs in `recent` (llama_sampler_penalties_apply):
@@ -193,8 +179,19 @@ class Sampler:
         np.copyto(x, logits[: self.n_vocab])
         apply_logit_bias(x, p.logit_bias or {})
         apply_penalties(x, recent, p.repeat_penalty, p.frequency_penalty, p.presence_penalty)
-        if allowed is not None:
-            apply_token_mask(x, allowed)
+        if allowed is None:
+            return self._draw(x)
+        if 2 * np.count_nonzero(allowed) > len(allowed):    # a grammar's mask over free text: most allowed
+            x[~allowed] = -np.inf
+            return self._draw(x)
+        # a few allowed (a JSON value): the chain runs on them alone. The others' probability is 0, so the
+        # draw is the one over the whole masked vocabulary (up to how top-k orders exactly equal logits).
+        ids = np.flatnonzero(allowed)
+        return int(ids[self._draw(x[ids])])
+
+    def _draw(self, x: np.ndarray) -> int:
+        """The chain after bias and penalties: the index into x of the token drawn (x may be overwritten)."""
+        p = self.params
         if p.temperature <= 0.0:
             return int(np.argmax(x))
         ids = self._candidates(x)

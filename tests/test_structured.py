@@ -441,3 +441,28 @@ def test_ollama_format_and_tools(qwen_server):
     assert r.status_code == 200, r.text
     calls = r.json()["message"]["tool_calls"]
     assert calls[0]["function"]["name"] == "get_weather" and isinstance(calls[0]["function"]["arguments"], dict)
+
+
+def test_cli_run_flags(tmp_path):
+    strict = {**SCHEMAS[2], "additionalProperties": False}
+    schema = tmp_path / "schema.json"
+    schema.write_text(json.dumps(strict))
+    grammar = tmp_path / "expr.lark"
+    grammar.write_text(ARITHMETIC_LARK)
+    for flags, check in [(["--json-schema", str(schema)], lambda t: jsonschema.validate(json.loads(t), strict)),
+                         (["--json-schema", json.dumps(SCHEMAS[1])], lambda t: jsonschema.validate(json.loads(t), SCHEMAS[1])),
+                         (["--format", "json"], None),   # any object: a 135M model may write one for ever
+                         (["--grammar", str(grammar)], lambda t: is_arithmetic(t)),
+                         (["--regex", "[a-z]{3}"], lambda t: re.fullmatch("[a-z]{3}", t)),
+                         (["--choice", "red", "--choice", "blue"], lambda t: t in ("red", "blue"))]:
+        r = subprocess.run([sys.executable, "-m", "nibble.cli.main", "run", "smollm2-135m", "Answer.", *flags,
+                            "-n", "60", "--seed", "1", "--json"], capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr
+        out = json.loads(r.stdout)
+        if check is None or (out["finish_reason"] == "length" and flags[0] == "--grammar"):   # unbounded
+            assert out["text"] and out["finish_reason"] in ("stop", "length")
+            continue
+        assert out["finish_reason"] == "stop" and check(out["text"]) is not False, (flags, out["text"])
+    r = subprocess.run([sys.executable, "-m", "nibble.cli.main", "run", "smollm2-135m", "Answer.", "--regex", "[a-"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0 and "regex" in r.stderr

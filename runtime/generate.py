@@ -209,7 +209,11 @@ class Generation:
         if (self.max_tokens is not None and len(self.tokens) >= self.max_tokens) or n_past >= n_ctx:
             self.finish_reason = "length"
             return None
-        allowed = self.constraint.allowed() if self.constraint is not None else None
+        try:
+            allowed = self.constraint.allowed() if self.constraint is not None else None
+        except GrammarError as e:                # the matcher hit a limit: nothing may follow
+            self.fail(e)
+            return None
         token = self.sampler.sample(logits, self.sampler.penalty_window(self.context), allowed)
         self._t_last = time.perf_counter()
         self._t_first = self._t_first or self._t_last

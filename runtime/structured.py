@@ -110,6 +110,7 @@ class _TokenizerView:
         from ..formats.tokenizer import _ATTR_SPECIAL
         self.tokenizer = tokenizer
         self.tokens = [tokenizer.token_bytes(i, special=True) for i in range(tokenizer.n_vocab)]
+        # control and unknown tokens: those llama.cpp's detokenizer leaves out of text (user-defined ones are text)
         self.special_token_ids = np.flatnonzero(tokenizer._attrs & _ATTR_SPECIAL).tolist()
         self.eos_token_id = tokenizer.eos_id
         self.bos_token_id = tokenizer.bos_id
@@ -179,6 +180,9 @@ class Constraint:
     def allowed(self) -> np.ndarray:
         """bool (n_vocab,): the tokens the grammar allows next (end-of-generation ids only where it accepts)."""
         self.matcher.unsafe_compute_mask_ptr(self._bits.ctypes.data, self._bits.nbytes)
+        if not self._bits.any():       # the matcher gave up (an error, or a parser or lexer limit)
+            reason = self.matcher.get_error() or self.matcher.stop_reason()
+            raise GrammarError(f"no token can continue the grammar: {reason}")
         return np.unpackbits(self._bits.view(np.uint8), bitorder="little", count=self.n_vocab).view(bool)
 
     def accept(self, token: int) -> None:

@@ -441,6 +441,12 @@ def test_ollama_format_and_tools(qwen_server):
     assert r.status_code == 200, r.text
     calls = r.json()["message"]["tool_calls"]
     assert calls[0]["function"]["name"] == "get_weather" and isinstance(calls[0]["function"]["arguments"], dict)
+    with httpx.stream("POST", f"{qwen_server}/api/chat", timeout=300, json={
+            "model": "qwen", "messages": [{"role": "system", "content": SYSTEM}, {"role": "user", "content": QUESTION}],
+            "tools": [WEATHER], "options": {"temperature": 0, "num_predict": 60}}) as r:
+        lines = [json.loads(line) for line in r.iter_lines() if line]
+    streamed = [c for line in lines for c in line.get("message", {}).get("tool_calls", ())]
+    assert streamed == calls and lines[-1]["done"]
 
 
 def test_cli_run_flags(tmp_path):

@@ -73,7 +73,7 @@ def sampling_kwargs(temperature, top_k, top_p, min_p, repeat_penalty, repeat_las
 
 
 def constraint_kwargs(format, json_schema, grammar, regex, choice) -> dict:
-    """--format / --json-schema / --grammar / --regex / --choice -> generate.stream's keywords (runtime/structured.py)."""
+    """--format, --json-schema, --grammar, --regex, --choice -> generate.stream's keywords (runtime/structured.py)."""
     if json_schema is not None and Path(json_schema).is_file():
         json_schema = Path(json_schema).read_text()
     return {k: v for k, v in dict(format=format, json_schema=json_schema, regex=regex, choices=choice or None,

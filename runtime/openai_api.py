@@ -106,8 +106,9 @@ def constraint_kwargs(body: Mapping[str, Any]) -> dict:
     if fmt is not None:
         kind = fmt.get("type") if isinstance(fmt, Mapping) else None
         if kind not in ("text", "json_object", "json_schema"):
-            raise InvalidRequestError("'response_format' must be {\"type\": \"text\"}, {\"type\": \"json_object\"} or "
-                                      "{\"type\": \"json_schema\", \"json_schema\": {\"schema\": {...}}}", "response_format")
+            raise InvalidRequestError("'response_format' must be {\"type\": \"text\"}, {\"type\": \"json_object\"} "
+                                      "or {\"type\": \"json_schema\", \"json_schema\": {\"schema\": {...}}}",
+                                      "response_format")
         if kind == "json_object":
             kw.update({"json_schema": fmt["schema"]} if fmt.get("schema") is not None else {"format": "json"})
         elif kind == "json_schema":

@@ -19,8 +19,10 @@ know user and assistant turns (Gemma's) render them.
 The answer is held to a grammar (runtime/structured.py): with tool_choice "auto" the text is free until the
 marker `<tool_call>` (a lazy lexeme: the first occurrence ends the text), then the call is JSON valid against
 one of the tools' schemas (its name a constant, its arguments the tool's `parameters`), then the end marker;
-free text may follow and, with `parallel_tool_calls`, more calls. "required" allows only calls, a named
-function only one call to it, and "none" leaves the tools out of the prompt. The calls therefore always
+free text may follow and, with `parallel_tool_calls`, more calls. An answer that starts with `{` (or a
+```json fence and `{`) is a bare call, as small Qwen models write them without the marker, held to the same
+schemas. "required" allows only calls, a named function only one call to it, and "none" no call (the tools
+stay in the prompt; the answer may not start like a call nor hold the marker). The calls therefore always
 parse; `parse` splits the text into content and calls, and `StreamParser` does it piece by piece for
 streamed responses, as OpenAI streams them: the call's id and name first, then its arguments in pieces.
 """
@@ -219,7 +221,7 @@ def grammar(tools: list[dict], choice: str, parallel: bool = True) -> str:
 def prepare(tools: Any, tool_choice: Any = None, parallel_tool_calls: Any = True
             ) -> tuple[list[dict] | None, str | None]:
     """A request's tools fields -> (the tools to render into the prompt, the grammar of the answer); both
-    None when no tool may be called."""
+    None without tools."""
     tools = check_tools(tools)
     choice = check_tool_choice(tool_choice, tools)
     if parallel_tool_calls is None:

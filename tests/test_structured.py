@@ -66,7 +66,8 @@ SCHEMAS = [
             "required": ["id", "kind"], "additionalProperties": False}}}, "required": ["items"]},
     # 10. all of it: $defs and $ref, anyOf, an array of bounded integers, optional nested keys
     {"type": "object", "$defs": {"point": {"type": "object", "properties": {
-        "x": {"type": "integer", "minimum": -10, "maximum": 10}, "y": {"type": "integer", "minimum": -10, "maximum": 10}},
+        "x": {"type": "integer", "minimum": -10, "maximum": 10},
+        "y": {"type": "integer", "minimum": -10, "maximum": 10}},
         "required": ["x", "y"], "additionalProperties": False}},
      "properties": {"status": {"enum": ["ok", "error"]},
                     "origin": {"$ref": "#/$defs/point"},
@@ -400,7 +401,7 @@ def test_openai_tool_calling_round_trip(client):
 
     messages.append(choice.message.model_dump(exclude_none=True))
     for tc in choice.message.tool_calls:
-        messages.append({"role": "tool", "tool_call_id": tc.id, "content": json.dumps({"temperature": 21, "sky": "sunny"})})
+        messages.append({"role": "tool", "tool_call_id": tc.id, "content": '{"temperature": 21, "sky": "sunny"}'})
     r = client.chat.completions.create(model="qwen", messages=messages, tools=[WEATHER, ADD], tool_choice="none",
                                        temperature=0, max_tokens=60)
     final = r.choices[0]
@@ -456,7 +457,8 @@ def test_cli_run_flags(tmp_path):
     grammar = tmp_path / "expr.lark"
     grammar.write_text(ARITHMETIC_LARK)
     for flags, check in [(["--json-schema", str(schema)], lambda t: jsonschema.validate(json.loads(t), strict)),
-                         (["--json-schema", json.dumps(SCHEMAS[1])], lambda t: jsonschema.validate(json.loads(t), SCHEMAS[1])),
+                         (["--json-schema", json.dumps(SCHEMAS[1])],
+                          lambda t: jsonschema.validate(json.loads(t), SCHEMAS[1])),
                          (["--format", "json"], None),   # any object: a 135M model may write one for ever
                          (["--grammar", str(grammar)], lambda t: is_arithmetic(t)),
                          (["--regex", "[a-z]{3}"], lambda t: re.fullmatch("[a-z]{3}", t)),

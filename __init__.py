@@ -5,9 +5,9 @@
     print(model.generate("Why is the sky blue?").text)
 """
 
-from .errors import (ContextOverflowError, GGUFError, InvalidRequestError, ModelFormatError, ModelNotFoundError,
-                     NibbleError, OutOfMemoryError, PullError, SessionError, TemplateError, TokenizerError,
-                     UnsupportedModelError, UnsupportedQuantError)
+from .errors import (ContextOverflowError, GGUFError, GrammarError, InvalidRequestError, ModelFormatError,
+                     ModelNotFoundError, NibbleError, OutOfMemoryError, PullError, SessionError, TemplateError,
+                     TokenizerError, UnsupportedModelError, UnsupportedQuantError)
 from .runtime.catalog import CATALOG, DEFAULT_MODEL
 from .runtime.model import Model, load
 from .runtime.session import Session
@@ -27,5 +27,5 @@ __all__ = [
     "load", "Model", "Session", "pull", "doctor", "CATALOG", "DEFAULT_MODEL", "__version__",
     "NibbleError", "ModelNotFoundError", "PullError", "GGUFError", "ModelFormatError", "UnsupportedModelError",
     "UnsupportedQuantError", "TokenizerError", "TemplateError", "ContextOverflowError", "OutOfMemoryError",
-    "SessionError", "InvalidRequestError",
+    "SessionError", "InvalidRequestError", "GrammarError",
 ]

@@ -48,6 +48,11 @@ class SessionError(NibbleError):
     """A saved session file that is damaged, of another version, or saved with another model."""
 
 
+class GrammarError(NibbleError, ValueError):
+    """A JSON Schema, grammar, regex or list of choices that is malformed or that llguidance cannot compile
+    (raised before any token is generated)."""
+
+
 class InvalidRequestError(NibbleError, ValueError):
     """A request (library keywords or an HTTP body) with a missing, mistyped or out-of-range field;
     `param` names it."""

@@ -51,6 +51,14 @@ ChatTemplateOpt = Annotated[Optional[Path], typer.Option("--chat-template", meta
                                                          help="a Jinja chat template to use instead of the "
                                                               "model's")]
 
+FormatOpt = Annotated[Optional[str], typer.Option("--format", help="'json': the output is a JSON object")]
+JsonSchemaOpt = Annotated[Optional[str], typer.Option("--json-schema", metavar="FILE|JSON",
+                                                      help="the output is JSON valid against this schema")]
+GrammarOpt = Annotated[Optional[Path], typer.Option("--grammar", metavar="FILE",
+                                                    help="the output is a sentence of this Lark or GBNF grammar")]
+RegexOpt = Annotated[Optional[str], typer.Option("--regex", help="the output matches this regular expression")]
+ChoiceOpt = Annotated[Optional[list[str]], typer.Option("--choice", help="the output is one of these (repeatable)")]
+
 SETTABLE = {"temperature": float, "top_k": int, "top_p": float, "min_p": float, "repeat_penalty": float,
             "repeat_last_n": int, "presence_penalty": float, "frequency_penalty": float, "seed": int,
             "max_tokens": int}
@@ -74,6 +82,14 @@ def speculative_kwargs(speculative: str | None, draft_max: int) -> dict:
     if not 1 <= draft_max <= DRAFT_MAX:
         raise ConfigError(f"--draft-max must be between 1 and {DRAFT_MAX}, not {draft_max}")
     return dict(speculative=speculative, draft_max=draft_max) if speculative else {}
+
+
+def constraint_kwargs(format, json_schema, grammar, regex, choice) -> dict:
+    """--format, --json-schema, --grammar, --regex, --choice -> generate.stream's keywords (runtime/structured.py)."""
+    if json_schema is not None and Path(json_schema).is_file():
+        json_schema = Path(json_schema).read_text()
+    return {k: v for k, v in dict(format=format, json_schema=json_schema, regex=regex, choices=choice or None,
+                                  grammar=grammar.read_text() if grammar else None).items() if v is not None}
 
 
 def parse_logit_bias(items: list[str]) -> dict[int, float]:
@@ -150,6 +166,8 @@ def run(
     max_tokens: MaxTokens = None, stop: Stop = None, logit_bias: LogitBias = None,
     n_ctx: NCtx = None, threads: Threads = None, chat_template: ChatTemplateOpt = None,
     speculative: Speculative = None, draft_max: DraftMax = 16,
+    format: FormatOpt = None, json_schema: JsonSchemaOpt = None, grammar: GrammarOpt = None, regex: RegexOpt = None,
+    choice: ChoiceOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="print one JSON object instead of streaming")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="timings and memory bandwidth on stderr")]
         = False,
@@ -163,6 +181,7 @@ def run(
     prompt = args[0] if args else "-"
     kw = sampling_kwargs(temperature, top_k, top_p, min_p, repeat_penalty, repeat_last_n, presence_penalty,
                          frequency_penalty, seed, max_tokens, stop, logit_bias)
+    kw.update(constraint_kwargs(format, json_schema, grammar, regex, choice))
     if prompt == "-":
         prompt = sys.stdin.read()
     if not prompt.strip():   # as a chat turn it would be answered until the context is full

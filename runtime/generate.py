@@ -11,7 +11,10 @@ each token, in batches with other requests) and `Generation.advance`: per token,
 logits, the incremental decoder turns the id into text, `StopMatcher` holds back anything that may be the start of a
 stop string, and the token is evaluated to get the next logits. Generation ends at an end-of-generation
 token (`stop`), a user stop string (`stop`, the string itself never emitted), `max_tokens` or a full context
-(`length`), or when `cancel` is set or the consumer stops iterating (`cancelled`).
+(`length`), or when `cancel` is set or the consumer stops iterating (`cancelled`). With a constraint
+(`json_schema`, `format`, `grammar`, `regex`, `choices`: runtime/structured.py) the sampler draws only
+tokens the grammar allows, end-of-generation only where the text is complete, and generation also ends
+(`stop`) as soon as nothing else may follow.
 
 KV cache after each ending: the prompt and every generated token, except that the last one is not
 evaluated when generation ends by `max_tokens` or a stop string, and an end-of-generation token never is;
@@ -30,10 +33,11 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from ..errors import ContextOverflowError, NibbleError
+from ..errors import ContextOverflowError, GrammarError, NibbleError
 from .engine import DRAFT_MAX
 from .sampling import Sampler, SamplingParams, token_limit
 from .speculative import drafter_for
+from .structured import ConstrainedDrafter, constraint_for
 
 FINISH_REASONS = ("stop", "length", "cancelled")
 
@@ -79,10 +83,14 @@ class Completion:
     usage: Usage
     timings: Timings
     tokens: list[int]
+    tool_calls: list[dict] | None = None   # `chat(..., tools=...)`: OpenAI's message.tool_calls; text is the rest
 
     def to_dict(self) -> dict:
-        return {"text": self.text, "finish_reason": self.finish_reason, "usage": self.usage.to_dict(),
-                "timings": self.timings.to_dict(), "tokens": list(self.tokens)}
+        out = {"text": self.text, "finish_reason": self.finish_reason, "usage": self.usage.to_dict(),
+               "timings": self.timings.to_dict(), "tokens": list(self.tokens)}
+        if self.tool_calls is not None:
+            out["tool_calls"] = self.tool_calls
+        return out
 
 
 # ---- the steps ----
@@ -150,7 +158,7 @@ class Generation:
 
     def __init__(self, model, prompt_ids: list[int], sampler: Sampler, *, max_tokens: int | None,
                  stop: Sequence[str], cache_prompt: bool, t_start: float, logprobs: int | None = None,
-                 drafter=None, draft_max: int = 16):
+                 drafter=None, draft_max: int = 16, constraint=None):
         from .speculative import DraftLength
         from ..formats.tokenizer import IncrementalDecoder
         self.prompt_ids = prompt_ids
@@ -172,6 +180,9 @@ class Generation:
         self.out: queue.SimpleQueue = queue.SimpleQueue()
         self.consumed = 0                        # pieces the consumer has taken (the scheduler's backpressure)
         self.emitted = 0
+        self.constraint = constraint             # the grammar's state (runtime/structured.py), or None
+        if constraint is not None and drafter is not None:
+            drafter = ConstrainedDrafter(drafter, constraint)
         self.drafter = drafter                   # speculative decoding (runtime/speculative.py), or None
         self.draft_length = DraftLength(draft_max)
         self.draft_tokens = self.accepted_tokens = self.verify_steps = 0
@@ -198,12 +209,23 @@ class Generation:
         if (self.max_tokens is not None and len(self.tokens) >= self.max_tokens) or n_past >= n_ctx:
             self.finish_reason = "length"
             return None
-        token = self.sampler.sample(logits, self.sampler.penalty_window(self.context))
+        try:
+            allowed = self.constraint.allowed() if self.constraint is not None else None
+        except GrammarError as e:                # the matcher hit a limit: nothing may follow
+            self.fail(e)
+            return None
+        token = self.sampler.sample(logits, self.sampler.penalty_window(self.context), allowed)
         self._t_last = time.perf_counter()
         self._t_first = self._t_first or self._t_last
         if token in self.eog:
             self.finish_reason = "stop"
             return None
+        if self.constraint is not None:
+            try:
+                self.constraint.accept(token)
+            except GrammarError as e:            # only if the mask and the matcher disagree: a bug
+                self.fail(e)
+                return None
         self.tokens.append(token)
         self.context.append(token)
         if self.top_logprobs is not None:
@@ -214,6 +236,9 @@ class Generation:
         if matched:
             self.finish_reason = "stop"
             self._matched = True
+            return None
+        if self.constraint is not None and self.constraint.done:
+            self.finish_reason = "stop"    # only the end may follow: the last token need not be evaluated
             return None
         if self.max_tokens is not None and len(self.tokens) >= self.max_tokens:
             self.finish_reason = "length"  # the last token need not be evaluated
@@ -281,6 +306,7 @@ class Stream:
         self.request = Request(generation.prompt_ids, generation, cancel)
         self.text = ""
         self.tokens: list[int] = []
+        self.tools: list[dict] | None = None     # chat_stream with tools: those in the prompt
         self._on_finish = on_finish
         self._submitted = self._ended = False
         self._thread = self._reader = threading.get_ident()   # created in, last read in
@@ -409,7 +435,9 @@ def stream(model, prompt: str | Sequence[int], *, max_tokens: int | None = None,
            repeat_last_n: int = 64, presence_penalty: float = 0.0, frequency_penalty: float = 0.0,
            logit_bias: dict[int, float] | None = None, seed: int | None = None, stop: Sequence[str] = (),
            cancel: threading.Event | None = None, cache_prompt: bool = False,
-           logprobs: int | None = None, speculative=None, draft_max: int = 16) -> Stream:
+           logprobs: int | None = None, speculative=None, draft_max: int = 16, json_schema=None,
+           format: str | dict | None = None, grammar: str | None = None, regex: str | None = None,
+           choices: Sequence[str] | None = None) -> Stream:
     """Generate from `prompt` (text, tokenized with the model's BOS rule, or token ids), streaming text.
 
     Sampling parameters and their defaults are llama.cpp's (see `runtime.sampling`); `temperature=0` is
@@ -418,7 +446,10 @@ def stream(model, prompt: str | Sequence[int], *, max_tokens: int | None = None,
     token, its log-probability and the n most likely alternatives (`stream.logprobs`). `speculative`
     ("ngram", a draft Model, or a draft model's path or catalogue name) verifies up to `draft_max` guessed
     tokens per step: the same tokens as without it, faster where the text is guessable
-    (runtime/speculative.py). `max_tokens=None` (or -1) generates until
+    (runtime/speculative.py). At most one constraint (runtime/structured.py): `json_schema` (a dict or its
+    JSON text), `format="json"` (any JSON object), `grammar` (Lark or GBNF text), `regex` or `choices` (a list
+    of strings); the output then always parses, and GrammarError is raised here, before anything is
+    evaluated, if the constraint is malformed. `max_tokens=None` (or -1) generates until
     an end-of-generation token or a full context. Raises ContextOverflowError if the prompt alone does not
     fit in `model.n_ctx`. The prompt is evaluated on the first `next()`, on the model's engine thread, in a
     batch with whatever else the model is generating: from an empty cache, or, with `cache_prompt`, after
@@ -441,9 +472,11 @@ def stream(model, prompt: str | Sequence[int], *, max_tokens: int | None = None,
     sampler = Sampler(params, model.n_vocab)
     if not 1 <= draft_max <= DRAFT_MAX:
         raise ValueError(f"draft_max must be in 1..{DRAFT_MAX}, not {draft_max}")
+    constraint = constraint_for(model, json_schema=json_schema, format=format, grammar=grammar, regex=regex,
+                                choices=choices)
     generation = Generation(model, ids, sampler, max_tokens=max_tokens, stop=stop, cache_prompt=cache_prompt,
                             t_start=t_start, logprobs=logprobs, drafter=drafter_for(model, speculative),
-                            draft_max=draft_max)
+                            draft_max=draft_max, constraint=constraint)
     return Stream(model, generation, cancel)
 
 
@@ -452,11 +485,17 @@ def generate(model, prompt: str | Sequence[int], **kw) -> Completion:
     return stream(model, prompt, **kw).completion()
 
 
-def chat_prompt(model, messages: list[dict], *, template=None, add_generation_prompt: bool = True) -> list[int]:
-    """Token ids of `messages` rendered with the model's chat template (or `template`, a ChatTemplate)."""
+def chat_prompt(model, messages: list[dict], *, template=None, add_generation_prompt: bool = True,
+                tools: list[dict] | None = None) -> list[int]:
+    """Token ids of `messages` rendered with the model's chat template (or `template`, a ChatTemplate), with
+    `tools` (checked OpenAI tools) and any tool calls and results in the messages as runtime/tools.py
+    renders them."""
     from ..formats.chat import chat_tokens
-    return chat_tokens(model.tokenizer, template or chat_template(model), messages,
-                       add_generation_prompt=add_generation_prompt)
+    from .tools import template_inputs
+    template = template or chat_template(model)
+    messages, tools = template_inputs(template, messages, tools)
+    return chat_tokens(model.tokenizer, template, messages, add_generation_prompt=add_generation_prompt,
+                       tools=tools)
 
 
 def chat_template(model, override: str | None = None):
@@ -468,12 +507,33 @@ def chat_template(model, override: str | None = None):
     return model.chat_template_object
 
 
-def chat_stream(model, messages: list[dict], *, template=None, **kw) -> Stream:
+def chat_stream(model, messages: list[dict], *, template=None, tools=None, tool_choice=None,
+                parallel_tool_calls: bool = True, **kw) -> Stream:
     """`stream` over the chat-template rendering of `messages` (dicts with `role` and `content`) followed
-    by the assistant's generation prompt."""
-    return stream(model, chat_prompt(model, messages, template=template), **kw)
+    by the assistant's generation prompt. `tools` (OpenAI's function tools), `tool_choice` ("auto" by default
+    with tools, "none", "required" or a function's name or OpenAI's {"type": "function", ...}) and
+    `parallel_tool_calls`: see runtime/tools.py; the stream's text holds the calls in their markup."""
+    from .tools import prepare
+    tools, grammar = prepare(tools, tool_choice, parallel_tool_calls)
+    if grammar is not None:
+        if any(kw.get(k) is not None for k in ("json_schema", "format", "grammar", "regex", "choices")):
+            raise GrammarError("tool calls and another constraint (json_schema, format, grammar, regex, "
+                               "choices) cannot be combined")
+        kw["grammar"] = grammar
+    s = stream(model, chat_prompt(model, messages, template=template, tools=tools), **kw)
+    s.tools = tools
+    return s
 
 
 def chat(model, messages: list[dict], *, template=None, **kw) -> Completion:
-    """The assistant's reply to `messages` as a Completion; same keywords as `stream`."""
-    return chat_stream(model, messages, template=template, **kw).completion()
+    """The assistant's reply to `messages` as a Completion; same keywords as `stream`, and chat_stream's
+    tools. With tools the Completion's `tool_calls` holds the calls (OpenAI's message.tool_calls), `text`
+    the rest, and `finish_reason` is "tool_calls" when there are calls."""
+    from .tools import parse
+    s = chat_stream(model, messages, template=template, **kw)
+    c = s.completion()
+    if s.tools is not None:
+        c.text, c.tool_calls = parse(c.text)
+        if c.tool_calls and c.finish_reason == "stop":
+            c.finish_reason = "tool_calls"
+    return c

@@ -223,7 +223,8 @@ class Model:
     def stream(self, prompt, **kw):
         """Stream text generated from `prompt` (str or ids): an iterator of str pieces whose `finish_reason`,
         `usage` and `timings` are set when it ends. Keywords: max_tokens, temperature, top_k, top_p, min_p,
-        repeat_penalty, repeat_last_n, presence_penalty, frequency_penalty, logit_bias, seed, stop, cancel."""
+        repeat_penalty, repeat_last_n, presence_penalty, frequency_penalty, logit_bias, seed, stop, cancel,
+        and one constraint: json_schema, format="json", grammar, regex or choices (runtime/structured.py)."""
         from . import generate
         return generate.stream(self, prompt, **kw)
 
@@ -233,7 +234,8 @@ class Model:
         return generate.generate(self, prompt, **kw)
 
     def chat(self, messages: list[dict], **kw):
-        """The assistant's reply to `messages` ({"role", "content"} dicts), with the chat template applied."""
+        """The assistant's reply to `messages` ({"role", "content"} dicts), with the chat template applied;
+        `tools`, `tool_choice`, `parallel_tool_calls` as OpenAI's (the calls in the Completion's `tool_calls`)."""
         from . import generate
         return generate.chat(self, messages, **kw)
 

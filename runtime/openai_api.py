@@ -26,6 +26,7 @@ from typing import Any, AsyncIterator, Callable, Iterator, Mapping
 
 from ..errors import InvalidRequestError
 from . import generate
+from .tools import StreamParser, parse as parse_tool_calls
 from .engine import DRAFT_MAX
 from .sampling import SamplingParams
 
@@ -34,6 +35,7 @@ NUMBERS = {"temperature": float, "top_p": float, "top_k": int, "min_p": float, "
            "presence_penalty": float, "frequency_penalty": float, "repeat_penalty": float,
            "repeat_last_n": int, "max_tokens": int}
 MAX_TOP_LOGPROBS = 20
+CONSTRAINTS = ("json_schema", "grammar", "regex", "choices")   # generate.stream's, also as request fields
 
 
 # ---- checking a request ----
@@ -95,6 +97,33 @@ def sampling_kwargs(fields: Mapping[str, Any], n_vocab: int) -> dict:
     return kw
 
 
+def constraint_kwargs(body: Mapping[str, Any]) -> dict:
+    """OpenAI's `response_format` ({"type": "text" | "json_object" | "json_schema", "json_schema": {"schema"}};
+    llama-server's {"type": "json_object", "schema"} too) and the fields json_schema, grammar, regex and
+    choices -> generate.stream's constraint keywords (checked there: a bad one is a GrammarError)."""
+    kw = {name: body[name] for name in CONSTRAINTS if body.get(name) is not None}
+    fmt = body.get("response_format")
+    if fmt is not None:
+        kind = fmt.get("type") if isinstance(fmt, Mapping) else None
+        if kind not in ("text", "json_object", "json_schema"):
+            raise InvalidRequestError("'response_format' must be {\"type\": \"text\"}, {\"type\": \"json_object\"} "
+                                      "or {\"type\": \"json_schema\", \"json_schema\": {\"schema\": {...}}}",
+                                      "response_format")
+        if kind == "json_object":
+            kw.update({"json_schema": fmt["schema"]} if fmt.get("schema") is not None else {"format": "json"})
+        elif kind == "json_schema":
+            spec = fmt.get("json_schema")
+            schema = spec.get("schema") if isinstance(spec, Mapping) else None
+            if not isinstance(schema, (Mapping, bool)):
+                raise InvalidRequestError("'response_format.json_schema.schema' must be a JSON Schema object",
+                                          "response_format")
+            kw["json_schema"] = schema
+    if len(kw) > 1:
+        raise InvalidRequestError(f"give one of response_format, {', '.join(CONSTRAINTS)}, not several",
+                                  "response_format")
+    return kw
+
+
 def openai_kwargs(body: Mapping[str, Any], n_vocab: int, chat: bool) -> tuple[dict, int | None]:
     """An OpenAI request's options -> (generate.stream keywords, how many top logprobs to return or None)."""
     if body.get("n") not in (None, 1):
@@ -103,6 +132,7 @@ def openai_kwargs(body: Mapping[str, Any], n_vocab: int, chat: bool) -> tuple[di
     if body.get("max_completion_tokens") is not None:
         fields["max_tokens"] = body["max_completion_tokens"]
     kw = sampling_kwargs(fields, n_vocab)
+    kw.update(constraint_kwargs(body))
     logprobs = body.get("logprobs")
     if chat:            # logprobs: bool, top_logprobs: 0..20
         if logprobs not in (None, True, False):
@@ -120,8 +150,8 @@ def openai_kwargs(body: Mapping[str, Any], n_vocab: int, chat: bool) -> tuple[di
 
 
 def chat_messages(messages: Any) -> list[dict]:
-    """OpenAI messages -> {"role", "content"} dicts for the chat template; a content given as parts keeps
-    its text parts."""
+    """OpenAI messages -> {"role", "content"} dicts for the chat template (with an assistant's `tool_calls`
+    and a tool result's `tool_call_id` and `name`); a content given as parts keeps its text parts."""
     if not isinstance(messages, list) or not messages:
         raise InvalidRequestError("'messages' must be a non-empty list", "messages")
     out = []
@@ -141,7 +171,18 @@ def chat_messages(messages: Any) -> list[dict]:
         elif not isinstance(content, str):
             raise InvalidRequestError(f"messages[{i}].content must be a string or a list of text parts",
                                       "messages")
-        out.append({"role": m["role"], "content": content})
+        message = {"role": m["role"], "content": content}
+        calls = m.get("tool_calls")
+        if calls is not None:
+            if not isinstance(calls, list) or not all(isinstance(c, Mapping) and isinstance(c.get("function"), Mapping)
+                                                      and isinstance(c["function"].get("name"), str) for c in calls):
+                raise InvalidRequestError(f"messages[{i}].tool_calls must be a list of {{\"function\": {{\"name\", "
+                                          f"\"arguments\"}}}}", "messages")
+            message["tool_calls"] = [dict(c) for c in calls]
+        for key in ("tool_call_id", "name"):
+            if isinstance(m.get(key), str):
+                message[key] = m[key]
+        out.append(message)
     return out
 
 
@@ -185,12 +226,15 @@ class CompletionRequest:
         if options is not None and not isinstance(options, Mapping):
             raise InvalidRequestError("'stream_options' must be an object", "stream_options")
         self.include_usage = bool((options or {}).get("include_usage"))
-        if chat:
-            ids = generate.chat_prompt(model, chat_messages(body.get("messages")))
+        if chat:     # tools, tool_choice, parallel_tool_calls: runtime/tools.py
+            self.stream = generate.chat_stream(
+                model, chat_messages(body.get("messages")), tools=body.get("tools"),
+                tool_choice=body.get("tool_choice"), parallel_tool_calls=body.get("parallel_tool_calls"),
+                cache_prompt=True, cancel=cancel, logprobs=self.n_logprobs, **kw)
         else:
-            ids = prompt_ids(model, body.get("prompt"))
-        self.stream = generate.stream(model, ids, cache_prompt=True, cancel=cancel, logprobs=self.n_logprobs,
-                                      **kw)
+            self.stream = generate.stream(model, prompt_ids(model, body.get("prompt")), cache_prompt=True,
+                                          cancel=cancel, logprobs=self.n_logprobs, **kw)
+        self.tools = self.stream.tools
 
     # ---- the shapes ----
 
@@ -229,19 +273,28 @@ class CompletionRequest:
         for _ in s:
             pass
         choice: dict[str, Any] = {"index": 0}
-        if self.chat:
+        finish_reason = s.finish_reason
+        if self.chat and self.tools is not None:
+            content, calls = parse_tool_calls(s.text)
+            choice["message"] = {"role": "assistant", "content": content if content or not calls else None}
+            if calls:
+                choice["message"]["tool_calls"] = calls
+                finish_reason = "tool_calls" if finish_reason == "stop" else finish_reason
+        elif self.chat:
             choice["message"] = {"role": "assistant", "content": s.text}
         else:
             choice["text"] = s.text
         choice["logprobs"] = self.logprobs(0, len(s.tokens))
-        choice["finish_reason"] = s.finish_reason
+        choice["finish_reason"] = finish_reason
         return {**self._envelope(False), "choices": [choice], "usage": self.usage(),
                 "timings": s.timings.to_dict()}
 
     def chunks(self) -> Iterator[dict]:
         """The streamed response: a chunk per text piece (the chat's first says the role), one with the finish
-        reason, then with `stream_options.include_usage` one with the usage and no choices. Closing the
-        generator early cancels generation."""
+        reason, then with `stream_options.include_usage` one with the usage and no choices. With tools, text
+        outside the calls streams as content and each call as OpenAI streams one: a delta with its index, id
+        and name, then deltas of its arguments (runtime/tools.py's StreamParser). Closing the generator
+        early cancels generation."""
         s = self.stream
         usage = {"usage": None} if self.include_usage else {}
 
@@ -255,15 +308,27 @@ class CompletionRequest:
             choice["finish_reason"] = finish_reason
             return {**self._envelope(True), "choices": [choice], **usage}
 
+        parser = StreamParser() if self.chat and self.tools is not None else None
         try:
             if self.chat:
                 yield chunk({"role": "assistant", "content": ""})
             reported = 0
             for piece in s:
                 n = len(s.tokens)
-                yield chunk({"content": piece} if self.chat else piece, logprobs=self.logprobs(reported, n))
-                reported = n
-            yield chunk({} if self.chat else "", s.finish_reason, self.logprobs(reported, len(s.tokens)))
+                if parser is None:
+                    yield chunk({"content": piece} if self.chat else piece, logprobs=self.logprobs(reported, n))
+                    reported = n
+                    continue
+                for delta in parser.feed(piece):
+                    yield chunk(delta, logprobs=self.logprobs(reported, n))
+                    reported = n
+            finish_reason = s.finish_reason
+            if parser is not None:
+                for delta in parser.close(complete=finish_reason == "stop"):
+                    yield chunk(delta)
+                if parser.complete_calls() and finish_reason == "stop":
+                    finish_reason = "tool_calls"
+            yield chunk({} if self.chat else "", finish_reason, self.logprobs(reported, len(s.tokens)))
             if self.include_usage:
                 yield {**self._envelope(True), "choices": [], "usage": self.usage()}
         finally:
@@ -274,7 +339,8 @@ def chat_completion(model, messages: list[dict], *, stream: bool = False, **opts
     """`Model.create_chat_completion`: OpenAI's chat completion response (a dict), or with stream=True an
     iterator of its chunks. `opts`: OpenAI's request fields (temperature, top_p, seed, stop, max_tokens or
     max_completion_tokens, presence_penalty, frequency_penalty, logit_bias, logprobs, top_logprobs, n=1,
-    stream_options) and nibble's top_k, min_p, repeat_penalty, repeat_last_n."""
+    stream_options, response_format, tools, tool_choice, parallel_tool_calls) and nibble's top_k, min_p,
+    repeat_penalty, repeat_last_n, json_schema, grammar, regex, choices."""
     run = CompletionRequest(model, {**opts, "messages": messages}, chat=True)
     return run.chunks() if stream else run.result()
 

@@ -173,9 +173,11 @@ def _logsumexp(x: np.ndarray) -> float:
 
 
 class Sampler:
-    """The chain with its parameters and random generator. `sample(logits, recent)` -> token id, where
-    `recent` is the context's last tokens (the penalty window: prompt and generated, as llama.cpp feeds
-    both to its sampler). The logits array is not modified."""
+    """The chain with its parameters and random generator. `sample(logits, recent, allowed)` -> token id,
+    where `recent` is the context's last tokens (the penalty window: prompt and generated, as llama.cpp
+    feeds both to its sampler) and `allowed` an optional bool mask of the tokens a grammar permits, applied
+    after bias and penalties so that every filter and every seed works on what is left. The logits array
+    is not modified."""
 
     def __init__(self, params: SamplingParams, n_vocab: int):
         params.check(n_vocab)
@@ -190,12 +192,25 @@ class Sampler:
         n = self.params.repeat_last_n
         return context if n < 0 else context[len(context) - n:] if n > 0 else ()
 
-    def sample(self, logits: np.ndarray, recent: Sequence[int] = ()) -> int:
+    def sample(self, logits: np.ndarray, recent: Sequence[int] = (), allowed: np.ndarray | None = None) -> int:
         p = self.params
         x = self._work
         np.copyto(x, logits[: self.n_vocab])
         apply_logit_bias(x, p.logit_bias or {})
         apply_penalties(x, recent, p.repeat_penalty, p.frequency_penalty, p.presence_penalty)
+        if allowed is None:
+            return self._draw(x)
+        if 2 * np.count_nonzero(allowed) > len(allowed):    # a grammar's mask over free text: most allowed
+            x[~allowed] = -np.inf
+            return self._draw(x)
+        # a few allowed (a JSON value): the chain runs on them alone. The others' probability is 0, so the
+        # draw is the one over the whole masked vocabulary (up to how top-k orders exactly equal logits).
+        ids = np.flatnonzero(allowed)
+        return int(ids[self._draw(x[ids])])
+
+    def _draw(self, x: np.ndarray) -> int:
+        """The chain after bias and penalties: the index into x of the token drawn (x may be overwritten)."""
+        p = self.params
         if p.temperature <= 0.0:
             return int(np.argmax(x))
         ids = self._candidates(x)

@@ -45,6 +45,7 @@ from starlette.routing import Route
 from ..errors import ContextOverflowError, InvalidRequestError, NibbleError, TemplateError
 from . import generate
 from .openai_api import CompletionRequest, aiterate, chat_messages, number, sampling_kwargs
+from .tools import StreamParser, parse as parse_tool_calls
 
 MAX_BODY = 1 << 20        # bytes of a request body
 PUBLIC_PATHS = ("/health",)
@@ -335,7 +336,9 @@ def create_app(model, *, alias: str | None = None, api_key: str | None = None, c
     async def openai_generate(request: Request, chat: bool) -> Response:
         body = await read_json(request)
         want_stream = boolean(body, "stream", False)
-        run = CompletionRequest(model, server.speculation(body), chat=chat, model_name=server.name)
+        # off the event loop: a constraint's first use builds the vocabulary's token trie (up to seconds)
+        run = await asyncio.to_thread(CompletionRequest, model, server.speculation(body), chat=chat,
+                                      model_name=server.name)
         endpoint = "chat_completions" if chat else "completions"
         server.admit(run.stream)
         if not want_stream:
@@ -376,9 +379,15 @@ def create_app(model, *, alias: str | None = None, api_key: str | None = None, c
         if predict is not None:       # Ollama's -1 (and -2): until the end of generation or a full context
             predict = number(predict, "options.num_predict", int)
         fields["max_tokens"] = None if predict is None or predict < 0 else predict
-        if body.get("format") or body.get("tools"):
-            raise InvalidRequestError("'format' and 'tools' are not supported", "format")
-        return sampling_kwargs({k: v for k, v in fields.items() if k != "logit_bias"}, model.n_vocab)
+        kw = sampling_kwargs({k: v for k, v in fields.items() if k != "logit_bias"}, model.n_vocab)
+        fmt = body.get("format")
+        if fmt == "json":                        # any JSON object
+            kw["format"] = "json"
+        elif isinstance(fmt, dict):              # a JSON Schema
+            kw["json_schema"] = fmt
+        elif fmt not in (None, ""):
+            raise InvalidRequestError("'format' must be \"json\" or a JSON Schema object", "format")
+        return kw
 
     def ollama_final(stream, extra: dict) -> dict:
         u, t = stream.usage, stream.timings
@@ -393,7 +402,11 @@ def create_app(model, *, alias: str | None = None, api_key: str | None = None, c
         want_stream = boolean(body, "stream", True)
         kw = ollama_kwargs(body)
         if chat:
-            ids = generate.chat_prompt(model, chat_messages(body.get("messages")))
+            messages = chat_messages(body.get("messages"))
+
+            def start():
+                return generate.chat_stream(model, messages, tools=body.get("tools") or None, cache_prompt=True,
+                                            **kw)
         else:
             prompt, system = body.get("prompt") or "", body.get("system")
             if not isinstance(prompt, str) or not isinstance(system, (str, type(None))):
@@ -407,14 +420,28 @@ def create_app(model, *, alias: str | None = None, api_key: str | None = None, c
                 messages = ([{"role": "system", "content": system}] if system else []) + \
                            [{"role": "user", "content": prompt}]
                 ids = generate.chat_prompt(model, messages)
-        stream = generate.stream(model, ids, cache_prompt=True, **kw)
+
+            def start():
+                return generate.stream(model, ids, cache_prompt=True, **kw)
+        stream = await asyncio.to_thread(start)   # a constraint may compile: off the event loop
+        tools = stream.tools
         endpoint = "api_chat" if chat else "api_generate"
 
         def piece(text: str) -> dict:
             content = {"message": {"role": "assistant", "content": text}} if chat else {"response": text}
             return {"model": server.name, "created_at": rfc3339(), **content, "done": False}
 
+        def ollama_calls(calls: list[dict]) -> list[dict]:      # Ollama's: arguments as an object
+            return [{"function": {"name": c["function"]["name"], "arguments": json.loads(c["function"]["arguments"])}}
+                    for c in calls]
+
         def final() -> dict:
+            if chat and tools is not None and not want_stream:
+                content, calls = parse_tool_calls(stream.text)
+                message = {"role": "assistant", "content": content}
+                if calls:
+                    message["tool_calls"] = ollama_calls(calls)
+                return ollama_final(stream, {"message": message})
             if chat:
                 return ollama_final(stream, {"message": {"role": "assistant", "content": "" if want_stream
                                                          else stream.text}})
@@ -430,9 +457,24 @@ def create_app(model, *, alias: str | None = None, api_key: str | None = None, c
             return JSONResponse(await run_whole(server, request, stream, whole, endpoint))
 
         def lines() -> Iterator[bytes]:
+            parser = StreamParser() if tools is not None else None
             try:
                 for text in stream:
-                    yield ndjson(piece(text))
+                    if parser is None:
+                        yield ndjson(piece(text))
+                        continue
+                    for delta in parser.feed(text):
+                        if "content" in delta:
+                            yield ndjson(piece(delta["content"]))
+                if parser is not None:        # Ollama streams each call whole, in a message of its own
+                    for delta in parser.close(complete=stream.finish_reason == "stop"):
+                        if "content" in delta:
+                            yield ndjson(piece(delta["content"]))
+                    if parser.complete_calls():
+                        message = {"role": "assistant", "content": "",
+                                   "tool_calls": ollama_calls(parser.complete_calls())}
+                        yield ndjson({"model": server.name, "created_at": rfc3339(), "message": message,
+                                      "done": False})
                 yield ndjson(final())
             except Exception as e:
                 yield ndjson({"error": APIError.from_exception(e).message})
@@ -466,7 +508,8 @@ def create_app(model, *, alias: str | None = None, api_key: str | None = None, c
                 f"{model.architecture}.context_length": model.context_length}
         return JSONResponse({"modelfile": f"FROM {model.path}\n", "parameters": f"num_ctx {model.n_ctx}",
                              "template": model.chat_template or "", "details": ollama_details(),
-                             "model_info": info, "capabilities": ["completion"], "modified_at": rfc3339()})
+                             "model_info": info, "capabilities": ["completion", "tools"],
+                             "modified_at": rfc3339()})
 
     async def api_version(request: Request) -> Response:
         return JSONResponse({"version": __version__})

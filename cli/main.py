@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from .app import app
-from . import bench, evaluate, generate, models, tokenize  # noqa: F401  (each registers its commands on `app`)
+from . import bench, evaluate, generate, models, quantize, tokenize  # noqa: F401  (each registers its commands on `app`)
 
 
 def main() -> None:

@@ -40,17 +40,25 @@ def quantize(src: Path = typer.Argument(..., help="input .gguf file"),
         err.print("[yellow]warning:[/] requantizing: quantized tensors are dequantized and quantized again, which "
                   "loses more quality than quantizing from F32/F16/BF16", highlight=False)
     started = time.perf_counter()
-    with Progress(TextColumn("{task.description:<40}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=err, transient=True) as bar:
-        task = bar.add_task("quantize", total=None)
+    bar = None      # started with the first tensor, so that an error before it prints one clean line
 
-        def show(i, n, p):
-            what = "done" if p is None else (f"{p.name} {T(p.src_type).name}" +
-                                             ("" if p.copied else f" -> {T(p.dst_type).name}"))
-            bar.update(task, completed=i, total=n, description=what)
+    def show(i, n, p):
+        nonlocal bar
+        if bar is None:
+            bar = Progress(TextColumn("{task.description:<44}"), BarColumn(), MofNCompleteColumn(),
+                           TimeElapsedColumn(), console=err, transient=True)
+            bar.start()
+            bar.add_task("quantize", total=n)
+        what = "done" if p is None else f"{p.name} {T(p.src_type).name}" + (
+            "" if p.copied else f" -> {T(p.dst_type).name}")
+        bar.update(bar.task_ids[0], completed=i, total=n, description=what)
+    try:
         summary = quantize_model(src, dst, qtype, allow_requantize=allow_requantize, pure=pure,
                                  output_tensor_type=output_tensor_type, token_embedding_type=token_embedding_type,
                                  threads=threads, progress=show)
+    finally:
+        if bar is not None:
+            bar.stop()
     seconds = time.perf_counter() - started
     counts: dict[str, int] = {}
     for p in summary.tensors:

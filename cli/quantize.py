@@ -31,7 +31,7 @@ def quantize(src: Path = typer.Argument(..., help="input .gguf file"),
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from ..errors import NibbleError
-    from ..quant.quantize_model import quantize_model
+    from ..quant.quantize_gguf import quantize_model
     from gguf.constants import GGMLQuantizationType as T
 
     if not src.is_file():

@@ -3,7 +3,7 @@
     dequantize(data, qtype, shape) -> f32[shape]          the tensor's values (bit-exact with the references)
     matmul(x, data, qtype, shape, out=None) -> f32[n, m]  x @ W.T without materialising W
     quantize(x, qtype) -> uint8[rows, row_bytes]          every type above, bit-exact with ggml's quantizers
-    quantize_model(src, dst, "Q4_K_M", ...)               a GGUF file as llama-quantize writes it (quantize_model.py)
+    quantize_model(src, dst, "Q4_K_M", ...)               a GGUF file as llama-quantize writes it (quantize_gguf.py)
     check_supported(qtype, tensor_name)                   raises UnsupportedQuantError
 
 `data` is a tensor's raw bytes as stored in the GGUF file, `qtype` a `gguf.GGMLQuantizationType` or its int,
@@ -183,4 +183,4 @@ def quantize(x, qtype) -> np.ndarray:
     return np.ascontiguousarray(blocks).reshape(rows, -1)
 
 
-from .quantize_model import quantize_model  # noqa: E402  (it uses `dequantize` above)
+from .quantize_gguf import quantize_model  # noqa: E402  (it uses `dequantize` above)

@@ -21,9 +21,9 @@ from numba import njit
 
 from nibble import quant
 from nibble.errors import NibbleError
-from nibble.formats.gguf import GGUFFile, qtype_name
+from nibble.formats.gguf import GGUFFile
 from nibble.quant import kquants, quantize_kernels
-from nibble.quant.quantize_model import plan, quantize_model, quantize_tensor
+from nibble.quant.quantize_gguf import plan, quantize_model, quantize_tensor
 
 DATA = Path(__file__).parent / "data" / "quantize"
 EXPECTED = json.loads((DATA / "expected.json").read_text())
@@ -112,7 +112,7 @@ def test_plan_matches_llama_quantize(model, pulled):
 
 def test_mixes_on_a_synthetic_layer_count():
     """The use_more_bits / first-layers rules on 32 layers, where they pick different layers than on 30."""
-    from nibble.quant.quantize_model import _MixState, _mix_type
+    from nibble.quant.quantize_gguf import _MixState, _mix_type
     state = lambda: _MixState("llama", 32, 1.0, 0, False, False, n_attention_wv=32)
     for ftype, want in (("Q4_K_M", {0, 1, 2, 3, 6, 9, 12, 15, 18, 21, 24, 27, 28, 29, 30, 31}), ("Q4_K_S", {0, 1, 2, 3}),
                         ("Q3_K_M", {0, 1})):

@@ -43,7 +43,7 @@ from ..errors import NibbleError
 from ..formats import gguf as G
 from . import dequantize
 from .blocks import FORMATS
-from .jit import KERNEL_LOCK, apply_threads, get_threads, set_threads
+from .jit import KERNEL_LOCK, get_threads, set_threads
 from .quantize_kernels import BLOCK_BYTES, quantize_k
 
 QUANTIZATION_VERSION = 2          # GGML_QNT_VERSION
@@ -397,7 +397,6 @@ def quantize_model(src: str | os.PathLike, dst: str | os.PathLike, ftype: str, *
             previous = get_threads()
             set_threads(threads)
             try:
-                apply_threads()
                 f.write(header)
                 for i, p in enumerate(plans):
                     if progress:
@@ -412,6 +411,9 @@ def quantize_model(src: str | os.PathLike, dst: str | os.PathLike, ftype: str, *
                 set_threads(previous)
             f.flush()
             os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)           # mkstemp's 0600 would otherwise stick to the output
         os.replace(tmp, dst)
     except BaseException as e:
         try:

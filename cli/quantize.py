@@ -13,8 +13,8 @@ from .app import app, err, fmt_bytes, handles_errors, out
 
 @app.command()
 @handles_errors
-def quantize(src: Path = typer.Argument(..., help="input .gguf file"),
-             dst: Path = typer.Argument(..., help="output .gguf file"),
+def quantize(src: Path = typer.Argument(..., metavar="IN", help="input .gguf file"),
+             dst: Path = typer.Argument(..., metavar="OUT", help="output .gguf file"),
              qtype: str = typer.Argument(..., metavar="TYPE",
                                          help="Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q2_K, Q3_K_S/M/L, Q4_K_S/M, Q5_K_S/M, "
                                               "Q6_K, F16 or BF16"),
@@ -27,7 +27,7 @@ def quantize(src: Path = typer.Argument(..., help="input .gguf file"),
                                                       help="type of token_embd.weight"),
              threads: int = typer.Option(None, "--threads", "-t", help="threads (default: all cores)"),
              as_json: bool = typer.Option(False, "--json", help="print a JSON summary")):
-    """Quantize SRC to TYPE as llama-quantize does, writing DST (complete, or not at all)."""
+    """Quantize IN to TYPE as llama-quantize does, writing OUT (complete, or not at all)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from ..errors import NibbleError

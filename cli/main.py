@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from .app import app
-from . import bench, doctor, evaluate, generate, models, serve, tokenize, trace  # noqa: F401  (each registers its commands on `app`)
+from . import (bench, doctor, evaluate, generate, models, quantize, serve, tokenize,  # noqa: F401  (each registers
+               trace)                                                           # its commands on `app`)
 
 
 def main() -> None:

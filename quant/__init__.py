@@ -2,7 +2,8 @@
 
     dequantize(data, qtype, shape) -> f32[shape]          the tensor's values (bit-exact with the references)
     matmul(x, data, qtype, shape, out=None) -> f32[n, m]  x @ W.T without materialising W
-    quantize(x, qtype) -> uint8[rows, row_bytes]          Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, F32, F16, BF16
+    quantize(x, qtype) -> uint8[rows, row_bytes]          every type above, bit-exact with ggml's quantizers
+    quantize_model(src, dst, "Q4_K_M", ...)               a GGUF file as llama-quantize writes it (quantize_gguf.py)
     check_supported(qtype, tensor_name)                   raises UnsupportedQuantError
 
 `data` is a tensor's raw bytes as stored in the GGUF file, `qtype` a `gguf.GGMLQuantizationType` or its int,
@@ -27,7 +28,7 @@ from .blocks import FORMATS
 from .jit import KERNEL_LOCK, apply_threads, get_threads, set_threads
 
 __all__ = ["SUPPORTED_TYPES", "check_supported", "dequantize", "dequantize_reference", "matmul", "quantize",
-           "scratch_shape", "row_bytes", "set_threads", "get_threads", "FORMATS"]
+           "quantize_model", "scratch_shape", "row_bytes", "set_threads", "get_threads", "FORMATS"]
 
 SUPPORTED_TYPES: frozenset[GGMLQuantizationType] = frozenset(GGMLQuantizationType(t) for t in FORMATS)
 QUANTIZABLE_TYPES: frozenset[GGMLQuantizationType] = frozenset(
@@ -182,3 +183,6 @@ def quantize(x, qtype) -> np.ndarray:
     row_bytes(qtype, k)
     blocks = fmt.quantize_blocks(x.reshape(-1, fmt.block_size))
     return np.ascontiguousarray(blocks).reshape(rows, -1)
+
+
+from .quantize_gguf import quantize_model  # noqa: E402  (it uses `dequantize` above)

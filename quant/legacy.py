@@ -19,8 +19,18 @@ def _pack_nibbles(q: np.ndarray) -> np.ndarray:
 
 
 def _signed_absmax(blocks: np.ndarray) -> np.ndarray:
-    """(n, 1): the element of each block with the largest magnitude, sign kept (first one on ties)."""
-    return np.take_along_axis(blocks, np.abs(blocks).argmax(axis=-1, keepdims=True), axis=-1)
+    """(n, 1): the element of each block with the largest magnitude, sign kept (first one on ties); +0.0 for a
+    block of zeros, as C's `max = 0; if (amax < fabsf(v)) ...` leaves it even when the zeros are -0.0."""
+    v = np.take_along_axis(blocks, np.abs(blocks).argmax(axis=-1, keepdims=True), axis=-1)
+    return np.where(v == 0, np.float32(0), v)
+
+
+def _min_max(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(n, 1) each: C's `if (v < min) min = v` and `if (v > max) max = v`: the first element reaching the
+    extreme, which decides the sign of a zero (numpy's min/max may return either -0.0 or 0.0)."""
+    lo = np.take_along_axis(blocks, blocks.argmin(axis=-1, keepdims=True), axis=-1)
+    hi = np.take_along_axis(blocks, blocks.argmax(axis=-1, keepdims=True), axis=-1)
+    return lo, hi
 
 
 def _inverse(d: np.ndarray) -> np.ndarray:
@@ -55,7 +65,7 @@ class Q4_1(BlockFormat, qtype=T.Q4_1):
 
     @classmethod
     def quantize_blocks(cls, blocks):
-        lo, hi = blocks.min(axis=-1, keepdims=True), blocks.max(axis=-1, keepdims=True)
+        lo, hi = _min_max(blocks)
         d = (hi - lo) / np.float32(15)
         q = np.trunc((blocks - lo) * _inverse(d) + np.float32(0.5)).astype(np.uint8).clip(0, 15)
         return np.concatenate([to_f16_bytes(d), to_f16_bytes(lo), _pack_nibbles(q)], axis=1)
@@ -91,7 +101,7 @@ class Q5_1(BlockFormat, qtype=T.Q5_1):
 
     @classmethod
     def quantize_blocks(cls, blocks):
-        lo, hi = blocks.min(axis=-1, keepdims=True), blocks.max(axis=-1, keepdims=True)
+        lo, hi = _min_max(blocks)
         d = (hi - lo) / np.float32(31)
         q = np.trunc((blocks - lo) * _inverse(d) + np.float32(0.5)).astype(np.uint8).clip(0, 31)
         qh = np.packbits(q >> np.uint8(4), axis=-1, bitorder="little")

@@ -196,6 +196,12 @@ class Model:
         from .perplexity import perplexity
         return perplexity(self, text, n_ctx=n_ctx, progress=progress).ppl
 
+    def kl_divergence(self, other: "Model", text: str, n_ctx: int = 512, progress=None):
+        """KL divergence of `other` from this model (the base) on `text`, by llama-perplexity's method:
+        a KLDivergence with the mean KLD, its percentiles, same-top-p, RMS Δp and both PPLs; see runtime/kld.py."""
+        from .kld import kl_divergence
+        return kl_divergence(self, other, text, n_ctx=n_ctx, progress=progress)
+
     # ---- text <-> tokens (formats/tokenizer.py, formats/chat.py) ----
 
     @functools.cached_property

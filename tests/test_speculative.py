@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from scipy import stats
 
 import nibble
 from nibble.runtime.sampling import Sampler, SamplingParams
@@ -158,5 +157,7 @@ def test_the_verification_rule_keeps_the_target_distribution():
         draw = sampler.sample(logits)
         accepted += draw == proposal
         counts[draw] += 1
-    assert stats.chisquare(counts, p * counts.sum()).pvalue > 1e-3
+    expected = p * counts.sum()
+    chi2 = float(((counts - expected) ** 2 / expected).sum())
+    assert chi2 < 18.47          # the chi-square critical value for 4 degrees of freedom at p = 0.001
     assert abs(accepted / n - p[3]) < 0.03                          # acceptance = p(proposal)

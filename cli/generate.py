@@ -78,7 +78,7 @@ def sampling_kwargs(temperature, top_k, top_p, min_p, repeat_penalty, repeat_las
 
 
 def speculative_kwargs(speculative: str | None, draft_max: int) -> dict:
-    from ..runtime.engine import DRAFT_MAX
+    from ..runtime.speculative import DRAFT_MAX
     if not 1 <= draft_max <= DRAFT_MAX:
         raise ConfigError(f"--draft-max must be between 1 and {DRAFT_MAX}, not {draft_max}")
     return dict(speculative=speculative, draft_max=draft_max) if speculative else {}

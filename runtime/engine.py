@@ -24,11 +24,11 @@ from ..errors import ContextOverflowError, NibbleError, OutOfMemoryError
 from ..formats.gguf import GGUFFile
 from ..models.linear import linear
 from ..quant import ggml_exact
+from .speculative import DRAFT_MAX
 
 DEFAULT_MAX_CTX = 4096
 MAX_BATCH = 512          # prefill chunk (llama.cpp's default n_ubatch)
 LOGIT_ROWS = 64          # rows of logits computed at once when every position's logits are wanted
-DRAFT_MAX = 16           # draft tokens verified per sequence and step (speculative decoding)
 KV_DTYPE_BYTES = 2       # the KV cache holds IEEE halves, as llama.cpp's F16 cache
 
 

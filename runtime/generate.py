@@ -34,9 +34,8 @@ from typing import Callable, Sequence
 import numpy as np
 
 from ..errors import ContextOverflowError, GrammarError, NibbleError
-from .engine import DRAFT_MAX
 from .sampling import Sampler, SamplingParams, token_limit
-from .speculative import drafter_for
+from .speculative import DRAFT_MAX, drafter_for
 from .structured import ConstrainedDrafter, constraint_for
 
 FINISH_REASONS = ("stop", "length", "cancelled")

@@ -27,7 +27,7 @@ from typing import Any, AsyncIterator, Callable, Iterator, Mapping
 from ..errors import InvalidRequestError
 from . import generate
 from .tools import StreamParser, parse as parse_tool_calls
-from .engine import DRAFT_MAX
+from .speculative import DRAFT_MAX
 from .sampling import SamplingParams
 
 # request field -> type, for the fields passed to generate.stream under the same name

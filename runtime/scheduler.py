@@ -30,7 +30,7 @@ import numpy as np
 
 from ..errors import NibbleError
 from ..quant.jit import KERNEL_LOCK, set_threads
-from .engine import DRAFT_MAX
+from .speculative import DRAFT_MAX
 
 WAITING, PREFILL, DECODE, DONE = "waiting", "prefill", "decode", "done"
 

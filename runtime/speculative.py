@@ -25,6 +25,8 @@ import numpy as np
 
 from ..errors import NibbleError
 
+DRAFT_MAX = 16           # draft tokens verified per sequence and step (the engine sizes its steps for them)
+
 
 class NgramDrafter:
     """Prompt lookup: the tokens that followed the most recent earlier occurrence of the context's last n

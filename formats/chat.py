@@ -432,11 +432,18 @@ class _Sandbox(ImmutableSandboxedEnvironment):
 
     def _guarded(self, name: str, f, size=None):
         """The filter `f` with its result bounded: by `size(*args)` before the call where it has a size
-        function, else by `_check_counts`; and by `_check` after."""
-        takes = getattr(f, "jinja_pass_arg", None)   # Jinja passes a context, eval context or environment first
+        function, else by `_check_counts`; and by `_check` after. It takes the render's context, which keeps
+        Jinja's optimizer from calling it on constant arguments at compile time, where no deadline runs (and
+        where it would call it again at every level of a chain: `(''|slice(100000))|sort|sort...`)."""
+        takes = getattr(f, "jinja_pass_arg", None)   # what `f` wants first: a context, eval context or environment
+        first = {None: None, "context": lambda c: c, "eval_context": lambda c: c.eval_ctx,
+                 "environment": lambda c: c.environment}[getattr(takes, "name", None)]
 
-        @wraps(f)   # keeps jinja's pass_context/pass_environment markers
-        def guarded(*args, **kwargs):
+        @jinja2.pass_context
+        @wraps(f)
+        def guarded(context, *args, **kwargs):
+            if first is not None:
+                args = (first(context), *args)
             if size is None:
                 self._check_counts(args, kwargs)
             else:

@@ -30,7 +30,7 @@ from typing import Callable, Iterator
 import numpy as np
 
 from ..errors import ContextOverflowError, NibbleError
-from .perplexity import Perplexity
+from .perplexity import Perplexity, chunks, scored_logits
 
 MAGIC = b"_logits_"
 
@@ -285,39 +285,6 @@ def _statistics(sums: _Sums, klds: np.ndarray, p_diffs: np.ndarray, n_chunks: in
 
 # ---- evaluating chunks ----
 
-def _chunks(model, tokens: np.ndarray, n_ctx: int) -> Iterator[tuple[int, np.ndarray]]:
-    """llama-perplexity's chunks: consecutive n_ctx tokens, the first replaced by BOS where the model adds one."""
-    engine = model._engine()
-    if n_ctx < 4:
-        raise NibbleError(f"KL divergence needs n_ctx of at least 4, got {n_ctx}")
-    if n_ctx > engine.n_ctx:
-        raise ContextOverflowError(n_ctx, engine.n_ctx, f"chunks of {n_ctx} tokens do not fit the model's context "
-                                                        f"of {engine.n_ctx}; load with a larger n_ctx")
-    bos = model.tokenizer.bos_id if model.tokenizer.add_bos else None
-    for c in range(len(tokens) // n_ctx):
-        chunk = np.array(tokens[c * n_ctx:(c + 1) * n_ctx], np.int64)
-        if bos is not None:
-            chunk[0] = bos
-        yield c, chunk
-
-
-def _scored_logits(model, chunk: np.ndarray, consume: Callable[[int, np.ndarray], None]) -> None:
-    """Evaluate one chunk from an empty cache; hand consume(index, logits) the logits of positions
-    n_ctx/2 .. n_ctx-2 (the scored ones), a block of rows at a time."""
-    first = len(chunk) // 2
-    n_scored = len(chunk) - 1 - first
-
-    def clipped(index, logits):
-        rows = logits[:max(0, min(len(logits), n_scored - index))]
-        if len(rows):
-            consume(index, rows)
-
-    def run(e):
-        e.reset(0)
-        e.eval_all(chunk, 0, first=first, consume=clipped)
-    model._call(run)
-
-
 def _tokens(model, text: str, n_ctx: int) -> np.ndarray:
     tokens = np.array(model.tokenize(text, add_special=True), np.int32)
     if len(tokens) < 2 * n_ctx:
@@ -340,7 +307,7 @@ def save_base(model, text: str, path: str | os.PathLike, n_ctx: int = 512,
     try:
         with open(tmp, "wb") as f:
             f.write(MAGIC + np.array([n_ctx, n_vocab, n_chunks], np.int32).tobytes() + tokens.tobytes())
-            for c, chunk in _chunks(model, tokens, n_ctx):
+            for c, chunk in chunks(model, tokens, n_ctx, "KL divergence"):
                 targets = chunk[n_ctx // 2 + 1:]
                 parts = []
 
@@ -351,7 +318,7 @@ def save_base(model, text: str, path: str | os.PathLike, n_ctx: int = 512,
                     nll += v.sum()
                     nll2 += (v * v).sum()
                     count += len(v)
-                _scored_logits(model, chunk, consume)
+                scored_logits(model, chunk, consume)
                 for rows in parts:
                     f.write(rows.tobytes())
                 if progress:
@@ -417,7 +384,7 @@ def kl_divergence(base_model, model, text: str, n_ctx: int = 512,
         chunk = chunks[c]
         targets = chunk[n_ctx // 2 + 1:]
         parts = []
-        _scored_logits(base_model, chunk,
+        scored_logits(base_model, chunk,
                        lambda index, logits: parts.append(compress_log_probs(logits, targets[index:index + len(logits)])[0]))
         base_model.reset(0)
         return np.concatenate(parts)
@@ -430,7 +397,7 @@ def _compare(model, tokens: np.ndarray, n_ctx: int, base_rows: Callable[[int], n
     sums = _Sums()
     klds, p_diffs = [], []
     try:
-        for c, chunk in _chunks(model, tokens, n_ctx):
+        for c, chunk in chunks(model, tokens, n_ctx, "KL divergence"):
             base = base_rows(c)
             targets = tokens[c * n_ctx + n_ctx // 2 + 1:(c + 1) * n_ctx]
 
@@ -438,7 +405,7 @@ def _compare(model, tokens: np.ndarray, n_ctx: int, base_rows: Callable[[int], n
                 k, d = compare_rows(logits, base[index:index + len(logits)], targets[index:index + len(logits)], sums)
                 klds.append(k)
                 p_diffs.append(d)
-            _scored_logits(model, chunk, consume)
+            scored_logits(model, chunk, consume)
             if progress:
                 progress(c + 1, n_chunks)
     finally:

@@ -27,34 +27,59 @@ class Perplexity:
     n_scored: int
 
 
-def perplexity(model, text: str, n_ctx: int = 512,
-               progress: Callable[[int, int], None] | None = None) -> Perplexity:
+def chunks(model, tokens, n_ctx: int, what: str = "perplexity") -> list[tuple[int, np.ndarray]]:
+    """llama-perplexity's chunks: consecutive n_ctx tokens (a partial last one dropped), the first replaced by
+    BOS where the model adds one; (index, chunk) pairs."""
     engine = model._engine()
     if n_ctx < 4:
-        raise NibbleError(f"perplexity needs n_ctx of at least 4, got {n_ctx}")
+        raise NibbleError(f"{what} needs n_ctx of at least 4, got {n_ctx}")
     if n_ctx > engine.n_ctx:
-        raise ContextOverflowError(n_ctx, engine.n_ctx, f"perplexity chunks of {n_ctx} tokens do not fit the "
-                                                        f"model's context of {engine.n_ctx}; load with a larger n_ctx")
-    tokens = model.tokenize(text, add_special=True)
-    n_chunks = len(tokens) // n_ctx
-    if n_chunks < 2:
-        raise NibbleError(f"the text has {len(tokens)} tokens; perplexity with n_ctx={n_ctx} needs at least "
-                          f"{2 * n_ctx} (two chunks)")
+        raise ContextOverflowError(n_ctx, engine.n_ctx, f"{what} chunks of {n_ctx} tokens do not fit the model's "
+                                                        f"context of {engine.n_ctx}; load with a larger n_ctx")
     bos = model.tokenizer.bos_id if model.tokenizer.add_bos else None
-    first = n_ctx // 2
-    nll = nll2 = 0.0
-    count = 0
-    for c in range(n_chunks):
+    out = []
+    for c in range(len(tokens) // n_ctx):
         chunk = np.array(tokens[c * n_ctx:(c + 1) * n_ctx], np.int64)
         if bos is not None:
             chunk[0] = bos
+        out.append((c, chunk))
+    return out
+
+
+def scored_logits(model, chunk: np.ndarray, consume: Callable[[int, np.ndarray], None]) -> None:
+    """Evaluate one chunk from an empty cache (on the model's engine thread); hand consume(index, logits) the
+    logits of the scored positions n_ctx/2 .. n_ctx-2, a block of rows at a time."""
+    first = len(chunk) // 2
+    n_scored = len(chunk) - 1 - first
+
+    def clipped(index, logits):
+        rows = logits[:max(0, min(len(logits), n_scored - index))]
+        if len(rows):
+            consume(index, rows)
+
+    def run(e):
+        e.reset(0)
+        e.eval_all(chunk, 0, first=first, consume=clipped)
+    model._call(run)
+
+
+def perplexity(model, text: str, n_ctx: int = 512,
+               progress: Callable[[int, int], None] | None = None) -> Perplexity:
+    tokens = model.tokenize(text, add_special=True)
+    work = chunks(model, tokens, n_ctx)
+    n_chunks = len(work)
+    if n_chunks < 2:
+        raise NibbleError(f"the text has {len(tokens)} tokens; perplexity with n_ctx={n_ctx} needs at least "
+                          f"{2 * n_ctx} (two chunks)")
+    first = n_ctx // 2
+    nll = nll2 = 0.0
+    count = 0
+    for c, chunk in work:
         targets = chunk[first + 1:]                       # position first + i predicts chunk[first + i + 1]
 
         def score(index: int, logits: np.ndarray) -> None:
             nonlocal nll, nll2, count
-            rows = logits[:max(0, min(len(logits), len(targets) - index))].astype(np.float64)
-            if not len(rows):
-                return
+            rows = logits.astype(np.float64)
             m = rows.max(axis=1)
             lse = m + np.log(np.exp(rows - m[:, None]).sum(axis=1))
             v = lse - rows[np.arange(len(rows)), targets[index:index + len(rows)]]
@@ -62,10 +87,7 @@ def perplexity(model, text: str, n_ctx: int = 512,
             nll2 += (v * v).sum()
             count += len(v)
 
-        def run(e, chunk=chunk, score=score):
-            e.reset(0)
-            e.eval_all(chunk, 0, first=first, consume=score)
-        model._call(run)
+        scored_logits(model, chunk, score)
         if progress:
             progress(c + 1, n_chunks)
     model.reset(0)

@@ -5,7 +5,7 @@
     print(model.generate("Why is the sky blue?").text)
 """
 
-from .errors import (ContextOverflowError, GGUFError, GrammarError, InvalidRequestError, ModelFormatError,
+from .errors import (ConfigError, ContextOverflowError, GGUFError, GrammarError, InvalidRequestError, ModelFormatError,
                      ModelNotFoundError, NibbleError, OutOfMemoryError, PullError, SessionError, TemplateError,
                      TokenizerError, UnsupportedModelError, UnsupportedQuantError)
 from .runtime.catalog import CATALOG, DEFAULT_MODEL
@@ -27,5 +27,5 @@ __all__ = [
     "load", "Model", "Session", "pull", "doctor", "CATALOG", "DEFAULT_MODEL", "__version__",
     "NibbleError", "ModelNotFoundError", "PullError", "GGUFError", "ModelFormatError", "UnsupportedModelError",
     "UnsupportedQuantError", "TokenizerError", "TemplateError", "ContextOverflowError", "OutOfMemoryError",
-    "SessionError", "InvalidRequestError", "GrammarError",
+    "SessionError", "InvalidRequestError", "GrammarError", "ConfigError",
 ]

@@ -87,7 +87,9 @@ class WeightSource:
 
     def vector(self, name: str, layer: int | None, n: int) -> np.ndarray:
         t = self._get(name, layer, (n,))
-        return np.ascontiguousarray(quant.dequantize(t.data, t.qtype, (n,)), dtype=np.float32)
+        # the numpy reference (bit-exact with the kernels): vectors are small, and a parallel kernel run from
+        # the loading thread would leave an OpenMP thread team beside the engine thread's, slowing every step
+        return np.ascontiguousarray(quant.dequantize_reference(t.data, t.qtype, (n,)), dtype=np.float32)
 
     def vector_or_none(self, name: str, layer: int | None, n: int) -> np.ndarray | None:
         return self.vector(name, layer, n) if self.has(name, layer) else None

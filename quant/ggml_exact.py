@@ -452,7 +452,11 @@ def _rows_q6_k(out, xq, xs, w, r0, r1, nsb, sub):
                 iv = iadd(iv, imul_halves(dot_u8(q, xq, base + 64), load_i8(w, p + 196 + c), load_i8(w, p + 197 + c)))
                 q = (ql1 >> 4) | (((qh >> 6) & 3) << 4)
                 iv = iadd(iv, imul_halves(dot_u8(q, xq, base + 96), load_i8(w, p + 198 + c), load_i8(w, p + 199 + c)))
-            _offset_q6_k(sub, xs, 16 * s, w, p + 192)
+            # the -32 offset: per lane l, 32 · (bsum_2l · sc_2l + bsum_2l+1 · sc_2l+1) (`_offset_q6_k`, inline:
+            # this loop runs once per super-block of every row of a decode step)
+            for l in range(8):
+                a, b = bsum_pair(xs, 16 * s + 1 + l)
+                sub[l] = 32 * (a * np.int32(load_i8(w, p + 192 + 2 * l)) + b * np.int32(load_i8(w, p + 193 + 2 * l)))
             acc = fma8(splat(xs[16 * s] * load_f16(w, p + 208)), to_f32(isub_lanes(iv, sub)), acc)
             p += 210
         out[r] = hsum8(acc)

@@ -124,6 +124,11 @@ def default_threads() -> int:
 _threads: int | None = None
 
 
+def thread_count(n: int | None) -> int:
+    """The count `set_threads(n)` would use, without using it."""
+    return default_threads() if n is None else _thread_count(n, "threads")
+
+
 def set_threads(n: int | None) -> int:
     """Use `n` threads in the kernels this thread runs: None is the default (`NIBBLE_THREADS`, else every
     core), 0 or negative every core. Returns the count now in use, which is at most the size of Numba's pool

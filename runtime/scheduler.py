@@ -4,10 +4,11 @@
     scheduler.submit(request)          # from any thread; the request streams its pieces to its consumer
     scheduler.call(fn)                 # run fn(engine) on the engine thread, between steps (eval, logits, ...)
 
-Every use of a model's engine goes through its scheduler's one thread, so a `Model` shared by many threads
-never interleaves two callers in the KV cache or the run state; the kernels run under `KERNEL_LOCK`, held
-for a whole step, so two models in one process never enter Numba's thread pool at once (its workqueue
-layer aborts the process when two threads do).
+Every use of a model's engine goes through the process's one engine thread (`EngineThread`: all models
+take turns on it, a step each), so a `Model` shared by many threads never interleaves two callers in the KV
+cache or the run state, and one OpenMP team serves every kernel; the kernels run under `KERNEL_LOCK`, held
+for a whole step, so a caller of nibble.quant's public functions on another thread never enters Numba's
+thread pool at the same time (its workqueue layer aborts the process when two threads do).
 
 A step: `schedule()` admits waiting requests to free slots (each to the slot whose cached prefix it can
 reuse the most of) and picks the rows: one decode row per running request, then prompt chunks of the
@@ -29,7 +30,9 @@ from typing import Callable
 import numpy as np
 
 from ..errors import NibbleError
-from ..quant.jit import KERNEL_LOCK, set_threads
+import numba
+
+from ..quant.jit import KERNEL_LOCK, thread_count
 from .speculative import DRAFT_MAX
 
 WAITING, PREFILL, DECODE, DONE = "waiting", "prefill", "decode", "done"
@@ -62,9 +65,9 @@ class Scheduler:
         self.running: list[Request] = []
         self.busy_slots: set[int] = set()
         self.steps = 0
-        self._wake = threading.Event()
-        self._stop = False
-        self._thread: threading.Thread | None = None
+        self.n_threads = thread_count(threads)
+        self._stop = self._stopped = False
+        self._done = threading.Event()          # set once the engine thread has let this scheduler go
         self._lock = threading.Lock()
 
     # ---- from any thread ----
@@ -72,17 +75,18 @@ class Scheduler:
     def submit(self, request: Request) -> None:
         self._ensure_thread()
         self.inbox.put(("request", request))
-        self._wake.set()
+        ENGINE_THREAD.wake()
 
     def call(self, fn: Callable):
         """Run fn(engine) on the engine thread between steps and return its result (or raise its error)."""
-        if threading.current_thread() is self._thread:
+        if ENGINE_THREAD.is_current():
+            numba.set_num_threads(self.n_threads)
             return fn(self.engine)
         self._ensure_thread()
         done = threading.Event()
         box: list = []
         self.inbox.put(("call", (fn, done, box)))
-        self._wake.set()
+        ENGINE_THREAD.wake()
         done.wait()
         ok, value = box[0]
         if not ok:
@@ -90,52 +94,56 @@ class Scheduler:
         return value
 
     def wake(self) -> None:
-        self._wake.set()
+        ENGINE_THREAD.wake()
 
     def queue_length(self) -> int:
         return len(self.waiting) + self.inbox.qsize()
 
     def close(self, wait: bool = True) -> None:
-        """Cancel every request and stop the thread (waiting for it unless `wait` is false)."""
+        """Cancel every request and let the engine thread go of this model (waiting for it unless `wait` is
+        false)."""
         with self._lock:
-            thread, self._stop = self._thread, True
-        self._wake.set()
-        if wait and thread is not None and thread is not threading.current_thread():
-            thread.join()
+            self._stop = True
+            registered = self in ENGINE_THREAD.schedulers
+        if not registered:
+            return
+        ENGINE_THREAD.wake()
+        if wait and not ENGINE_THREAD.is_current():
+            self._done.wait()
 
     def _ensure_thread(self) -> None:
         with self._lock:
             if self._stop:
                 raise NibbleError("the model is closed")
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._loop, name="nibble-engine", daemon=True)
-                self._thread.start()
+            ENGINE_THREAD.add(self)
 
     # ---- the engine thread ----
 
-    def _loop(self) -> None:
-        set_threads(self.threads)      # Numba keeps the thread count per calling thread
-        while True:
-            self._drain()
-            if self._stop:
-                for r in list(self.waiting) + self.running:
-                    r.cancel.set()
-                    self._finish(r)
-                self.waiting.clear()
-                self.running.clear()
-                return
-            if not self.waiting and not self.running:
-                self._wake.wait(0.5)
-                self._wake.clear()
-                continue
-            self.step()
+    def run_once(self) -> bool:
+        """One turn on the engine thread: take what arrived, then one step if there is work. Returns whether
+        it did anything (the thread sleeps when no scheduler did)."""
+        numba.set_num_threads(self.n_threads)     # Numba keeps the thread count per calling thread
+        busy = self._drain()
+        if self._stop:
+            for r in list(self.waiting) + self.running:
+                r.cancel.set()
+                self._finish(r)
+            self.waiting.clear()
+            self.running.clear()
+            self._stopped = True
+            return True
+        if self.waiting or self.running:
+            busy = self.step() or busy
+        return busy
 
-    def _drain(self) -> None:
+    def _drain(self) -> bool:
+        took = False
         while True:
             try:
                 kind, item = self.inbox.get_nowait()
             except queue.Empty:
-                return
+                return took
+            took = True
             if kind == "request":
                 self.waiting.append(item)
                 continue
@@ -147,13 +155,11 @@ class Scheduler:
                 box.append((False, e))
             done.set()
 
-    def step(self) -> None:
-        """schedule -> one batched forward -> postprocess."""
+    def step(self) -> bool:
+        """schedule -> one batched forward -> postprocess. Returns whether it ran a forward."""
         work, owners = self.schedule()
         if not work:                            # every stream waits for its consumer
-            self._wake.wait(0.05)
-            self._wake.clear()
-            return
+            return False
         try:
             with KERNEL_LOCK:
                 logits = self.engine.forward_rows(work)
@@ -161,9 +167,10 @@ class Scheduler:
             for r, _ in owners:
                 r.state.fail(e)
                 self._finish(r)
-            return
+            return True
         self.steps += 1
         self.postprocess(owners, logits)
+        return True
 
     def schedule(self) -> tuple[list, list]:
         """Admit waiting requests to free slots; the rows of this step: (work for forward_rows, the request
@@ -270,3 +277,46 @@ class Scheduler:
             self.running.remove(r)
         self.busy_slots.discard(r.slot)
         r.state.finished()
+
+
+class EngineThread:
+    """The one thread that runs every model's steps in this process. OpenMP (Numba's threading layer here)
+    keeps a team of worker threads per calling thread: kernels launched from a second thread, even one
+    that is idle by then, slowed each step by half on a 2-core machine. So all models (a draft model and its
+    target, two models side by side) take turns on one thread, one step each, and one team serves them."""
+
+    def __init__(self):
+        self.schedulers: list[Scheduler] = []
+        self._wake = threading.Event()
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+
+    def add(self, scheduler: Scheduler) -> None:
+        with self._lock:
+            if scheduler not in self.schedulers:
+                self.schedulers.append(scheduler)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._loop, name="nibble-engine", daemon=True)
+                self._thread.start()
+
+    def is_current(self) -> bool:
+        return threading.current_thread() is self._thread
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def _loop(self) -> None:
+        while True:
+            self._wake.clear()
+            busy = False
+            for scheduler in list(self.schedulers):
+                busy = scheduler.run_once() or busy
+                if scheduler._stopped:
+                    with self._lock:
+                        self.schedulers.remove(scheduler)
+                    scheduler._done.set()
+            if not busy:
+                self._wake.wait(0.5)
+
+
+ENGINE_THREAD = EngineThread()

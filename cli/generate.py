@@ -23,6 +23,8 @@ DEFAULTS = SamplingParams()   # the library's defaults are the options' defaults
 # ---- options shared by `run` and `chat`, named like the library's keywords ----
 
 ModelOpt = Annotated[Optional[str], typer.Option("--model", "-m", help="catalogue name or path to a .gguf file")]
+ModelArg = Annotated[Optional[str], typer.Argument(metavar="[MODEL]", show_default=False,
+                                                   help=f"catalogue name or .gguf path (default {DEFAULT_MODEL})")]
 SystemOpt = Annotated[Optional[str], typer.Option("--system", help="system prompt")]
 Temperature = Annotated[float, typer.Option("--temperature", help="0 is greedy")]
 TopK = Annotated[int, typer.Option("--top-k", help="keep the k most likely tokens (0: off)")]
@@ -264,9 +266,7 @@ Ctrl-C while the model answers stops the answer."""
 @app.command()
 @handles_errors
 def chat(
-    model_arg: Annotated[Optional[str], typer.Argument(metavar="[MODEL]", show_default=False,
-                                                       help=f"catalogue name or .gguf path (default "
-                                                            f"{DEFAULT_MODEL})")] = None,
+    model_arg: ModelArg = None,
     model: ModelOpt = None,
     system: SystemOpt = None,
     temperature: Temperature = DEFAULTS.temperature, top_k: TopK = DEFAULTS.top_k, top_p: TopP = DEFAULTS.top_p,

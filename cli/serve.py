@@ -14,7 +14,7 @@ from rich.markup import escape
 from ..errors import NibbleError
 from ..runtime.catalog import DEFAULT_MODEL
 from .app import app, err, handles_errors
-from .generate import NCtx, Threads
+from .generate import ModelArg, NCtx, Threads
 
 
 def is_loopback(host: str) -> bool:
@@ -38,9 +38,7 @@ def listen(host: str, port: int) -> socket.socket:
 @app.command()
 @handles_errors
 def serve(
-    model_arg: Annotated[Optional[str], typer.Argument(metavar="[MODEL]", show_default=False,
-                                                       help=f"catalogue name or .gguf path (default "
-                                                            f"{DEFAULT_MODEL})")] = None,
+    model_arg: ModelArg = None,
     host: Annotated[str, typer.Option("--host", help="address to bind (loopback unless --api-key or "
                                                      "--insecure)")] = "127.0.0.1",
     port: Annotated[int, typer.Option("--port", help="0 picks a free port")] = 8080,

@@ -85,22 +85,21 @@ def get_float(gguf: GGUFFile, key: str, default: Any = _REQUIRED, *, min: float 
     return value
 
 
-def get_str(gguf: GGUFFile, key: str, default: Any = _REQUIRED) -> str:
+def _get_typed(gguf: GGUFFile, key: str, default: Any, value_type, expected: str):
     field = _field(gguf, key, default)
     if field is None:
         return default
-    if field.type != STRING:
-        raise _error(gguf, key, f"has type {field.type_name}, expected a string")
+    if field.type != value_type:
+        raise _error(gguf, key, f"has type {field.type_name}, expected {expected}")
     return field.value
+
+
+def get_str(gguf: GGUFFile, key: str, default: Any = _REQUIRED) -> str:
+    return _get_typed(gguf, key, default, STRING, "a string")
 
 
 def get_bool(gguf: GGUFFile, key: str, default: Any = _REQUIRED) -> bool:
-    field = _field(gguf, key, default)
-    if field is None:
-        return default
-    if field.type != BOOL:
-        raise _error(gguf, key, f"has type {field.type_name}, expected a BOOL")
-    return field.value
+    return _get_typed(gguf, key, default, BOOL, "a BOOL")
 
 
 def get_array(gguf: GGUFFile, key: str, item: str, length: int | None = None, default: Any = _REQUIRED):

@@ -30,9 +30,10 @@ DRAFT_MAX = 16           # draft tokens verified per sequence and step (the engi
 
 class NgramDrafter:
     """Prompt lookup: the tokens that followed the most recent earlier occurrence of the context's last n
-    tokens (n from n_max down to n_min) in the prompt and the generated text."""
+    tokens (n from n_max down to n_min) in the prompt and the generated text. A single token (n = 1) recurs
+    too often by chance in free text: its guesses cost verification rows and are rarely right."""
 
-    def __init__(self, n_max: int = 3, n_min: int = 1):
+    def __init__(self, n_max: int = 3, n_min: int = 2):
         self.n_max, self.n_min = n_max, n_min
 
     def propose(self, context: list[int], k: int, slot: int) -> list[int]:

@@ -126,7 +126,8 @@ def test_ngram_drafter_proposes_what_followed_the_last_occurrence():
     d = NgramDrafter()
     assert d.propose([1, 2, 3, 9, 9, 1, 2, 3, 7, 1, 2, 3], 3, 0) == [7, 1, 2]
     assert d.propose([5, 6, 7, 8], 4, 0) == []
-    assert d.propose([4, 1, 4], 2, 0) == [1, 4]                      # n = 1 when nothing longer matches
+    assert d.propose([4, 1, 4], 2, 0) == []                          # a lone token is not enough by default
+    assert NgramDrafter(n_min=1).propose([4, 1, 4], 2, 0) == [1, 4]
 
 
 def test_draft_length_adapts():

@@ -79,9 +79,13 @@ class Scheduler:
 
     def call(self, fn: Callable):
         """Run fn(engine) on the engine thread between steps and return its result (or raise its error)."""
-        if ENGINE_THREAD.is_current():
+        if ENGINE_THREAD.is_current():           # e.g. a draft model's guesses, inside the target's step
+            before = numba.get_num_threads()
             numba.set_num_threads(self.n_threads)
-            return fn(self.engine)
+            try:
+                return fn(self.engine)
+            finally:
+                numba.set_num_threads(before)
         self._ensure_thread()
         done = threading.Event()
         box: list = []

@@ -56,6 +56,7 @@ TILED_MIN_ROWS = 8           # ggml's tiled K-quant matmul takes batches of 8+ r
 SERIAL_WEIGHTS = 1 << 16     # a matvec below this many weights runs on the calling thread
 TASK_ROWS = 16               # weight rows per parallel task
 X_BLOCK_BYTES = 3 << 18      # gemm: activation bytes (int8) per parallel task, to stay in L2
+SERIAL_QUANTIZE_ROWS = 16    # gemm quantizes this many activation rows or fewer on the calling thread
 
 # ---- intrinsics: exact integer lanes, lane shuffles ----
 
@@ -895,8 +896,12 @@ def gemm(out, x, xq, xs, w, qtype, m, k, kinds):
     of activation rows: a tile (a few KiB) stays in L1 while the block's rows pass over it eight at a time,
     and the block stays in L2 while the thread's tiles pass over it."""
     n = x.shape[0]
-    for i in prange(n):
-        _quantize(x[i], xq[i], xs[i], qtype, kinds[i])
+    if n <= SERIAL_QUANTIZE_ROWS:      # a few decode rows: a parallel region costs more than quantizing them
+        for i in range(n):
+            _quantize(x[i], xq[i], xs[i], qtype, kinds[i])
+    else:
+        for i in prange(n):
+            _quantize(x[i], xq[i], xs[i], qtype, kinds[i])
     order = np.empty(n + 16, np.int64)
     used = _group_rows(qtype, kinds, order)
     n_groups = used // 8

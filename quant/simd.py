@@ -727,10 +727,6 @@ def fma1(typingctx, a, b, c):
     return types.float32(a, b, c), codegen
 
 
-def extract_lane(builder, v, i):
-    return builder.extract_element(v, ir.Constant(_I32, i))
-
-
 @intrinsic
 def hsum8(typingctx, v):
     """ggml's hsum_float_8, in its order: ((a4 + a0) + (a6 + a2)) + ((a5 + a1) + (a7 + a3)), plain f32 adds."""

@@ -25,11 +25,11 @@ import math
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 import numpy as np
 
-from ..errors import ContextOverflowError, NibbleError
+from ..errors import NibbleError
 from .perplexity import Perplexity, chunks, scored_logits
 
 MAGIC = b"_logits_"
@@ -378,10 +378,10 @@ def kl_divergence(base_model, model, text: str, n_ctx: int = 512,
     if model.n_vocab != base_model.n_vocab:
         raise NibbleError(f"{model.name} has {model.n_vocab} tokens in its vocabulary, {base_model.name} "
                           f"{base_model.n_vocab}: their distributions cannot be compared")
-    chunks = dict(_chunks(base_model, tokens, n_ctx))
+    base_chunks = dict(chunks(base_model, tokens, n_ctx, "KL divergence"))
 
     def base_rows(c):
-        chunk = chunks[c]
+        chunk = base_chunks[c]
         targets = chunk[n_ctx // 2 + 1:]
         parts = []
         scored_logits(base_model, chunk,

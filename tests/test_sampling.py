@@ -4,7 +4,6 @@ seeding and speed over a Gemma-sized vocabulary."""
 from __future__ import annotations
 
 import math
-import time
 
 import numpy as np
 import pytest

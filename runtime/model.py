@@ -41,8 +41,9 @@ def load(model: str | os.PathLike, *, n_ctx: int | None = None, threads: int | N
 
 
 class Model:
-    """A loaded GGUF model. Safe to share between threads: every evaluation runs on the model's own engine
-    thread (`runtime/scheduler.py`), which batches concurrent generations. `close()` (or `with`) stops it."""
+    """A loaded GGUF model. Safe to share between threads: every evaluation goes through the model's scheduler
+    on nibble's one engine thread (`runtime/scheduler.py`), which batches concurrent generations. `close()`
+    (or `with`) lets the engine thread go of it."""
 
     def __init__(self, gguf: GGUFFile, *, name: str, n_ctx: int | None = None, threads: int | None = None,
                  vocab_only: bool = False, parallel: int = 1):

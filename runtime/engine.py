@@ -172,10 +172,13 @@ class Engine:
             i += 1
         return i
 
-    def keep_prefix(self, slot: int, ids, kinds: np.ndarray | None) -> int:
-        """Roll the slot back to the longest prefix of `ids` it can reuse (`reusable`), leaving at least the
-        last id to evaluate (its logits are needed); returns the tokens kept."""
-        n_keep = min(self.reusable(slot, ids, kinds), len(ids) - 1)
+    def keep_prefix(self, slot: int, ids, kinds: np.ndarray | None, reusable: int | None = None) -> int:
+        """Roll the slot back to the longest prefix of `ids` it can reuse (`reusable`, unless the caller
+        computed it), leaving at least the last id to evaluate (its logits are needed); returns the tokens
+        kept."""
+        if reusable is None:
+            reusable = self.reusable(slot, ids, kinds)
+        n_keep = min(reusable, len(ids) - 1)
         self.truncate(n_keep, slot)
         return n_keep
 
@@ -191,9 +194,7 @@ class Engine:
         if len(ids) > self.n_ctx:
             raise ContextOverflowError(len(ids), self.n_ctx)
         kinds = self.fresh_kinds(len(ids))
-        n_keep = self.keep_prefix(slot, ids, kinds) if reuse else 0
-        if not reuse:
-            self.reset(slot)
+        n_keep = self.keep_prefix(slot, ids, kinds, None if reuse else 0)
         return self.eval(ids[n_keep:], slot, kinds[n_keep:]), n_keep
 
     def forward_rows(self, work: list[tuple[int, np.ndarray, np.ndarray, int]]) -> np.ndarray:

@@ -137,7 +137,10 @@ class Model:
         """Bring the slot's KV cache to exactly `ids`: (the logits after the last id, as a fresh evaluation
         gives them; how many cached tokens were reused). Only cells whose bits a fresh evaluation would
         reproduce are reused (see runtime/engine.py); without `reuse` the slot is emptied first."""
-        return self._call(lambda e: (lambda out: (out[0].copy(), out[1]))(e.prefill(ids, slot, reuse)))
+        def run(e):
+            logits, reused = e.prefill(ids, slot, reuse)
+            return logits.copy(), reused             # the engine's buffer is reused by the next step
+        return self._call(run)
 
     def n_past(self, slot: int = 0) -> int:
         return self._call(lambda e: e.n_past(slot))

@@ -221,8 +221,7 @@ class Scheduler:
         reuse = {s: engine.reusable(s, r.ids, r.kinds) if r.state.cache_prompt else 0 for s in free}
         # the longest reusable prefix; among equals the slot holding least (keep other prefixes warm)
         slot = max(free, key=lambda s: (reuse[s], -engine.n_past(s)))
-        n_keep = engine.keep_prefix(slot, r.ids, r.kinds) if r.state.cache_prompt else 0
-        engine.truncate(n_keep, slot)
+        n_keep = engine.keep_prefix(slot, r.ids, r.kinds, reuse[slot])
         self.busy_slots.add(slot)
         r.slot, r.n_done, r.phase = slot, n_keep, PREFILL
         r.state.started(slot, n_keep)

@@ -43,7 +43,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from .jit import exact_kernel, exact_parallel_kernel
-from .simd import (USE_PMADDUBSW, extract_lane, llvm_call, F32x8, I32x8, bits32, bytes32, dot_i8, dot_u8, fma1, fma8, hsum8, load_f16,
+from .simd import (USE_PMADDUBSW, _element_ptr, at, extract_lane, llvm_call, F32x8, I32x8, bits32, bytes32, dot_i8, dot_u8, fma1, fma8, hsum8, load_f16,
                    load_f32x8, load_i8, load_u8, load_u32, nibbles16, round_f16, splat, to_f32, zeros)
 
 f32 = np.float32
@@ -108,13 +108,38 @@ def imul(typingctx, v, a):
 
 
 @intrinsic
-def isub_lanes(typingctx, v, arr):
-    """v - arr[0:8] per int32 lane, arr an int32 array."""
+def isub(typingctx, a, b):
+    """a - b per int32 lane."""
     def codegen(context, builder, sig, args):
-        ptr = cgutils.create_struct_proxy(sig.args[1])(context, builder, value=args[1]).data
-        vp = builder.bitcast(ptr, _V8I.as_pointer())
-        return builder.sub(args[0], builder.load(vp, align=4))
-    return I32x8(I32x8, arr), codegen
+        return builder.sub(args[0], args[1])
+    return I32x8(I32x8, I32x8), codegen
+
+
+@intrinsic
+def q6_k_offsets(typingctx, xs, o, w, sc):
+    """I32x8, lane l = 32 · (bsum_2l · sc_2l + bsum_2l+1 · sc_2l+1): the -32 offset of
+    ggml_vec_dot_q6_K_q8_K's lanes for the super-block whose q8_K scale is xs[o] (its 16-value sums packed
+    in pairs in xs[o + 1 : o + 9], see `quantize_q8_k`) and whose 16 int8 scales start at w[sc]. Exact
+    integers, computed in vector lanes (a scalar loop here cost more than the dot products)."""
+    def codegen(context, builder, sig, args):
+        i16 = ir.VectorType(ir.IntType(8), 16)
+        v16 = ir.VectorType(_I32, 16)
+        one = context.get_constant(types.intp, 1)
+        packed = builder.load(_element_ptr(context, builder, sig.args[0], args[0], builder.add(args[1], one),
+                                           _V8), align=4)
+        v = builder.fptosi(packed, _V8I)
+        a = builder.sub(builder.ashr(v, _splat_const(12)), _splat_const(2048))
+        b = builder.sub(builder.and_(v, _splat_const(4095)), _splat_const(2048))
+        scales = builder.sext(builder.load(_element_ptr(context, builder, sig.args[2], args[2], args[3], i16),
+                                           align=1), v16)
+        even = builder.shuffle_vector(scales, scales, ir.Constant(_V8I, list(range(0, 16, 2))))
+        odd = builder.shuffle_vector(scales, scales, ir.Constant(_V8I, list(range(1, 16, 2))))
+        return builder.shl(builder.add(builder.mul(a, even), builder.mul(b, odd)), _splat_const(5))
+    return I32x8(xs, types.intp, w, types.intp), codegen
+
+
+def _splat_const(value: int):
+    return ir.Constant(_V8I, [value] * 8)
 
 
 @intrinsic
@@ -288,7 +313,7 @@ def _pack_bsums(a, b):
 def quantize_q8_k(x, xq, xs, fused, sums32):
     """x f32[k] -> xq int8[k] and, per 256-value super-block s, xs[16s] = d and the block sums the dot
     products need: with `sums32` (Q4_K) xs[16s + 1 + j] = Σ of 32-value group j, as float32 (exact); else
-    (Q6_K) xs[16s + 1 + i] the 16-value sums of groups 2i and 2i + 1 packed for `bsum_pair`.
+    (Q6_K) xs[16s + 1 + i] the 16-value sums of groups 2i and 2i + 1 packed for `q6_k_offsets`.
     quantize_row_q8_K_ref: max is the first value of largest |x|, iscale = -127 / max,
     q = min(127, nearest(iscale * x)), d = 1 / iscale. GCC contracts nearest_int's `iscale * x + 1.5 * 2^23`
     into one fma, so q rounds the exact product (`fused`); the AVX2 quantize_mat_q8_K_4x8 (4 rows at a time,
@@ -323,13 +348,6 @@ def quantize_q8_k(x, xq, xs, fused, sums32):
             xs[16 * s + 1 + i] = f32(a + b) if sums32 else _pack_bsums(a, b)
 
 
-@exact_kernel
-def bsum_pair(xs, i):
-    """The two 16-value sums packed in xs[i] by `quantize_q8_k`."""
-    v = np.int64(xs[i])
-    return (v >> 12) - 2048, (v & 4095) - 2048
-
-
 # ---- dot products: one output row at a time, two rows interleaved so their fma chains overlap ----
 
 @exact_kernel
@@ -343,7 +361,7 @@ def _rows_q4_1(out, xq, xs, w, r0, r1, nb):
         a0, a1 = zeros(), zeros()
         s0, s1 = f32(0), f32(0)
         for b in range(nb):
-            dx, sx = xs[2 * b], xs[2 * b + 1]
+            dx, sx = at(xs, 2 * b), at(xs, 2 * b + 1)
             a0 = fma8(splat(load_f16(w, p0) * dx), to_f32(dot_u8(nibbles16(w, p0 + 4), xq, 32 * b)), a0)
             s0 = fma1(load_f16(w, p0 + 2), sx, s0)
             a1 = fma8(splat(load_f16(w, p1) * dx), to_f32(dot_u8(nibbles16(w, p1 + 4), xq, 32 * b)), a1)
@@ -364,7 +382,7 @@ def _rows_q8_0(out, xq, xs, w, r0, r1, nb):
         p = r * nb * 34
         acc = zeros()
         for b in range(nb):
-            acc = fma8(splat(load_f16(w, p) * xs[2 * b]), to_f32(dot_i8(bytes32(w, p + 2), xq, 32 * b)), acc)
+            acc = fma8(splat(load_f16(w, p) * at(xs, 2 * b)), to_f32(dot_i8(bytes32(w, p + 2), xq, 32 * b)), acc)
             p += 34
         out[r] = hsum8(acc)
 
@@ -379,7 +397,7 @@ def _rows_q5_0(out, xq, xs, w, r0, r1, nb):
         acc = zeros()
         for b in range(nb):
             q = (nibbles16(w, p + 6) | (bits32(load_u32(w, p + 2)) << 4)) - 16
-            acc = fma8(splat(load_f16(w, p) * xs[2 * b]), to_f32(dot_i8(q, xq, 32 * b)), acc)
+            acc = fma8(splat(load_f16(w, p) * at(xs, 2 * b)), to_f32(dot_i8(q, xq, 32 * b)), acc)
             p += 22
         out[r] = hsum8(acc)
 
@@ -407,8 +425,8 @@ def _rows_q4_k(out, xq, xs, w, r0, r1, nsb):
         acc = f32(0)
         accm = f32(0)
         for s in range(nsb):
-            dd = load_f16(w, p) * xs[16 * s]
-            dm = load_f16(w, p + 2) * xs[16 * s]
+            dd = load_f16(w, p) * at(xs, 16 * s)
+            dm = load_f16(w, p + 2) * at(xs, 16 * s)
             iv = izeros()
             msum = f32(0)
             for c in range(4):
@@ -418,7 +436,7 @@ def _rows_q4_k(out, xq, xs, w, r0, r1, nsb):
                 base = QK_K * s + 64 * c
                 iv = iadd(iv, imul(dot_u8(q & 15, xq, base), sc0))
                 iv = iadd(iv, imul(dot_u8(q >> 4, xq, base + 32), sc1))
-                msum += f32(mn0) * xs[16 * s + 1 + 2 * c] + f32(mn1) * xs[16 * s + 2 + 2 * c]  # exact
+                msum += f32(mn0) * at(xs, 16 * s + 1 + 2 * c) + f32(mn1) * at(xs, 16 * s + 2 + 2 * c)  # exact
             acc = fma1(f32(isum(iv)), dd, acc)
             accm = fma1(f32(msum), dm, accm)
             p += 144
@@ -426,7 +444,7 @@ def _rows_q4_k(out, xq, xs, w, r0, r1, nsb):
 
 
 @exact_kernel
-def _rows_q6_k(out, xq, xs, w, r0, r1, nsb, sub):
+def _rows_q6_k(out, xq, xs, w, r0, r1, nsb):
     # block: ql 128 bytes (low 4 bits) | qh 64 bytes (high 2 bits) | 16 int8 scales | d f16: 210 bytes.
     # In each 128-value half h: ql[64h + l] low nibbles are elements 128h + l (l < 64), high nibbles
     # 128h + 64 + l; qh[32h + l] bits 0-1, 2-3, 4-5, 6-7 top elements 128h + l, +32, +64, +96.
@@ -453,27 +471,14 @@ def _rows_q6_k(out, xq, xs, w, r0, r1, nsb, sub):
                 iv = iadd(iv, imul_halves(dot_u8(q, xq, base + 64), load_i8(w, p + 196 + c), load_i8(w, p + 197 + c)))
                 q = (ql1 >> 4) | (((qh >> 6) & 3) << 4)
                 iv = iadd(iv, imul_halves(dot_u8(q, xq, base + 96), load_i8(w, p + 198 + c), load_i8(w, p + 199 + c)))
-            # the -32 offset: per lane l, 32 · (bsum_2l · sc_2l + bsum_2l+1 · sc_2l+1) (`_offset_q6_k`, inline:
-            # this loop runs once per super-block of every row of a decode step)
-            for l in range(8):
-                a, b = bsum_pair(xs, 16 * s + 1 + l)
-                sub[l] = 32 * (a * np.int32(load_i8(w, p + 192 + 2 * l)) + b * np.int32(load_i8(w, p + 193 + 2 * l)))
-            acc = fma8(splat(xs[16 * s] * load_f16(w, p + 208)), to_f32(isub_lanes(iv, sub)), acc)
+            iv = isub(iv, q6_k_offsets(xs, 16 * s, w, p + 192))      # the -32 offset of every quant
+            acc = fma8(splat(at(xs, 16 * s) * load_f16(w, p + 208)), to_f32(iv), acc)
             p += 210
         out[r] = hsum8(acc)
 
 
 @exact_kernel
-def _offset_q6_k(sub, xs, o, w, sc):
-    """sub[0:8] = 32 · (bsum_2l · sc_2l + bsum_2l+1 · sc_2l+1): the -32 offset of ggml_vec_dot_q6_K_q8_K's lanes,
-    for the super-block whose q8_K scale is xs[o] and whose 16 scales start at w[sc]."""
-    for l in range(8):
-        a, b = bsum_pair(xs, o + 1 + l)
-        sub[l] = 32 * (a * np.int32(load_i8(w, sc + 2 * l)) + b * np.int32(load_i8(w, sc + 2 * l + 1)))
-
-
-@exact_kernel
-def _rows_one(out, xq, xs, w, qtype, r0, r1, k, sub):
+def _rows_one(out, xq, xs, w, qtype, r0, r1, k):
     """Rows r0..r1 of W times one activation row (quantized in xq, xs) of the single-row kind: what
     llama.cpp computes for a batch of one row."""
     if qtype == Q4_1:
@@ -485,7 +490,7 @@ def _rows_one(out, xq, xs, w, qtype, r0, r1, k, sub):
     elif qtype == Q4_K:
         _rows_q4_k(out, xq, xs, w, r0, r1, k // QK_K)
     else:
-        _rows_q6_k(out, xq, xs, w, r0, r1, k // QK_K, sub)
+        _rows_q6_k(out, xq, xs, w, r0, r1, k // QK_K)
 
 
 # ---- row kinds: where llama.cpp's arithmetic for a row depends on the batch it came in ----
@@ -538,12 +543,10 @@ def matvec(out, x, xq, xs, w, qtype, m, k):
     kernel for one activation row computes each output. xq int8[k], xs f32[k // 16]: scratch."""
     _quantize(x, xq, xs, qtype, 0)
     if m * k <= SERIAL_WEIGHTS:
-        sub = np.empty(8, np.int32)
-        _rows_one(out, xq, xs, w, qtype, 0, m, k, sub)
+        _rows_one(out, xq, xs, w, qtype, 0, m, k)
         return
     for t in prange((m + TASK_ROWS - 1) // TASK_ROWS):
-        sub = np.empty(8, np.int32)
-        _rows_one(out, xq, xs, w, qtype, t * TASK_ROWS, min(m, (t + 1) * TASK_ROWS), k, sub)
+        _rows_one(out, xq, xs, w, qtype, t * TASK_ROWS, min(m, (t + 1) * TASK_ROWS), k)
 
 
 # ---- gemm: several activation rows against one weight row, so each weight block is decoded once for all ----
@@ -567,14 +570,14 @@ def _four_rows_q4_1(out, xq, xs, w, r, rows, k, xs_row):
         mw = load_f16(w, p + 2)
         q = nibbles16(w, p + 4)
         e = 32 * b
-        a0 = fma8(splat(d * xs[i0 * xs_row + 2 * b]), to_f32(dot_u8(q, xq, i0 * k + e)), a0)
-        s0 = fma1(mw, xs[i0 * xs_row + 2 * b + 1], s0)
-        a1 = fma8(splat(d * xs[i1 * xs_row + 2 * b]), to_f32(dot_u8(q, xq, i1 * k + e)), a1)
-        s1 = fma1(mw, xs[i1 * xs_row + 2 * b + 1], s1)
-        a2 = fma8(splat(d * xs[i2 * xs_row + 2 * b]), to_f32(dot_u8(q, xq, i2 * k + e)), a2)
-        s2 = fma1(mw, xs[i2 * xs_row + 2 * b + 1], s2)
-        a3 = fma8(splat(d * xs[i3 * xs_row + 2 * b]), to_f32(dot_u8(q, xq, i3 * k + e)), a3)
-        s3 = fma1(mw, xs[i3 * xs_row + 2 * b + 1], s3)
+        a0 = fma8(splat(d * at(xs, i0 * xs_row + 2 * b)), to_f32(dot_u8(q, xq, i0 * k + e)), a0)
+        s0 = fma1(mw, at(xs, i0 * xs_row + 2 * b + 1), s0)
+        a1 = fma8(splat(d * at(xs, i1 * xs_row + 2 * b)), to_f32(dot_u8(q, xq, i1 * k + e)), a1)
+        s1 = fma1(mw, at(xs, i1 * xs_row + 2 * b + 1), s1)
+        a2 = fma8(splat(d * at(xs, i2 * xs_row + 2 * b)), to_f32(dot_u8(q, xq, i2 * k + e)), a2)
+        s2 = fma1(mw, at(xs, i2 * xs_row + 2 * b + 1), s2)
+        a3 = fma8(splat(d * at(xs, i3 * xs_row + 2 * b)), to_f32(dot_u8(q, xq, i3 * k + e)), a3)
+        s3 = fma1(mw, at(xs, i3 * xs_row + 2 * b + 1), s3)
         p += 20
     out[i0, r] = hsum8(a0) + s0
     out[i1, r] = hsum8(a1) + s1
@@ -601,10 +604,10 @@ def _four_rows_q5_0(out, xq, xs, w, r, rows, k, xs_row, is_q8_0):
         q, d = _block_q5_0_q8_0(w, p, is_q8_0)
         p += 34 if is_q8_0 else 22
         e = 32 * b
-        a0 = fma8(splat(d * xs[i0 * xs_row + 2 * b]), to_f32(dot_i8(q, xq, i0 * k + e)), a0)
-        a1 = fma8(splat(d * xs[i1 * xs_row + 2 * b]), to_f32(dot_i8(q, xq, i1 * k + e)), a1)
-        a2 = fma8(splat(d * xs[i2 * xs_row + 2 * b]), to_f32(dot_i8(q, xq, i2 * k + e)), a2)
-        a3 = fma8(splat(d * xs[i3 * xs_row + 2 * b]), to_f32(dot_i8(q, xq, i3 * k + e)), a3)
+        a0 = fma8(splat(d * at(xs, i0 * xs_row + 2 * b)), to_f32(dot_i8(q, xq, i0 * k + e)), a0)
+        a1 = fma8(splat(d * at(xs, i1 * xs_row + 2 * b)), to_f32(dot_i8(q, xq, i1 * k + e)), a1)
+        a2 = fma8(splat(d * at(xs, i2 * xs_row + 2 * b)), to_f32(dot_i8(q, xq, i2 * k + e)), a2)
+        a3 = fma8(splat(d * at(xs, i3 * xs_row + 2 * b)), to_f32(dot_i8(q, xq, i3 * k + e)), a3)
     out[i0, r] = hsum8(a0)
     out[i1, r] = hsum8(a1)
     out[i2, r] = hsum8(a2)
@@ -624,14 +627,14 @@ def _eight_rows_q5_0(out, xq, xs, w, r, rows, k, xs_row, is_q8_0):
         q, d = _block_q5_0_q8_0(w, p, is_q8_0)
         p += 34 if is_q8_0 else 22
         e = 32 * b
-        a0 = fma8(splat(d * xs[i0 * xs_row + 2 * b]), to_f32(dot_i8(q, xq, i0 * k + e)), a0)
-        a1 = fma8(splat(d * xs[i1 * xs_row + 2 * b]), to_f32(dot_i8(q, xq, i1 * k + e)), a1)
-        a2 = fma8(splat(d * xs[i2 * xs_row + 2 * b]), to_f32(dot_i8(q, xq, i2 * k + e)), a2)
-        a3 = fma8(splat(d * xs[i3 * xs_row + 2 * b]), to_f32(dot_i8(q, xq, i3 * k + e)), a3)
-        a4 = fma8(splat(d * xs[i4 * xs_row + 2 * b]), to_f32(dot_i8(q, xq, i4 * k + e)), a4)
-        a5 = fma8(splat(d * xs[i5 * xs_row + 2 * b]), to_f32(dot_i8(q, xq, i5 * k + e)), a5)
-        a6 = fma8(splat(d * xs[i6 * xs_row + 2 * b]), to_f32(dot_i8(q, xq, i6 * k + e)), a6)
-        a7 = fma8(splat(d * xs[i7 * xs_row + 2 * b]), to_f32(dot_i8(q, xq, i7 * k + e)), a7)
+        a0 = fma8(splat(d * at(xs, i0 * xs_row + 2 * b)), to_f32(dot_i8(q, xq, i0 * k + e)), a0)
+        a1 = fma8(splat(d * at(xs, i1 * xs_row + 2 * b)), to_f32(dot_i8(q, xq, i1 * k + e)), a1)
+        a2 = fma8(splat(d * at(xs, i2 * xs_row + 2 * b)), to_f32(dot_i8(q, xq, i2 * k + e)), a2)
+        a3 = fma8(splat(d * at(xs, i3 * xs_row + 2 * b)), to_f32(dot_i8(q, xq, i3 * k + e)), a3)
+        a4 = fma8(splat(d * at(xs, i4 * xs_row + 2 * b)), to_f32(dot_i8(q, xq, i4 * k + e)), a4)
+        a5 = fma8(splat(d * at(xs, i5 * xs_row + 2 * b)), to_f32(dot_i8(q, xq, i5 * k + e)), a5)
+        a6 = fma8(splat(d * at(xs, i6 * xs_row + 2 * b)), to_f32(dot_i8(q, xq, i6 * k + e)), a6)
+        a7 = fma8(splat(d * at(xs, i7 * xs_row + 2 * b)), to_f32(dot_i8(q, xq, i7 * k + e)), a7)
     out[i0, r] = hsum8(a0)
     out[i1, r] = hsum8(a1)
     out[i2, r] = hsum8(a2)
@@ -653,7 +656,7 @@ def _four_rows_q4_k(out, xq, xs, w, r, rows, k, xs_row, per_64):
     acc, accm = zeros(), zeros()
     for s in range(nsb):
         o0, o1, o2, o3 = i0 * xs_row + 16 * s, i1 * xs_row + 16 * s, i2 * xs_row + 16 * s, i3 * xs_row + 16 * s
-        dx = f32x4(xs[o0], xs[o1], xs[o2], xs[o3])
+        dx = f32x4(at(xs, o0), at(xs, o1), at(xs, o2), at(xs, o3))
         dd = splat(load_f16(w, p)) * dx
         dm = splat(load_f16(w, p + 2)) * dx
         sc0, mn0 = _scale_min_k4(w, p + 4, 0)
@@ -712,7 +715,8 @@ def _eight_rows_q4_k(out, xq, xs, w, r, rows, k, xs_row):
     for s in range(nsb):
         o0, o1, o2, o3 = i0 * xs_row + 16 * s, i1 * xs_row + 16 * s, i2 * xs_row + 16 * s, i3 * xs_row + 16 * s
         o4, o5, o6, o7 = i4 * xs_row + 16 * s, i5 * xs_row + 16 * s, i6 * xs_row + 16 * s, i7 * xs_row + 16 * s
-        dx = f32x8_of(xs[o0], xs[o1], xs[o2], xs[o3], xs[o4], xs[o5], xs[o6], xs[o7])
+        dx = f32x8_of(at(xs, o0), at(xs, o1), at(xs, o2), at(xs, o3),
+                      at(xs, o4), at(xs, o5), at(xs, o6), at(xs, o7))
         dd = splat(load_f16(w, p)) * dx
         dm = splat(load_f16(w, p + 2)) * dx
         sc0, mn0 = _scale_min_k4(w, p + 4, 0)
@@ -800,8 +804,8 @@ def _eight_rows_q6_k_tiled(out, xq, xs, w, r, rows, k, xs_row):
                 v7 = iadd(v7, dot_i8s(q, xq, i7 * k + e, sa, sb))
         dw = load_f16(w, p + 208)
         o = 16 * s
-        dx = f32x8_of(xs[i0 * xs_row + o], xs[i1 * xs_row + o], xs[i2 * xs_row + o], xs[i3 * xs_row + o],
-                      xs[i4 * xs_row + o], xs[i5 * xs_row + o], xs[i6 * xs_row + o], xs[i7 * xs_row + o])
+        dx = f32x8_of(at(xs, i0 * xs_row + o), at(xs, i1 * xs_row + o), at(xs, i2 * xs_row + o), at(xs, i3 * xs_row + o),
+                      at(xs, i4 * xs_row + o), at(xs, i5 * xs_row + o), at(xs, i6 * xs_row + o), at(xs, i7 * xs_row + o))
         acc = fma8(splat(dw) * isum8(v0, v1, v2, v3, v4, v5, v6, v7), dx, acc)
         p += 210
     for j in range(8):
@@ -809,7 +813,7 @@ def _eight_rows_q6_k_tiled(out, xq, xs, w, r, rows, k, xs_row):
 
 
 @exact_kernel
-def _four_rows_q6_k(out, xq, xs, w, r, rows, k, xs_row, sub):
+def _four_rows_q6_k(out, xq, xs, w, r, rows, k, xs_row):
     """Weight row r against the activation rows rows[0:4] with `_rows_q6_k`'s arithmetic
     (ggml_vec_dot_q6_K_q8_K), the weight block decoded once for the four."""
     i0, i1, i2, i3 = rows[0], rows[1], rows[2], rows[3]
@@ -833,14 +837,10 @@ def _four_rows_q6_k(out, xq, xs, w, r, rows, k, xs_row, sub):
                 v3 = iadd(v3, dot_u8s(q, xq, i3 * k + e, sa, sb))
         dw = load_f16(w, p + 208)
         o0, o1, o2, o3 = i0 * xs_row + 16 * s, i1 * xs_row + 16 * s, i2 * xs_row + 16 * s, i3 * xs_row + 16 * s
-        _offset_q6_k(sub, xs, o0, w, p + 192)
-        a0 = fma8(splat(xs[o0] * dw), to_f32(isub_lanes(v0, sub)), a0)
-        _offset_q6_k(sub, xs, o1, w, p + 192)
-        a1 = fma8(splat(xs[o1] * dw), to_f32(isub_lanes(v1, sub)), a1)
-        _offset_q6_k(sub, xs, o2, w, p + 192)
-        a2 = fma8(splat(xs[o2] * dw), to_f32(isub_lanes(v2, sub)), a2)
-        _offset_q6_k(sub, xs, o3, w, p + 192)
-        a3 = fma8(splat(xs[o3] * dw), to_f32(isub_lanes(v3, sub)), a3)
+        a0 = fma8(splat(at(xs, o0) * dw), to_f32(isub(v0, q6_k_offsets(xs, o0, w, p + 192))), a0)
+        a1 = fma8(splat(at(xs, o1) * dw), to_f32(isub(v1, q6_k_offsets(xs, o1, w, p + 192))), a1)
+        a2 = fma8(splat(at(xs, o2) * dw), to_f32(isub(v2, q6_k_offsets(xs, o2, w, p + 192))), a2)
+        a3 = fma8(splat(at(xs, o3) * dw), to_f32(isub(v3, q6_k_offsets(xs, o3, w, p + 192))), a3)
         p += 210
     out[i0, r] = hsum8(a0)
     out[i1, r] = hsum8(a1)
@@ -924,13 +924,12 @@ def gemm(out, x, xq, xs, w, qtype, m, k, kinds):
         r0 = (t % n_tiles) * TASK_ROWS
         r1 = min(m, r0 + TASK_ROWS)
         rows = np.empty(8, np.int64)
-        sub = np.empty(8, np.int32)
         for grp in range(g0, g1):
             real = _group(rows, order, 8 * grp)
             variant = variants[grp]
             if real == 1 and variant == 0:      # one single-row-kind row: nothing to share
                 i = rows[0]
-                _rows_one(out[i], xq[i], xs[i], w, qtype, r0, r1, k, sub)
+                _rows_one(out[i], xq[i], xs[i], w, qtype, r0, r1, k)
             elif qtype == Q4_1:
                 for r in range(r0, r1):
                     _four_rows_q4_1(out, xqf, xsf, w, r, rows[0:4], k, xs_row)
@@ -955,6 +954,6 @@ def gemm(out, x, xq, xs, w, qtype, m, k, kinds):
                     _eight_rows_q6_k_tiled(out, xqf, xsf, w, r, rows, k, xs_row)
             else:
                 for r in range(r0, r1):
-                    _four_rows_q6_k(out, xqf, xsf, w, r, rows[0:4], k, xs_row, sub)
+                    _four_rows_q6_k(out, xqf, xsf, w, r, rows[0:4], k, xs_row)
                     if real > 4:
-                        _four_rows_q6_k(out, xqf, xsf, w, r, rows[4:8], k, xs_row, sub)
+                        _four_rows_q6_k(out, xqf, xsf, w, r, rows[4:8], k, xs_row)

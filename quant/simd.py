@@ -403,6 +403,18 @@ def halves(typingctx, a, b):
 
 
 @intrinsic
+def at(typingctx, a, i):
+    """a[i] for a 1-d float32 array and an index known to be in range: a plain load. (Numba's `a[i]` with a
+    signed index adds a negative-index wraparound, five scalar instructions, which in the batched kernels'
+    inner loops cost more than the dot products.)"""
+    _check_array(a, ("float32",))
+
+    def codegen(context, builder, sig, args):
+        return _load(context, builder, sig, args, _F32, align=4)
+    return types.float32(a, types.intp), codegen
+
+
+@intrinsic
 def load_f32x8(typingctx, a, i):
     """F32x8 of `a[i:i + 8]`, a float32 array."""
     _check_array(a, ("float32",))

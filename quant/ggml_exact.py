@@ -143,6 +143,40 @@ def _splat_const(value: int):
 
 
 @intrinsic
+def k4_scales_mins(typingctx, w, p):
+    """(I32x8 scales, F32x8 mins) of a Q4_K super-block whose 12 scale bytes start at w[p] (ggml's
+    get_scale_min_k4 for j = 0..7), unpacked with 32-bit masks and shifts: scales 0..3 are the low six bits
+    of bytes 0..3, mins 0..3 of bytes 4..7; scales 4..7 the low nibbles of bytes 8..11 with the top two bits
+    of bytes 0..3 above them, mins 4..7 the high nibbles with the top two bits of bytes 4..7."""
+    def codegen(context, builder, sig, args):
+        u = [builder.load(_element_ptr(context, builder, sig.args[0], args[0],
+                                       builder.add(args[1], context.get_constant(types.intp, 4 * j)), _I32),
+                          align=1) for j in range(3)]
+        k = lambda v: ir.Constant(_I32, v)
+        six, nibble, two = k(0x3F3F3F3F), k(0x0F0F0F0F), k(0x03030303)
+        top = lambda v: builder.shl(builder.and_(builder.lshr(v, k(6)), two), k(4))
+        sc_hi = builder.or_(builder.and_(u[2], nibble), top(u[0]))
+        mn_hi = builder.or_(builder.and_(builder.lshr(u[2], k(4)), nibble), top(u[1]))
+
+        def widen(lo, hi):
+            pair = builder.insert_element(builder.insert_element(ir.Constant(ir.VectorType(_I32, 2), ir.Undefined),
+                                                                 lo, k(0)), hi, k(1))
+            return builder.zext(builder.bitcast(pair, ir.VectorType(ir.IntType(8), 8)), _V8I)
+        scales = widen(builder.and_(u[0], six), sc_hi)
+        mins = builder.sitofp(widen(builder.and_(u[1], six), mn_hi), _V8)
+        return context.make_tuple(builder, sig.return_type, [scales, mins])
+    return types.Tuple((I32x8, F32x8))(w, types.intp), codegen
+
+
+@intrinsic
+def ilane(typingctx, v, j):
+    """Lane j of an I32x8, as int32."""
+    def codegen(context, builder, sig, args):
+        return builder.extract_element(args[0], context.cast(builder, args[1], sig.args[1], types.int32))
+    return types.int32(I32x8, j), codegen
+
+
+@intrinsic
 def isum(typingctx, v):
     """Σ of the 8 int32 lanes (exact: the sums here stay inside int32), as int64."""
     def codegen(context, builder, sig, args):
@@ -403,16 +437,6 @@ def _rows_q5_0(out, xq, xs, w, r0, r1, nb):
 
 
 @exact_kernel
-def _scale_min_k4(w, p, j):
-    """Scale and min j (0..7) of a Q4_K super-block whose 12 scale bytes start at w[p] (get_scale_min_k4)."""
-    if j < 4:
-        return np.int32(load_u8(w, p + j) & 63), np.int32(load_u8(w, p + j + 4) & 63)
-    sc = (load_u8(w, p + j + 4) & 15) | ((load_u8(w, p + j - 4) >> 6) << 4)
-    mn = (load_u8(w, p + j + 4) >> 4) | ((load_u8(w, p + j) >> 6) << 4)
-    return np.int32(sc), np.int32(mn)
-
-
-@exact_kernel
 def _rows_q4_k(out, xq, xs, w, r0, r1, nsb):
     # block: d f16 | dmin f16 | 12 bytes of 6-bit scales and mins | 128 bytes of nibbles: 144 bytes; byte
     # 32c + l holds element 64c + l (low nibble) and 64c + 32 + l (high nibble).
@@ -427,18 +451,16 @@ def _rows_q4_k(out, xq, xs, w, r0, r1, nsb):
         for s in range(nsb):
             dd = load_f16(w, p) * at(xs, 16 * s)
             dm = load_f16(w, p + 2) * at(xs, 16 * s)
+            scales, mins = k4_scales_mins(w, p + 4)
             iv = izeros()
-            msum = f32(0)
             for c in range(4):
                 q = bytes32(w, p + 16 + 32 * c)
-                sc0, mn0 = _scale_min_k4(w, p + 4, 2 * c)
-                sc1, mn1 = _scale_min_k4(w, p + 4, 2 * c + 1)
                 base = QK_K * s + 64 * c
-                iv = iadd(iv, imul(dot_u8(q & 15, xq, base), sc0))
-                iv = iadd(iv, imul(dot_u8(q >> 4, xq, base + 32), sc1))
-                msum += f32(mn0) * at(xs, 16 * s + 1 + 2 * c) + f32(mn1) * at(xs, 16 * s + 2 + 2 * c)  # exact
+                iv = iadd(iv, imul(dot_u8(q & 15, xq, base), ilane(scales, 2 * c)))
+                iv = iadd(iv, imul(dot_u8(q >> 4, xq, base + 32), ilane(scales, 2 * c + 1)))
+            msum = hsum8(mins * load_f32x8(xs, 16 * s + 1))   # integers below 2^22: exact in any order
             acc = fma1(f32(isum(iv)), dd, acc)
-            accm = fma1(f32(msum), dm, accm)
+            accm = fma1(msum, dm, accm)
             p += 144
         out[r] = acc - accm
 
@@ -659,16 +681,16 @@ def _four_rows_q4_k(out, xq, xs, w, r, rows, k, xs_row, per_64):
         dx = f32x4(at(xs, o0), at(xs, o1), at(xs, o2), at(xs, o3))
         dd = splat(load_f16(w, p)) * dx
         dm = splat(load_f16(w, p + 2)) * dx
-        sc0, mn0 = _scale_min_k4(w, p + 4, 0)
-        sc1, mn1 = _scale_min_k4(w, p + 4, 1)
-        sc2, mn2 = _scale_min_k4(w, p + 4, 2)
-        sc3, mn3 = _scale_min_k4(w, p + 4, 3)
-        sc4, mn4 = _scale_min_k4(w, p + 4, 4)
-        sc5, mn5 = _scale_min_k4(w, p + 4, 5)
-        sc6, mn6 = _scale_min_k4(w, p + 4, 6)
-        sc7, mn7 = _scale_min_k4(w, p + 4, 7)
+        scales, mins = k4_scales_mins(w, p + 4)
+        sc0 = ilane(scales, 0)
+        sc1 = ilane(scales, 1)
+        sc2 = ilane(scales, 2)
+        sc3 = ilane(scales, 3)
+        sc4 = ilane(scales, 4)
+        sc5 = ilane(scales, 5)
+        sc6 = ilane(scales, 6)
+        sc7 = ilane(scales, 7)
         # min_j · bsum_j per row, then summed by pairs of sub-blocks: exact in f32 (< 2^22)
-        mins = f32x8_of(mn0, mn1, mn2, mn3, mn4, mn5, mn6, mn7)
         t0, t1, t2, t3 = pair_sums_t(mins * load_f32x8(xs, o0 + 1), mins * load_f32x8(xs, o1 + 1),
                                      mins * load_f32x8(xs, o2 + 1), mins * load_f32x8(xs, o3 + 1))
         v0, v1, v2, v3 = izeros(), izeros(), izeros(), izeros()
@@ -705,9 +727,8 @@ def _four_rows_q4_k(out, xq, xs, w, r, rows, k, xs_row, per_64):
 
 
 @exact_kernel
-def _eight_rows_q4_k(out, xq, xs, w, r, rows, k, xs_row):
-    """`_four_rows_q4_k` with `per_64` (ggml_gemm's groups of 4) for the activation rows rows[0:8]: row
-    rows[j]'s arithmetic in lane j."""
+def _eight_rows_q4_k(out, xq, xs, w, r, rows, k, xs_row, per_64):
+    """`_four_rows_q4_k` for the activation rows rows[0:8]: row rows[j]'s arithmetic in lane j."""
     i0, i1, i2, i3, i4, i5, i6, i7 = rows[0], rows[1], rows[2], rows[3], rows[4], rows[5], rows[6], rows[7]
     nsb = k // QK_K
     p = r * nsb * 144
@@ -719,19 +740,21 @@ def _eight_rows_q4_k(out, xq, xs, w, r, rows, k, xs_row):
                       at(xs, o4), at(xs, o5), at(xs, o6), at(xs, o7))
         dd = splat(load_f16(w, p)) * dx
         dm = splat(load_f16(w, p + 2)) * dx
-        sc0, mn0 = _scale_min_k4(w, p + 4, 0)
-        sc1, mn1 = _scale_min_k4(w, p + 4, 1)
-        sc2, mn2 = _scale_min_k4(w, p + 4, 2)
-        sc3, mn3 = _scale_min_k4(w, p + 4, 3)
-        sc4, mn4 = _scale_min_k4(w, p + 4, 4)
-        sc5, mn5 = _scale_min_k4(w, p + 4, 5)
-        sc6, mn6 = _scale_min_k4(w, p + 4, 6)
-        sc7, mn7 = _scale_min_k4(w, p + 4, 7)
-        mins = f32x8_of(mn0, mn1, mn2, mn3, mn4, mn5, mn6, mn7)
+        scales, mins = k4_scales_mins(w, p + 4)
+        sc0 = ilane(scales, 0)
+        sc1 = ilane(scales, 1)
+        sc2 = ilane(scales, 2)
+        sc3 = ilane(scales, 3)
+        sc4 = ilane(scales, 4)
+        sc5 = ilane(scales, 5)
+        sc6 = ilane(scales, 6)
+        sc7 = ilane(scales, 7)
         t0, t1, t2, t3 = pair_sums_t(mins * load_f32x8(xs, o0 + 1), mins * load_f32x8(xs, o1 + 1),
                                      mins * load_f32x8(xs, o2 + 1), mins * load_f32x8(xs, o3 + 1))
         u0, u1, u2, u3 = pair_sums_t(mins * load_f32x8(xs, o4 + 1), mins * load_f32x8(xs, o5 + 1),
                                      mins * load_f32x8(xs, o6 + 1), mins * load_f32x8(xs, o7 + 1))
+        v0, v1, v2, v3 = izeros(), izeros(), izeros(), izeros()
+        v4, v5, v6, v7 = izeros(), izeros(), izeros(), izeros()
         for c in range(4):
             qb = bytes32(w, p + 16 + 32 * c)
             lo = qb & 15
@@ -745,16 +768,22 @@ def _eight_rows_q4_k(out, xq, xs, w, r, rows, k, xs_row):
             else:
                 sa, sb, mc = sc6, sc7, half_join(t3, u3)
             e = QK_K * s + 64 * c
-            v0 = iadd(dot_u8s(lo, xq, i0 * k + e, sa, sa), dot_u8s(hi, xq, i0 * k + e + 32, sb, sb))
-            v1 = iadd(dot_u8s(lo, xq, i1 * k + e, sa, sa), dot_u8s(hi, xq, i1 * k + e + 32, sb, sb))
-            v2 = iadd(dot_u8s(lo, xq, i2 * k + e, sa, sa), dot_u8s(hi, xq, i2 * k + e + 32, sb, sb))
-            v3 = iadd(dot_u8s(lo, xq, i3 * k + e, sa, sa), dot_u8s(hi, xq, i3 * k + e + 32, sb, sb))
-            v4 = iadd(dot_u8s(lo, xq, i4 * k + e, sa, sa), dot_u8s(hi, xq, i4 * k + e + 32, sb, sb))
-            v5 = iadd(dot_u8s(lo, xq, i5 * k + e, sa, sa), dot_u8s(hi, xq, i5 * k + e + 32, sb, sb))
-            v6 = iadd(dot_u8s(lo, xq, i6 * k + e, sa, sa), dot_u8s(hi, xq, i6 * k + e + 32, sb, sb))
-            v7 = iadd(dot_u8s(lo, xq, i7 * k + e, sa, sa), dot_u8s(hi, xq, i7 * k + e + 32, sb, sb))
+            v0 = iadd(v0, iadd(dot_u8s(lo, xq, i0 * k + e, sa, sa), dot_u8s(hi, xq, i0 * k + e + 32, sb, sb)))
+            v1 = iadd(v1, iadd(dot_u8s(lo, xq, i1 * k + e, sa, sa), dot_u8s(hi, xq, i1 * k + e + 32, sb, sb)))
+            v2 = iadd(v2, iadd(dot_u8s(lo, xq, i2 * k + e, sa, sa), dot_u8s(hi, xq, i2 * k + e + 32, sb, sb)))
+            v3 = iadd(v3, iadd(dot_u8s(lo, xq, i3 * k + e, sa, sa), dot_u8s(hi, xq, i3 * k + e + 32, sb, sb)))
+            v4 = iadd(v4, iadd(dot_u8s(lo, xq, i4 * k + e, sa, sa), dot_u8s(hi, xq, i4 * k + e + 32, sb, sb)))
+            v5 = iadd(v5, iadd(dot_u8s(lo, xq, i5 * k + e, sa, sa), dot_u8s(hi, xq, i5 * k + e + 32, sb, sb)))
+            v6 = iadd(v6, iadd(dot_u8s(lo, xq, i6 * k + e, sa, sa), dot_u8s(hi, xq, i6 * k + e + 32, sb, sb)))
+            v7 = iadd(v7, iadd(dot_u8s(lo, xq, i7 * k + e, sa, sa), dot_u8s(hi, xq, i7 * k + e + 32, sb, sb)))
+            if per_64:
+                acc = fma8(isum8(v0, v1, v2, v3, v4, v5, v6, v7), dd, acc)
+                accm = fma8(mc, dm, accm)
+                v0, v1, v2, v3 = izeros(), izeros(), izeros(), izeros()
+                v4, v5, v6, v7 = izeros(), izeros(), izeros(), izeros()
+        if not per_64:
             acc = fma8(isum8(v0, v1, v2, v3, v4, v5, v6, v7), dd, acc)
-            accm = fma8(mc, dm, accm)
+            accm = fma8(half_join((t0 + t1) + (t2 + t3), (u0 + u1) + (u2 + u3)), dm, accm)
         p += 144
     res = acc - accm
     for j in range(8):
@@ -941,14 +970,12 @@ def gemm(out, x, xq, xs, w, qtype, m, k, kinds):
             elif qtype == Q5_0 or qtype == Q8_0:
                 for r in range(r0, r1):
                     _eight_rows_q5_0(out, xqf, xsf, w, r, rows, k, xs_row, qtype == Q8_0)
-            elif qtype == Q4_K and variant == 1 and real == 8:
+            elif qtype == Q4_K and real > 4:
                 for r in range(r0, r1):
-                    _eight_rows_q4_k(out, xqf, xsf, w, r, rows, k, xs_row)
+                    _eight_rows_q4_k(out, xqf, xsf, w, r, rows, k, xs_row, variant == 1)
             elif qtype == Q4_K:
                 for r in range(r0, r1):
                     _four_rows_q4_k(out, xqf, xsf, w, r, rows[0:4], k, xs_row, variant == 1)
-                    if real > 4:
-                        _four_rows_q4_k(out, xqf, xsf, w, r, rows[4:8], k, xs_row, variant == 1)
             elif variant == 1:
                 for r in range(r0, r1):
                     _eight_rows_q6_k_tiled(out, xqf, xsf, w, r, rows, k, xs_row)

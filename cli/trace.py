@@ -15,7 +15,10 @@ from .app import app, handles_errors, out
 def trace(model: str = typer.Argument(None, help="catalogue name or path to a .gguf file"),
           prompt: str = typer.Argument(None, help="text to evaluate (tokenized with the model's BOS rule)"),
           out_path: Path = typer.Option(None, "--out", "-o", help="the .npz to write"),
-          reference: bool = typer.Option(False, "--reference", help="trace the numpy forward_reference"),
+          reference: bool = typer.Option(False, "--reference", help="trace the numpy forward_reference, each "
+                                         "layer started from the fast path's input to it"),
+          free_running: bool = typer.Option(False, "--free-running",
+                                            help="--reference: run the reference through on its own"),
           threads: int = typer.Option(None, "--threads", "-t", help="threads (default: all cores)"),
           diff: tuple[Path, Path] = typer.Option(None, "--diff", metavar="A.npz B.npz",
                                                  help="compare two traces (B is the reference)"),
@@ -36,9 +39,10 @@ def trace(model: str = typer.Argument(None, help="catalogue name or path to a .g
     from ..runtime.model import load
     m = load(model, threads=threads)
     ids = m.tokenize(prompt)
-    tensors = m.trace(ids, reference=reference)
-    meta = {"model": m.name, "path": str(m.path), "prompt": prompt, "tokens": ids,
-            "forward": "reference" if reference else "fast", "threads": m.threads}
+    tensors = m.trace(ids, reference=reference, per_layer=not free_running)
+    forward = ("reference (free-running)" if free_running else "reference (per layer)") if reference else "fast"
+    meta = {"model": m.name, "path": str(m.path), "prompt": prompt, "tokens": ids, "forward": forward,
+            "threads": m.threads}
     tr.save(out_path, tensors, meta)
     out.print(f"{len(tensors)} tensors of {len(ids)} tokens ({meta['forward']} forward) -> {out_path}",
               highlight=False, soft_wrap=True)

@@ -18,7 +18,7 @@ from ..formats.gguf import GGUFFile
 from ..formats.metadata import get_float, get_int
 from ..errors import ModelFormatError
 from . import ops
-from .linear import Linear, Scratch, WeightSource, embed, linear
+from .linear import Linear, ReferenceWeights, Scratch, WeightSource, embed, linear
 
 ARCH = "gemma3"
 NEOX_ROPE = True
@@ -204,16 +204,15 @@ def forward(args: ModelArgs, w: Weights, st: RunState, k_cache: np.ndarray, v_ca
     return xb[:n_out]
 
 
-def forward_reference(args: ModelArgs, w: Weights, tokens: list[int], trace=None) -> np.ndarray:
+def forward_reference(args: ModelArgs, w: Weights, tokens: list[int], trace=None,
+                      inputs=None) -> np.ndarray:
     """The readable forward the fast path is tested against: plain numpy over dequantized weights, one
-    sequence from position 0, no cache. Returns logits (T, n_vocab). `trace` as in `forward`."""
+    sequence from position 0, no cache. Returns logits (T, n_vocab). `trace` as in `forward`.
+    `inputs` (optional): for each layer i > 0 the residual stream entering it, and at len(layers) the one
+    entering the output norm, to start each layer from instead of the previous layer's result (the per-layer
+    comparison of `runtime.trace`)."""
     T, hd = len(tokens), args.head_dim
-    deq = {}
-
-    def W(lin: Linear) -> np.ndarray:
-        if lin.name not in deq:
-            deq[lin.name] = lin.dequantize()
-        return deq[lin.name]
+    W = ReferenceWeights()
 
     def rmsnorm(x, weight):
         return x / np.sqrt(np.mean(x.astype(np.float64) ** 2, axis=-1, keepdims=True) + args.rms_eps) * weight
@@ -237,13 +236,15 @@ def forward_reference(args: ModelArgs, w: Weights, tokens: list[int], trace=None
     if trace is not None:
         trace.record(None, inp_scaled=x)
     for i, L in enumerate(w.layers):
+        if inputs is not None and i > 0:
+            x = inputs[i].astype(np.float64)
         base = args.rope_base if args.is_global(i) else ROPE_BASE_LOCAL
         mask = causal if args.is_global(i) else local
         h = rmsnorm(x, L.attn_norm)
-        q = rmsnorm((h @ W(L.wq).T).reshape(T, args.n_head, hd), L.q_norm)            # (T, H, hd)
-        k = rmsnorm((h @ W(L.wk).T).reshape(T, args.n_head_kv, hd), L.k_norm)         # (T, Hkv, hd)
+        q = rmsnorm(W.mm(h, L.wq).reshape(T, args.n_head, hd), L.q_norm)            # (T, H, hd)
+        k = rmsnorm(W.mm(h, L.wk).reshape(T, args.n_head_kv, hd), L.k_norm)         # (T, Hkv, hd)
         q, k = rope(q, base), rope(k, base)
-        v = (h @ W(L.wv).T).reshape(T, args.n_head_kv, hd)
+        v = W.mm(h, L.wv).reshape(T, args.n_head_kv, hd)
         if trace is not None:
             trace.record(i, attn_norm=h, Qcur=q, Kcur=k, Vcur=v)
         group = args.n_head // args.n_head_kv
@@ -252,19 +253,21 @@ def forward_reference(args: ModelArgs, w: Weights, tokens: list[int], trace=None
         p = np.exp(scores - scores.max(-1, keepdims=True))
         p /= p.sum(-1, keepdims=True)
         a = np.einsum("hts,shd->thd", p, v).reshape(T, args.q_dim)
-        attn_post_norm = rmsnorm(a @ W(L.wo).T, L.post_attn_norm)
+        attn_post_norm = rmsnorm(W.mm(a, L.wo), L.post_attn_norm)
         x = x + attn_post_norm
         if trace is not None:
             trace.record(i, kqv_out=a, attn_post_norm=attn_post_norm, sa_out=x)
         h = rmsnorm(x, L.ffn_norm)
-        g, u = h @ W(L.ffn_gate).T, h @ W(L.ffn_up).T
+        g, u = W.mm(h, L.ffn_gate), W.mm(h, L.ffn_up)
         gelu = 0.5 * g * (1 + np.tanh(np.sqrt(2 / np.pi) * (g + 0.044715 * g ** 3)))
-        ffn_post_norm = rmsnorm((gelu * u) @ W(L.ffn_down).T, L.post_ffn_norm)
+        ffn_post_norm = rmsnorm(W.mm(gelu * u, L.ffn_down), L.post_ffn_norm)
         x = x + ffn_post_norm
         if trace is not None:
             trace.record(i, ffn_norm=h, ffn_post_norm=ffn_post_norm, l_out=x)
+    if inputs is not None:
+        x = inputs[len(w.layers)].astype(np.float64)
     x = rmsnorm(x, w.output_norm)
-    logits = (x @ W(w.output).T).astype(np.float32)
+    logits = W.mm(x, w.output).astype(np.float32)
     if trace is not None:
         trace.record(None, result_norm=x, result_output=logits)
     return logits

@@ -104,6 +104,23 @@ class Scratch:
         self.xs = np.zeros(max_batch * max_k // 16, dtype=np.float32)
 
 
+class ReferenceWeights:
+    """The numpy reference forwards' view of the weights: `W(lin)` the matrix dequantized (once, float32), and
+    `W.mm(x, lin)` = x @ W.T with x first rounded as llama.cpp's matmul rounds its input for that weight type
+    (`quant.round_activations`), in float64."""
+
+    def __init__(self):
+        self._dequantized: dict[str, np.ndarray] = {}
+
+    def __call__(self, lin: Linear) -> np.ndarray:
+        if lin.name not in self._dequantized:
+            self._dequantized[lin.name] = lin.dequantize()
+        return self._dequantized[lin.name]
+
+    def mm(self, x: np.ndarray, lin: Linear) -> np.ndarray:
+        return quant.round_activations(x, lin.qtype) @ self(lin).T
+
+
 def linear(out: np.ndarray, x: np.ndarray, w: Linear, scratch: Scratch, kinds: np.ndarray | None = None) -> None:
     """out (B, m) = x (B, k) @ W.T through `quant.multiply`, the dispatch that `nibble.quant.matmul` and the
     kernel benchmark use too; allocates nothing. `kinds` (int8 per row): the arithmetic each row gets where

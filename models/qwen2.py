@@ -15,7 +15,7 @@ from ..formats.gguf import GGUFFile
 from ..formats.metadata import get_float, get_int
 from ..errors import ModelFormatError
 from . import ops
-from .linear import Linear, Scratch, WeightSource, embed, linear
+from .linear import Linear, ReferenceWeights, Scratch, WeightSource, embed, linear
 
 ARCH = "qwen2"
 NEOX_ROPE = True
@@ -187,16 +187,15 @@ def forward(args: ModelArgs, w: Weights, st: RunState, k_cache: np.ndarray, v_ca
     return xb[:n_out]
 
 
-def forward_reference(args: ModelArgs, w: Weights, tokens: list[int], trace=None) -> np.ndarray:
+def forward_reference(args: ModelArgs, w: Weights, tokens: list[int], trace=None,
+                      inputs=None) -> np.ndarray:
     """The readable forward the fast path is tested against: plain numpy over dequantized weights, one
-    sequence from position 0, no cache. Returns logits (T, n_vocab). `trace` as in `forward`."""
+    sequence from position 0, no cache. Returns logits (T, n_vocab). `trace` as in `forward`.
+    `inputs` (optional): for each layer i > 0 the residual stream entering it, and at len(layers) the one
+    entering the output norm, to start each layer from instead of the previous layer's result (the per-layer
+    comparison of `runtime.trace`)."""
     T, hd = len(tokens), args.head_dim
-    deq = {}
-
-    def W(lin: Linear) -> np.ndarray:
-        if lin.name not in deq:
-            deq[lin.name] = lin.dequantize()
-        return deq[lin.name]
+    W = ReferenceWeights()
 
     def rmsnorm(x, weight):
         return x / np.sqrt(np.mean(x.astype(np.float64) ** 2, axis=-1, keepdims=True) + args.rms_eps) * weight
@@ -218,10 +217,12 @@ def forward_reference(args: ModelArgs, w: Weights, tokens: list[int], trace=None
     if trace is not None:
         trace.record(None, inp_embd=x)
     for i, L in enumerate(w.layers):
+        if inputs is not None and i > 0:
+            x = inputs[i].astype(np.float64)
         h = rmsnorm(x, L.attn_norm)
-        q = rope((h @ W(L.wq).T + L.bq).reshape(T, args.n_head, hd))                  # (T, H, hd)
-        k = rope((h @ W(L.wk).T + L.bk).reshape(T, args.n_head_kv, hd))               # (T, Hkv, hd)
-        v = (h @ W(L.wv).T + L.bv).reshape(T, args.n_head_kv, hd)
+        q = rope((W.mm(h, L.wq) + L.bq).reshape(T, args.n_head, hd))                  # (T, H, hd)
+        k = rope((W.mm(h, L.wk) + L.bk).reshape(T, args.n_head_kv, hd))               # (T, Hkv, hd)
+        v = (W.mm(h, L.wv) + L.bv).reshape(T, args.n_head_kv, hd)
         if trace is not None:
             trace.record(i, attn_norm=h, Qcur=q, Kcur=k, Vcur=v)
         group = args.n_head // args.n_head_kv
@@ -230,18 +231,20 @@ def forward_reference(args: ModelArgs, w: Weights, tokens: list[int], trace=None
         p = np.exp(scores - scores.max(-1, keepdims=True))
         p /= p.sum(-1, keepdims=True)
         a = np.einsum("hts,shd->thd", p, v).reshape(T, args.q_dim)
-        attn_out = a @ W(L.wo).T
+        attn_out = W.mm(a, L.wo)
         x = x + attn_out
         if trace is not None:
             trace.record(i, kqv_out=a, attn_out=attn_out, ffn_inp=x)
         h = rmsnorm(x, L.ffn_norm)
-        g, u = h @ W(L.ffn_gate).T, h @ W(L.ffn_up).T
-        ffn_out = (g / (1 + np.exp(-g)) * u) @ W(L.ffn_down).T
+        g, u = W.mm(h, L.ffn_gate), W.mm(h, L.ffn_up)
+        ffn_out = W.mm(g / (1 + np.exp(-g)) * u, L.ffn_down)
         x = x + ffn_out
         if trace is not None:
             trace.record(i, ffn_norm=h, ffn_out=ffn_out, l_out=x)
+    if inputs is not None:
+        x = inputs[len(w.layers)].astype(np.float64)
     x = rmsnorm(x, w.output_norm)
-    logits = (x @ W(w.output).T).astype(np.float32)
+    logits = W.mm(x, w.output).astype(np.float32)
     if trace is not None:
         trace.record(None, result_norm=x, result_output=logits)
     return logits

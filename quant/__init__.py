@@ -28,7 +28,7 @@ from .blocks import FORMATS
 from .jit import KERNEL_LOCK, apply_threads, get_threads, set_threads
 
 __all__ = ["SUPPORTED_TYPES", "check_supported", "dequantize", "dequantize_reference", "matmul", "quantize",
-           "quantize_model", "scratch_shape", "row_bytes", "set_threads", "get_threads", "FORMATS"]
+           "quantize_model", "round_activations", "scratch_shape", "row_bytes", "set_threads", "get_threads", "FORMATS"]
 
 SUPPORTED_TYPES: frozenset[GGMLQuantizationType] = frozenset(GGMLQuantizationType(t) for t in FORMATS)
 QUANTIZABLE_TYPES: frozenset[GGMLQuantizationType] = frozenset(
@@ -100,6 +100,37 @@ def dequantize_reference(data, qtype, shape) -> np.ndarray:
     fmt = FORMATS[qtype]
     values = fmt.dequantize_blocks(w.reshape(-1, fmt.type_size))
     return values.reshape(tuple(int(s) for s in shape))
+
+
+def round_activations(x, qtype) -> np.ndarray:
+    """x (..., k) as llama.cpp's matmul against a `qtype` matrix takes it: rounded to the type's activation
+    format (ggml's vec_dot_type) and back, float64. 8-bit blocks of 32 with an fp16 scale (q8_0) for the
+    legacy types, of 256 with an f32 scale (q8_K) for the k-quants, fp16 for F16, bfloat16 for BF16, unchanged
+    for F32. The numpy reference forwards multiply through it: this rounding is part of the model as llama.cpp
+    evaluates it (on SmolLM2 it moves the attention outputs by NMSE ~5e-3 against unrounded float64)."""
+    qtype = GGMLQuantizationType(int(qtype))
+    x32 = np.asarray(x, np.float32)
+    if qtype == GGMLQuantizationType.F32:
+        return x32.astype(np.float64)
+    if qtype == GGMLQuantizationType.F16:
+        return x32.astype(np.float16).astype(np.float64)
+    if qtype == GGMLQuantizationType.BF16:
+        bits = x32.view(np.uint32).astype(np.uint64)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000           # round to nearest even
+        return bits.astype(np.uint32).view(np.float32).astype(np.float64)
+    block = GGML_QUANT_SIZES[qtype][0]
+    b = x32.reshape(-1, block)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        if block == 256:                # q8_K: the scale from the value of largest magnitude, with its sign
+            big = np.take_along_axis(b, np.abs(b).argmax(axis=1)[:, None], axis=1)
+            iscale = np.where(big != 0, np.float32(-127) / big, np.float32(0))
+            q = np.minimum(np.rint(iscale * b), 127)
+            d = np.where(big != 0, np.float32(1) / iscale, np.float32(0)).astype(np.float64)
+        else:                           # q8_0: d = max |x| / 127, stored as fp16
+            d32 = np.abs(b).max(axis=1, keepdims=True) / np.float32(127)
+            q = np.rint(b * np.where(d32 > 0, np.float32(1) / d32, np.float32(0)))
+            d = d32.astype(np.float16).astype(np.float64)
+    return (q * d).reshape(x32.shape)
 
 
 _scratch = threading.local()

@@ -187,13 +187,14 @@ class Model:
             return e.eval_all(ids, 0)
         return self._call(run)
 
-    def trace(self, ids, reference: bool = False) -> dict[str, np.ndarray]:
+    def trace(self, ids, reference: bool = False, per_layer: bool = True) -> dict[str, np.ndarray]:
         """The intermediate tensors of the evaluation of ids from an empty cache (slot 0 is reset), in forward
         order and named as llama.cpp names its graph nodes (`attn_norm-0`, `Qcur-0`, ..., `result_output`):
         float32 arrays (len(ids), features). `result_output` is bit for bit what `logits(ids)` returns;
-        `reference=True` traces the architecture's numpy `forward_reference` instead. See runtime/trace.py."""
+        `reference=True` traces the architecture's numpy `forward_reference` instead, each layer started
+        from the fast path's input to it unless `per_layer=False`. See runtime/trace.py."""
         from .trace import trace_engine
-        return self._call(lambda e: trace_engine(e, ids, reference))
+        return self._call(lambda e: trace_engine(e, ids, reference, per_layer))
 
     def perplexity(self, text: str, n_ctx: int = 512, progress=None) -> float:
         """llama-perplexity's method; see runtime/perplexity.py."""

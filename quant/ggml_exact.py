@@ -43,8 +43,9 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from .jit import exact_kernel, exact_parallel_kernel
-from .simd import (USE_PMADDUBSW, _element_ptr, at, extract_lane, llvm_call, F32x8, I32x8, bits32, bytes32, dot_i8, dot_u8, fma1, fma8, hsum8, load_f16,
-                   load_f32x8, load_i8, load_u8, load_u32, nibbles16, round_f16, splat, to_f32, zeros)
+from .simd import (OFFSET_ACTIVATIONS, USE_PMADDUBSW, _element_ptr, at, dot_i8, dot_offset, dot_u8, extract_lane,
+                   llvm_call, offset_base, F32x8, I32x8, bits32, bytes32, fma1, fma8, hsum8, load_f16, load_f32x8,
+                   load_i8, load_u8, load_u32, nibbles16, round_f16, splat, to_f32, zeros)
 
 f32 = np.float32
 Q4_1, Q5_0, Q8_0, Q4_K, Q6_K = 3, 6, 8, 12, 14
@@ -624,12 +625,13 @@ def _four_rows_q5_0(out, xq, xs, w, r, rows, k, xs_row, is_q8_0):
     a0, a1, a2, a3 = zeros(), zeros(), zeros(), zeros()
     for b in range(nb):
         q, d = _block_q5_0_q8_0(w, p, is_q8_0)
+        base = offset_base(q)
         p += 34 if is_q8_0 else 22
         e = 32 * b
-        a0 = fma8(splat(d * at(xs, i0 * xs_row + 2 * b)), to_f32(dot_i8(q, xq, i0 * k + e)), a0)
-        a1 = fma8(splat(d * at(xs, i1 * xs_row + 2 * b)), to_f32(dot_i8(q, xq, i1 * k + e)), a1)
-        a2 = fma8(splat(d * at(xs, i2 * xs_row + 2 * b)), to_f32(dot_i8(q, xq, i2 * k + e)), a2)
-        a3 = fma8(splat(d * at(xs, i3 * xs_row + 2 * b)), to_f32(dot_i8(q, xq, i3 * k + e)), a3)
+        a0 = fma8(splat(d * at(xs, i0 * xs_row + 2 * b)), to_f32(dot_offset(q, xq, i0 * k + e, base)), a0)
+        a1 = fma8(splat(d * at(xs, i1 * xs_row + 2 * b)), to_f32(dot_offset(q, xq, i1 * k + e, base)), a1)
+        a2 = fma8(splat(d * at(xs, i2 * xs_row + 2 * b)), to_f32(dot_offset(q, xq, i2 * k + e, base)), a2)
+        a3 = fma8(splat(d * at(xs, i3 * xs_row + 2 * b)), to_f32(dot_offset(q, xq, i3 * k + e, base)), a3)
     out[i0, r] = hsum8(a0)
     out[i1, r] = hsum8(a1)
     out[i2, r] = hsum8(a2)
@@ -647,16 +649,17 @@ def _eight_rows_q5_0(out, xq, xs, w, r, rows, k, xs_row, is_q8_0):
     a4, a5, a6, a7 = zeros(), zeros(), zeros(), zeros()
     for b in range(nb):
         q, d = _block_q5_0_q8_0(w, p, is_q8_0)
+        base = offset_base(q)
         p += 34 if is_q8_0 else 22
         e = 32 * b
-        a0 = fma8(splat(d * at(xs, i0 * xs_row + 2 * b)), to_f32(dot_i8(q, xq, i0 * k + e)), a0)
-        a1 = fma8(splat(d * at(xs, i1 * xs_row + 2 * b)), to_f32(dot_i8(q, xq, i1 * k + e)), a1)
-        a2 = fma8(splat(d * at(xs, i2 * xs_row + 2 * b)), to_f32(dot_i8(q, xq, i2 * k + e)), a2)
-        a3 = fma8(splat(d * at(xs, i3 * xs_row + 2 * b)), to_f32(dot_i8(q, xq, i3 * k + e)), a3)
-        a4 = fma8(splat(d * at(xs, i4 * xs_row + 2 * b)), to_f32(dot_i8(q, xq, i4 * k + e)), a4)
-        a5 = fma8(splat(d * at(xs, i5 * xs_row + 2 * b)), to_f32(dot_i8(q, xq, i5 * k + e)), a5)
-        a6 = fma8(splat(d * at(xs, i6 * xs_row + 2 * b)), to_f32(dot_i8(q, xq, i6 * k + e)), a6)
-        a7 = fma8(splat(d * at(xs, i7 * xs_row + 2 * b)), to_f32(dot_i8(q, xq, i7 * k + e)), a7)
+        a0 = fma8(splat(d * at(xs, i0 * xs_row + 2 * b)), to_f32(dot_offset(q, xq, i0 * k + e, base)), a0)
+        a1 = fma8(splat(d * at(xs, i1 * xs_row + 2 * b)), to_f32(dot_offset(q, xq, i1 * k + e, base)), a1)
+        a2 = fma8(splat(d * at(xs, i2 * xs_row + 2 * b)), to_f32(dot_offset(q, xq, i2 * k + e, base)), a2)
+        a3 = fma8(splat(d * at(xs, i3 * xs_row + 2 * b)), to_f32(dot_offset(q, xq, i3 * k + e, base)), a3)
+        a4 = fma8(splat(d * at(xs, i4 * xs_row + 2 * b)), to_f32(dot_offset(q, xq, i4 * k + e, base)), a4)
+        a5 = fma8(splat(d * at(xs, i5 * xs_row + 2 * b)), to_f32(dot_offset(q, xq, i5 * k + e, base)), a5)
+        a6 = fma8(splat(d * at(xs, i6 * xs_row + 2 * b)), to_f32(dot_offset(q, xq, i6 * k + e, base)), a6)
+        a7 = fma8(splat(d * at(xs, i7 * xs_row + 2 * b)), to_f32(dot_offset(q, xq, i7 * k + e, base)), a7)
     out[i0, r] = hsum8(a0)
     out[i1, r] = hsum8(a1)
     out[i2, r] = hsum8(a2)
@@ -918,6 +921,20 @@ def _group(rows, order, g):
     return real
 
 
+@exact_kernel
+def _offset_grouped_rows(xq, order, used):
+    """Store the activation rows that the Q5_0/Q8_0 group kernels will read offset by 128 (`simd.dot_offset`);
+    a group of one real row goes to `_rows_one`, which reads them as they are."""
+    for g in range(0, used, 8):
+        if order[g + 1] < 0:
+            continue
+        for j in range(8):
+            i = order[g + j]
+            if i >= 0:
+                for e in range(xq.shape[1]):
+                    xq[i, e] ^= np.int8(-128)
+
+
 @exact_parallel_kernel
 def gemm(out, x, xq, xs, w, qtype, m, k, kinds):
     """out f32[n, m] = x @ W.T, row i with the arithmetic llama.cpp gives a row of kind kinds[i] (see
@@ -934,6 +951,8 @@ def gemm(out, x, xq, xs, w, qtype, m, k, kinds):
     order = np.empty(n + 16, np.int64)
     used = _group_rows(qtype, kinds, order)
     n_groups = used // 8
+    if OFFSET_ACTIVATIONS and (qtype == Q5_0 or qtype == Q8_0):
+        _offset_grouped_rows(xq, order, used)
     variants = np.empty(n_groups, np.int8)
     for t in range(n_groups):
         variants[t] = _variant(qtype, kinds[order[8 * t]])

@@ -352,13 +352,53 @@ def dot_i8(typingctx, q, xq, i):
 
     def codegen(context, builder, sig, args):
         x = builder.load(_element_ptr(context, builder, sig.args[1], args[1], args[2], _vec(_I8, 32)), align=1)
-        if USE_PMADDUBSW:
-            # |q| × (x with q's sign) keeps the product while making the first operand unsigned.
-            absq = _x86(builder, "llvm.abs.v32i8", _vec(_I8, 32), [args[0], ir.Constant(ir.IntType(1), 0)])
-            signed_x = _x86(builder, "llvm.x86.avx2.psign.b", _vec(_I8, 32), [x, args[0]])
-            return _dot_pmaddubsw(builder, absq, signed_x)
-        return _dot_generic(builder, args[0], x, a_signed=True)
+        return _dot_signed(builder, args[0], x)
     return I32x8(U8x32, xq, types.intp), codegen
+
+
+def _dot_signed(builder, q, x):
+    if USE_PMADDUBSW:
+        # |q| × (x with q's sign) keeps the product while making the first operand unsigned.
+        absq = _x86(builder, "llvm.abs.v32i8", _vec(_I8, 32), [q, ir.Constant(ir.IntType(1), 0)])
+        return _dot_pmaddubsw(builder, absq, _x86(builder, "llvm.x86.avx2.psign.b", _vec(_I8, 32), [x, q]))
+    return _dot_generic(builder, q, x, a_signed=True)
+
+
+# Signed weights against activations stored offset by 128 (xq ^ 0x80, as unsigned bytes): with VNNI,
+# vpdpbusd(base, x + 128, q) = base + Σ x·q + 128 Σ q, so starting from base = -128 Σ q (once per weight block,
+# `offset_base`) one instruction per activation row gives the exact lanes `dot_i8` gives, without `dot_i8`'s
+# per-row sign flip. Without VNNI (pmaddubsw would saturate on 255 × 127 pairs) the activations are not
+# offset and these are `dot_i8` (`OFFSET_ACTIVATIONS` says which).
+
+OFFSET_ACTIVATIONS = USE_VNNI
+
+
+@intrinsic
+def offset_base(typingctx, q):
+    """I32x8: lane l = -128 Σ_{j=4l}^{4l+3} q[j] (q signed) with OFFSET_ACTIVATIONS, else zeros."""
+    def codegen(context, builder, sig, args):
+        if not OFFSET_ACTIVATIONS:
+            return _const(_I32, 8, 0)
+        as_i32 = lambda v: builder.bitcast(v, _vec(_I32, 8))
+        sums = _x86(builder, "llvm.x86.avx512.vpdpbusd.256", _vec(_I32, 8),
+                    [_const(_I32, 8, 0), as_i32(_const(_I8, 32, 128)), as_i32(args[0])])
+        return builder.sub(_const(_I32, 8, 0), sums)
+    return I32x8(U8x32), codegen
+
+
+@intrinsic
+def dot_offset(typingctx, q, xq, i, base):
+    """I32x8 `dot_i8(q, xq, i)` for activations stored as `OFFSET_ACTIVATIONS` says, `base` from
+    `offset_base(q)`."""
+    _check_array(xq, ("int8",))
+
+    def codegen(context, builder, sig, args):
+        x = builder.load(_element_ptr(context, builder, sig.args[1], args[1], args[2], _vec(_I8, 32)), align=1)
+        if not OFFSET_ACTIVATIONS:
+            return _dot_signed(builder, args[0], x)
+        as_i32 = lambda v: builder.bitcast(v, _vec(_I32, 8))
+        return _x86(builder, "llvm.x86.avx512.vpdpbusd.256", _vec(_I32, 8), [args[3], as_i32(x), as_i32(args[0])])
+    return I32x8(U8x32, xq, types.intp, I32x8), codegen
 
 
 @intrinsic

@@ -45,9 +45,13 @@ def bench(model: str = typer.Argument(None, help="catalogue name or path (not ne
         return
     if speculative:
         from ..runtime import bench as mbench
-        rows = mbench.run_speculative(speculative, model_override=model, threads=threads,
-                                      max_tokens=n_gen if n_gen != 128 else 256)
-        print(json.dumps([r.as_json() for r in rows], indent=2) if as_json else mbench.speculative_markdown(rows))
+        rows, costs = mbench.run_speculative(speculative, model_override=model, threads=threads,
+                                             max_tokens=n_gen if n_gen != 128 else 256, reps=reps)
+        if as_json:
+            print(json.dumps({"workloads": [r.as_json() for r in rows], "verify_costs": [c.as_json() for c in costs]},
+                             indent=2))
+        else:
+            print(mbench.speculative_markdown(rows, costs))
         return
     if model is None:
         raise NibbleError("bench needs a MODEL (or --kernels)")

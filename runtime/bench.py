@@ -212,33 +212,77 @@ class SpeculativeResult:
 
 
 def run_speculative(speculative, workloads: list[str] | None = None, max_tokens: int = 256,
-                    model_override: str | None = None, threads: int | None = None) -> list[SpeculativeResult]:
-    """Each workload greedy, plain then with `speculative`, on its model (or `model_override`): decode
-    tokens/s of both (generated tokens after the first / their time), drafted and accepted tokens."""
+                    model_override: str | None = None, threads: int | None = None,
+                    reps: int = 3) -> tuple[list[SpeculativeResult], list[VerifyCost]]:
+    """Each workload greedy, plain and with `speculative` in turn `reps` times, on its model (or
+    `model_override`): the median decode tokens/s of each (generated tokens after the first / their time),
+    drafted and accepted tokens; and what a verification step costs on each model (`verify_costs`)."""
     from .model import load
     from .workloads import WORKLOADS
-    results = []
+    results, costs = [], []
     loaded: dict = {}
     for name in workloads or list(WORKLOADS):
         model_name, messages = WORKLOADS[name]
         model_name = model_override or model_name
         if model_name not in loaded:
             loaded[model_name] = load(model_name, n_ctx=2048, threads=threads)
+            costs += verify_costs(loaded[model_name])
         model = loaded[model_name]
         model.chat(messages, temperature=0, max_tokens=4)                    # warm-up: compile, caches
         model.chat(messages, temperature=0, max_tokens=4, speculative=speculative)
-        plain = model.chat(messages, temperature=0, max_tokens=max_tokens)
-        spec = model.chat(messages, temperature=0, max_tokens=max_tokens, speculative=speculative)
+        plain_ts, spec_ts = [], []
+        for _ in range(max(1, reps)):                                        # interleaved: the same conditions
+            plain = model.chat(messages, temperature=0, max_tokens=max_tokens)
+            spec = model.chat(messages, temperature=0, max_tokens=max_tokens, speculative=speculative)
+            plain_ts.append(plain.timings.tokens_per_second or 0.0)
+            spec_ts.append(spec.timings.tokens_per_second or 0.0)
         t = spec.timings
-        results.append(SpeculativeResult(name, model_name, len(plain.tokens), plain.timings.tokens_per_second or 0.0,
-                                          t.tokens_per_second or 0.0, t.draft_tokens, t.accepted_tokens,
+        results.append(SpeculativeResult(name, model_name, len(plain.tokens), statistics.median(plain_ts),
+                                          statistics.median(spec_ts), t.draft_tokens, t.accepted_tokens,
                                           t.verify_steps, spec.tokens == plain.tokens))
     for model in loaded.values():
         model.close()
-    return results
+    return results, costs
 
 
-def speculative_markdown(results: list[SpeculativeResult]) -> str:
+@dataclass
+class VerifyCost:
+    model: str
+    rows: int
+    ms: float                 # one forward of `rows` single-token-kind rows in one slot (median)
+    one_row_ms: float         # the same for one row: a plain decode step
+
+    def as_json(self) -> dict:
+        return {**self.__dict__, "relative": self.ms / self.one_row_ms,
+                "per_row_relative": self.ms / self.one_row_ms / self.rows}
+
+
+def verify_costs(model, rows=(1, 4, 8, 16), reps: int = 10) -> list[VerifyCost]:
+    """What a verification step costs on `model`: one forward of n rows of the single-token kind in one
+    slot (the token and n - 1 drafts, logits for all), after a short prompt, median of `reps` (ms)."""
+    prompt = model.tokenize("def add(a, b):\n    return a + b\n")
+
+    def run(engine):
+        engine.reset(0)
+        engine.eval(prompt, 0)
+        n0, token = len(prompt), prompt[-1]
+        times = {}
+        for n in rows:
+            samples = []
+            for _ in range(reps + 1):
+                engine.truncate(n0, 0)
+                t = time.perf_counter()
+                engine.forward_rows([(0, np.full(n, token), np.zeros(n, np.int8), n)])   # kind 0: a decode row
+                samples.append(time.perf_counter() - t)
+            times[n] = statistics.median(samples[1:]) * 1e3
+        engine.reset(0)
+        return times
+
+    times = model._call(run)
+    return [VerifyCost(model.name, n, times[n], times[rows[0]]) for n in rows]
+
+
+def speculative_markdown(results: list[SpeculativeResult], costs: list[VerifyCost] = ()) -> str:
     lines = ["| workload | model | tokens | plain t/s | speculative t/s | speedup | accepted / drafted | "
              "mean accepted per step | identical |", "|---|---|---|---|---|---|---|---|---|"]
     for r in results:
@@ -247,4 +291,9 @@ def speculative_markdown(results: list[SpeculativeResult]) -> str:
         mean = f"{j['mean_accepted']:.2f}" if r.verify_steps else "-"
         lines.append(f"| {r.workload} | {r.model} | {r.tokens} | {r.plain_ts:.1f} | {r.speculative_ts:.1f} | "
                      f"{r.speedup:.2f}x | {rate} | {mean} | {'yes' if r.identical else 'NO'} |")
+    if costs:
+        lines += ["", "| model | verify rows | ms | vs 1 row | per row |", "|---|---|---|---|---|"]
+        for c in costs:
+            j = c.as_json()
+            lines.append(f"| {c.model} | {c.rows} | {c.ms:.2f} | {j['relative']:.2f}x | {j['per_row_relative']:.2f}x |")
     return "\n".join(lines)

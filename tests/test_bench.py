@@ -88,3 +88,28 @@ def test_bench_bad_llama_bench_is_one_error_line(cli, pulled):
     pulled("smollm2-135m")
     r = cli("bench", "smollm2-135m", "-p", "8", "-n", "4", "-r", "1", "--compare-llama-bench", "/nonexistent")
     assert r.returncode == 1 and r.stderr.startswith("error: llama-bench failed")
+
+
+def test_bench_speculative_smoke(pulled):
+    """`nibble bench --speculative`: a workload plain and speculative (the same tokens), and the cost of a
+    verification step by rows, relative to one row."""
+    from nibble.runtime import bench
+    pulled("smollm2-135m")
+    results, costs = bench.run_speculative("ngram", workloads=["quote"], max_tokens=24, reps=1)
+    (r,) = results
+    assert r.identical and r.plain_ts > 0 and r.speculative_ts > 0 and r.tokens > 0
+    assert [c.rows for c in costs] == [1, 4, 8, 16] and all(c.ms > 0 for c in costs)
+    assert costs[0].as_json()["relative"] == 1.0
+    table = bench.speculative_markdown(results, costs)
+    assert "| quote | smollm2-135m |" in table and "| smollm2-135m | 16 |" in table
+
+
+def test_bench_concurrency_smoke(cli, pulled):
+    pulled("smollm2-135m")
+    r = cli("bench", "smollm2-135m", "--concurrency", "1,2", "-p", "8", "-n", "4", "--json")
+    assert r.returncode == 0, r.stderr
+    rows = json.loads(r.stdout)
+    assert [row["concurrency"] for row in rows] == [1, 2]
+    for row in rows:
+        assert row["generated"] == row["streams"] * 4 and row["tokens_per_second"] > 0
+        assert row["ttft_p95_ms"] >= row["ttft_p50_ms"] > 0

@@ -145,6 +145,27 @@ def _kq(k, kb, q16, head_dim, lanes32):
     return r
 
 
+@exact_kernel
+def _kq4(k, kb, cell, q16, head_dim):
+    """`_kq` with 8 lanes (a batched row) for the four cached keys at kb, kb + cell, kb + 2 cell, kb + 3 cell:
+    each key's own chain, the four side by side so that their fma latencies overlap."""
+    a0, a1, a2, a3 = zeros(), zeros(), zeros(), zeros()
+    n8 = head_dim - head_dim % 8
+    for i in range(0, n8, 8):
+        qv = load_f32x8(q16, i)
+        a0 = fma8(halves8(k, kb + i), qv, a0)
+        a1 = fma8(halves8(k, kb + cell + i), qv, a1)
+        a2 = fma8(halves8(k, kb + 2 * cell + i), qv, a2)
+        a3 = fma8(halves8(k, kb + 3 * cell + i), qv, a3)
+    r0, r1, r2, r3 = hsum8(a0), hsum8(a1), hsum8(a2), hsum8(a3)
+    for i in range(n8, head_dim):
+        r0 = fma1(half_to_float(k[kb + i]), q16[i], r0)
+        r1 = fma1(half_to_float(k[kb + cell + i]), q16[i], r1)
+        r2 = fma1(half_to_float(k[kb + 2 * cell + i]), q16[i], r2)
+        r3 = fma1(half_to_float(k[kb + 3 * cell + i]), q16[i], r3)
+    return r0, r1, r2, r3
+
+
 @exact_parallel_kernel
 def attention(out, q, k_cache, v_cache, layer, slots, positions, kinds, n_head, n_head_kv, head_dim, scale, window):
     """Causal multi-head attention with grouped K/V heads, for rows q (B, n_head*head_dim) -> out (same).
@@ -185,10 +206,18 @@ def attention(out, q, k_cache, v_cache, layer, slots, positions, kinds, n_head, 
         base = (s * k_cache.shape[1] + layer) * layer_size + (h // group) * head_dim   # cell 0 of this head
         # kq, scaled (ggml_vec_scale_f32), and its maximum over the unmasked cells
         mx = f32(-np.inf)
-        for j in range(j0, p + 1):
+        j = j0
+        if not lanes32:                          # four keys at a time (each key's arithmetic unchanged)
+            while j + 3 <= p:
+                w0, w1, w2, w3 = _kq4(kf, base + j * cell, cell, q16, head_dim)
+                sc[j - g0], sc[j + 1 - g0], sc[j + 2 - g0], sc[j + 3 - g0] = w0 * scale, w1 * scale, w2 * scale, w3 * scale
+                mx = max(mx, max(max(w0 * scale, w1 * scale), max(w2 * scale, w3 * scale)))
+                j += 4
+        while j <= p:
             w = _kq(kf, base + j * cell, q16, head_dim, lanes32) * scale
             sc[j - g0] = w
             mx = max(mx, w)
+            j += 1
         # ggml_vec_soft_max_f32: exp per cell, Σ in double of each 8-group's hsum_float_8 (masked cells are 0)
         total = 0.0
         for g in range(0, n_sc, 8):
@@ -267,12 +296,28 @@ def _gelu_f32(x):
 
 
 @exact_kernel
-def gelu_mul(gate, up):
-    """gate = gelu_tanh(gate) * up, in place (GeGLU: gemma3), as ggml_vec_geglu_f32 with GGML_GELU_FP16 (the
-    default): below -10 zero, from 10 up the identity, between them x is rounded to fp16 and looked up in a
-    table of fp16(ggml_gelu_f32(x16)) — computed here instead of stored."""
+def _fill_gelu_table(table):
+    for h in range(65536):
+        table[h] = round_f16(_gelu_f32(half_to_float(np.uint16(h))))
+
+
+_gelu_table: list[np.ndarray] = []
+
+
+def gelu_table() -> np.ndarray:
+    """ggml's GGML_GELU_FP16 table: for each fp16 bit pattern, fp16(ggml_gelu_f32(its value)) as float32
+    (256 KiB, filled on first use)."""
+    if not _gelu_table:
+        table = np.empty(65536, np.float32)
+        _fill_gelu_table(table)
+        _gelu_table.append(table)
+    return _gelu_table[0]
+
+
+@exact_parallel_kernel
+def _gelu_mul(gate, up, table):
     B, n = gate.shape
-    for b in range(B):
+    for b in prange(B):
         for i in range(n):
             g = gate[b, i]
             if g <= f32(-10):
@@ -280,7 +325,14 @@ def gelu_mul(gate, up):
             elif g >= f32(10):
                 gate[b, i] = g * up[b, i]
             else:
-                gate[b, i] = round_f16(_gelu_f32(round_f16(g))) * up[b, i]
+                gate[b, i] = table[half_bits(g)] * up[b, i]
+
+
+def gelu_mul(gate, up):
+    """gate = gelu_tanh(gate) * up, in place (GeGLU: gemma3), as ggml_vec_geglu_f32 with GGML_GELU_FP16 (the
+    default): below -10 zero, from 10 up the identity, between them x is rounded to fp16 and looked up in a
+    table of fp16(ggml_gelu_f32(x16)) (`gelu_table`)."""
+    _gelu_mul(gate, up, gelu_table())
 
 
 @kernel

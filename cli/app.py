@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import threading
 
 import typer
 from rich.console import Console
@@ -37,3 +39,49 @@ def fmt_bytes(n: float) -> str:
             return f"{n:.2f} {unit}" if unit != "B" else f"{n:.0f} B"
         n /= 1024
     return str(n)
+
+
+@contextlib.contextmanager
+def compile_status(console: Console = err):
+    """While the block runs, one status line with a spinner on a terminal (nothing on a pipe) whenever Numba
+    compiles a kernel: the first run on a machine compiles the kernels the model's types need (several
+    seconds), later runs load them from the cache. Yields `done()`, to call before the first output."""
+    if not console.is_terminal:
+        yield lambda: None
+        return
+    from numba.core import event
+
+    status = console.status("", spinner="dots")
+    lock = threading.Lock()
+    state = {"shown": False, "done": False}
+
+    class Listener(event.Listener):            # called on the thread that compiles (the engine thread)
+        def on_start(self, ev):
+            fn = getattr(ev.data.get("dispatcher"), "py_func", None)
+            nibbles = getattr(fn, "__module__", "").startswith("nibble.")
+            name = fn.__name__ if nibbles and fn.__name__.isidentifier() else "kernels"
+            with lock:
+                if state["done"]:
+                    return
+                if not state["shown"]:
+                    status.start()
+                    state["shown"] = True
+                status.update(f"compiling {name} for this CPU (first run only)")
+
+        def on_end(self, ev):
+            pass
+
+    def done():
+        with lock:
+            state["done"] = True
+            if state["shown"]:
+                status.stop()
+                state["shown"] = False
+
+    listener = Listener()
+    event.register("numba:compile", listener)
+    try:
+        yield done
+    finally:
+        event.unregister("numba:compile", listener)
+        done()

@@ -16,7 +16,7 @@ from rich.markup import escape
 from ..errors import ConfigError
 from ..runtime.catalog import DEFAULT_MODEL
 from ..runtime.sampling import SamplingParams, token_limit
-from .app import app, err, handles_errors, out
+from .app import app, compile_status, err, handles_errors, out
 
 DEFAULTS = SamplingParams()   # the library's defaults are the options' defaults
 
@@ -202,8 +202,9 @@ def run(
                    [{"role": "user", "content": prompt}]
         stream = generate.chat_stream(m, messages, template=load_template(m, chat_template), cancel=cancel, **kw)
 
-    with ctrl_c_sets(cancel):
+    with ctrl_c_sets(cancel), compile_status() as compiled:
         for piece in stream:
+            compiled()
             if not as_json:
                 sys.stdout.write(piece)
                 sys.stdout.flush()
@@ -367,9 +368,11 @@ class Repl:
                 hint = " (/reset starts over)" if isinstance(e, ContextOverflowError) else ""
                 err.print(f"[bold red]error:[/] {escape(str(e))}{hint}", highlight=False, soft_wrap=True)
                 return
-            for piece in stream:
-                sys.stdout.write(piece)
-                sys.stdout.flush()
+            with compile_status() as compiled:
+                for piece in stream:
+                    compiled()
+                    sys.stdout.write(piece)
+                    sys.stdout.flush()
         sys.stdout.write("\n")
         sys.stdout.flush()
         if self.interactive:

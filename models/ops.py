@@ -186,72 +186,79 @@ def attention(out, q, k_cache, v_cache, layer, slots, positions, kinds, n_head, 
     scale = f32(scale)
     n8 = head_dim - head_dim % 8
     for bh in prange(B * n_head):
-        b = bh // n_head
-        h = bh % n_head
-        lanes32 = not (kinds[b] & ROW_BATCHED)
-        n_lanes = 32 if lanes32 else 8
-        s, p = slots[b], positions[b]
-        o = h * head_dim
-        j0 = 0
-        if window > 0 and p - window + 1 > 0:
-            j0 = p - window + 1
-        g0 = j0 // 8 * 8                        # scores are kept for whole 8-cell groups, g0 .. p
-        n_sc = p // 8 * 8 + 8 - g0
-        buf = np.empty(head_dim + n_sc + n_lanes * head_dim, np.float32)
-        q16 = buf[:head_dim]
-        sc = buf[head_dim:head_dim + n_sc]
-        acc = buf[head_dim + n_sc:]
-        for i in range(head_dim):
-            q16[i] = round_f16(q[b, o + i])
-        base = (s * k_cache.shape[1] + layer) * layer_size + (h // group) * head_dim   # cell 0 of this head
-        # kq, scaled (ggml_vec_scale_f32), and its maximum over the unmasked cells
-        mx = f32(-np.inf)
-        j = j0
-        if not lanes32:                          # four keys at a time (each key's arithmetic unchanged)
-            while j + 3 <= p:
-                w0, w1, w2, w3 = _kq4(kf, base + j * cell, cell, q16, head_dim)
-                sc[j - g0], sc[j + 1 - g0], sc[j + 2 - g0], sc[j + 3 - g0] = w0 * scale, w1 * scale, w2 * scale, w3 * scale
-                mx = max(mx, max(max(w0 * scale, w1 * scale), max(w2 * scale, w3 * scale)))
-                j += 4
-        while j <= p:
-            w = _kq(kf, base + j * cell, q16, head_dim, lanes32) * scale
-            sc[j - g0] = w
-            mx = max(mx, w)
-            j += 1
-        # ggml_vec_soft_max_f32: exp per cell, Σ in double of each 8-group's hsum_float_8 (masked cells are 0)
-        total = 0.0
-        for g in range(0, n_sc, 8):
-            for t in range(8):
-                j = g0 + g + t
-                sc[g + t] = v_expf(sc[g + t] - mx) if j0 <= j and j <= p else f32(0)
-            r0 = sc[g + 4] + sc[g]
-            r1 = sc[g + 5] + sc[g + 1]
-            r2 = sc[g + 6] + sc[g + 2]
-            r3 = sc[g + 7] + sc[g + 3]
-            total += np.float64((r0 + r2) + (r1 + r3))
-        inv = f32(1.0 / total)
-        for t in range(n_sc):
-            sc[t] = round_f16(sc[t] * inv)     # p, rounded to fp16 for the F16 matmul
-        # kqv: lane (j mod n_lanes) of each output element accumulates p16[j] * V[j] over the cells in order
-        acc[:] = 0
-        for j in range(j0, p + 1):
-            pj = sc[j - g0]
-            a = (j % n_lanes) * head_dim
-            vb = base + j * cell
-            for i in range(0, n8, 8):
-                store_f32x8(acc, a + i, fma8(splat(pj), halves8(vf, vb + i), load_f32x8(acc, a + i)))
-            for i in range(n8, head_dim):
-                acc[a + i] = fma1(pj, half_to_float(vf[vb + i]), acc[a + i])
-        for i in range(head_dim):
-            if lanes32:
-                out[b, o + i] = _reduce32(acc, i, head_dim)
-            else:
-                # hsum_float_8: ((a4 + a0) + (a6 + a2)) + ((a5 + a1) + (a7 + a3))
-                r0 = acc[4 * head_dim + i] + acc[i]
-                r1 = acc[5 * head_dim + i] + acc[head_dim + i]
-                r2 = acc[6 * head_dim + i] + acc[2 * head_dim + i]
-                r3 = acc[7 * head_dim + i] + acc[3 * head_dim + i]
-                out[b, o + i] = (r0 + r2) + (r1 + r3)
+        _attend(out, q, kf, vf, layer, k_cache.shape[1], layer_size, slots, positions, kinds, bh // n_head,
+                bh % n_head, group, cell, head_dim, scale, window, n8)
+
+
+@exact_kernel
+def _attend(out, q, kf, vf, layer, n_layers, layer_size, slots, positions, kinds, b, h, group, cell, head_dim,
+            scale, window, n8):
+    """`attention` for row b and head h (a function of its own: Numba compiles a small parallel loop
+    around it much faster than one around the whole body)."""
+    lanes32 = not (kinds[b] & ROW_BATCHED)
+    n_lanes = 32 if lanes32 else 8
+    s, p = slots[b], positions[b]
+    o = h * head_dim
+    j0 = 0
+    if window > 0 and p - window + 1 > 0:
+        j0 = p - window + 1
+    g0 = j0 // 8 * 8                        # scores are kept for whole 8-cell groups, g0 .. p
+    n_sc = p // 8 * 8 + 8 - g0
+    buf = np.empty(head_dim + n_sc + n_lanes * head_dim, np.float32)
+    q16 = buf[:head_dim]
+    sc = buf[head_dim:head_dim + n_sc]
+    acc = buf[head_dim + n_sc:]
+    for i in range(head_dim):
+        q16[i] = round_f16(q[b, o + i])
+    base = (s * n_layers + layer) * layer_size + (h // group) * head_dim   # cell 0 of this head
+    # kq, scaled (ggml_vec_scale_f32), and its maximum over the unmasked cells
+    mx = f32(-np.inf)
+    j = j0
+    if not lanes32:                          # four keys at a time (each key's arithmetic unchanged)
+        while j + 3 <= p:
+            w0, w1, w2, w3 = _kq4(kf, base + j * cell, cell, q16, head_dim)
+            sc[j - g0], sc[j + 1 - g0], sc[j + 2 - g0], sc[j + 3 - g0] = w0 * scale, w1 * scale, w2 * scale, w3 * scale
+            mx = max(mx, max(max(w0 * scale, w1 * scale), max(w2 * scale, w3 * scale)))
+            j += 4
+    while j <= p:
+        w = _kq(kf, base + j * cell, q16, head_dim, lanes32) * scale
+        sc[j - g0] = w
+        mx = max(mx, w)
+        j += 1
+    # ggml_vec_soft_max_f32: exp per cell, Σ in double of each 8-group's hsum_float_8 (masked cells are 0)
+    total = 0.0
+    for g in range(0, n_sc, 8):
+        for t in range(8):
+            j = g0 + g + t
+            sc[g + t] = v_expf(sc[g + t] - mx) if j0 <= j and j <= p else f32(0)
+        r0 = sc[g + 4] + sc[g]
+        r1 = sc[g + 5] + sc[g + 1]
+        r2 = sc[g + 6] + sc[g + 2]
+        r3 = sc[g + 7] + sc[g + 3]
+        total += np.float64((r0 + r2) + (r1 + r3))
+    inv = f32(1.0 / total)
+    for t in range(n_sc):
+        sc[t] = round_f16(sc[t] * inv)     # p, rounded to fp16 for the F16 matmul
+    # kqv: lane (j mod n_lanes) of each output element accumulates p16[j] * V[j] over the cells in order
+    acc[:] = 0
+    for j in range(j0, p + 1):
+        pj = sc[j - g0]
+        a = (j % n_lanes) * head_dim
+        vb = base + j * cell
+        for i in range(0, n8, 8):
+            store_f32x8(acc, a + i, fma8(splat(pj), halves8(vf, vb + i), load_f32x8(acc, a + i)))
+        for i in range(n8, head_dim):
+            acc[a + i] = fma1(pj, half_to_float(vf[vb + i]), acc[a + i])
+    for i in range(head_dim):
+        if lanes32:
+            out[b, o + i] = _reduce32(acc, i, head_dim)
+        else:
+            # hsum_float_8: ((a4 + a0) + (a6 + a2)) + ((a5 + a1) + (a7 + a3))
+            r0 = acc[4 * head_dim + i] + acc[i]
+            r1 = acc[5 * head_dim + i] + acc[head_dim + i]
+            r2 = acc[6 * head_dim + i] + acc[2 * head_dim + i]
+            r3 = acc[7 * head_dim + i] + acc[3 * head_dim + i]
+            out[b, o + i] = (r0 + r2) + (r1 + r3)
 
 
 @exact_kernel

@@ -36,16 +36,17 @@ xs[2b] is the fp16-rounded scale of block b and xs[2b + 1] the fp16-rounded Q8_1
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 from llvmlite import ir
 from numba import prange, types
-from numba.core import cgutils
 from numba.extending import intrinsic
 
-from .jit import exact_kernel, exact_parallel_kernel
+from .jit import exact_kernel, exact_parallel_kernel, inlined
 from .simd import (OFFSET_ACTIVATIONS, USE_PMADDUBSW, _element_ptr, at, dot_i8, dot_offset, dot_u8, extract_lane,
                    llvm_call, offset_base, F32x8, I32x8, bits32, bytes32, fma1, fma8, hsum8, load_f16, load_f32x8,
-                   load_i8, load_u8, load_u32, nibbles16, round_f16, splat, to_f32, zeros)
+                   load_i8, load_u32, nibbles16, round_f16, splat, to_f32, zeros)
 
 f32 = np.float32
 Q4_1, Q5_0, Q8_0, Q4_K, Q6_K = 3, 6, 8, 12, 14
@@ -500,22 +501,6 @@ def _rows_q6_k(out, xq, xs, w, r0, r1, nsb):
         out[r] = hsum8(acc)
 
 
-@exact_kernel
-def _rows_one(out, xq, xs, w, qtype, r0, r1, k):
-    """Rows r0..r1 of W times one activation row (quantized in xq, xs) of the single-row kind: what
-    llama.cpp computes for a batch of one row."""
-    if qtype == Q4_1:
-        _rows_q4_1(out, xq, xs, w, r0, r1, k // 32)
-    elif qtype == Q5_0:
-        _rows_q5_0(out, xq, xs, w, r0, r1, k // 32)
-    elif qtype == Q8_0:
-        _rows_q8_0(out, xq, xs, w, r0, r1, k // 32)
-    elif qtype == Q4_K:
-        _rows_q4_k(out, xq, xs, w, r0, r1, k // QK_K)
-    else:
-        _rows_q6_k(out, xq, xs, w, r0, r1, k // QK_K)
-
-
 # ---- row kinds: where llama.cpp's arithmetic for a row depends on the batch it came in ----
 #
 # For Q4_1, Q5_0 and Q8_0 it never does; for attention (models.ops) through the lane count. For Q4_K, ggml's repacked gemm takes activation rows in groups of
@@ -547,29 +532,6 @@ def batch_kinds(n: int) -> np.ndarray:
     kinds = np.zeros(n, np.int8)
     batch_kinds_into(kinds, n)
     return kinds
-
-
-@exact_kernel
-def _quantize(x, xq, xs, qtype, kind):
-    """One activation row of kind `kind`, as ggml quantizes it for this weight type: q8_1/q8_0 for the
-    32-blocks; q8_K for the K-quants, where the repacked Q4_K quantizes whole groups of 4 rows with
-    quantize_mat_q8_K_4x8 and every other row (and every Q6_K row) with quantize_row_q8_K."""
-    if qtype == Q4_K or qtype == Q6_K:
-        quantize_q8_k(x, xq, xs, not (qtype == Q4_K and kind & ROW_GROUP4), qtype == Q4_K)
-    else:
-        quantize_q8(x, xq, xs)
-
-
-@exact_parallel_kernel
-def matvec(out, x, xq, xs, w, qtype, m, k):
-    """out f32[m] = W @ x for W the (m, k) tensor in bytes `w` (a type of EXACT_TYPES), as llama.cpp's
-    kernel for one activation row computes each output. xq int8[k], xs f32[k // 16]: scratch."""
-    _quantize(x, xq, xs, qtype, 0)
-    if m * k <= SERIAL_WEIGHTS:
-        _rows_one(out, xq, xs, w, qtype, 0, m, k)
-        return
-    for t in prange((m + TASK_ROWS - 1) // TASK_ROWS):
-        _rows_one(out, xq, xs, w, qtype, t * TASK_ROWS, min(m, (t + 1) * TASK_ROWS), k)
 
 
 # ---- gemm: several activation rows against one weight row, so each weight block is decoded once for all ----
@@ -935,71 +897,130 @@ def _offset_grouped_rows(xq, order, used):
                     xq[i, e] ^= np.int8(-128)
 
 
-@exact_parallel_kernel
-def gemm(out, x, xq, xs, w, qtype, m, k, kinds):
+@inlined
+def _quantize(x, xq, xs, qtype, kind):
+    """One activation row as ggml quantizes it for this weight type: q8_1/q8_0 for the 32-blocks; q8_K for the
+    K-quants, where the repacked Q4_K quantizes whole groups of 4 rows with quantize_mat_q8_K_4x8 and every
+    other row (and every Q6_K row) with quantize_row_q8_K."""
+    if qtype == Q4_K or qtype == Q6_K:
+        quantize_q8_k(x, xq, xs, not (qtype == Q4_K and kind & ROW_GROUP4), qtype == Q4_K)
+    else:
+        quantize_q8(x, xq, xs)
+
+
+@inlined
+def _rows_one(out, xq, xs, w, qtype, r0, r1, k):
+    """Rows r0..r1 of W times one activation row of the single-row kind: what llama.cpp computes for a batch
+    of one row."""
+    if qtype == Q4_1:
+        _rows_q4_1(out, xq, xs, w, r0, r1, k // 32)
+    elif qtype == Q5_0:
+        _rows_q5_0(out, xq, xs, w, r0, r1, k // 32)
+    elif qtype == Q8_0:
+        _rows_q8_0(out, xq, xs, w, r0, r1, k // 32)
+    elif qtype == Q4_K:
+        _rows_q4_k(out, xq, xs, w, r0, r1, k // QK_K)
+    else:
+        _rows_q6_k(out, xq, xs, w, r0, r1, k // QK_K)
+
+
+@functools.cache
+def _typed(qtype: int):
+    """(matvec, gemm) for one weight type. The type is a constant in their code (not an argument), so Numba
+    prunes the other types' branches (in `_quantize` and `_rows_one` too, inlined) and compiles only this
+    type's kernels: a model holds two or three of the five types, and compiling all of them was most of a
+    cold start. (The closures hold only the int: Numba's cache keys them on it, and they load from the cache
+    like any kernel.)"""
+    QT = qtype
+
+    @exact_parallel_kernel
+    def matvec_t(out, x, xq, xs, w, m, k):
+        _quantize(x, xq, xs, QT, 0)
+        if m * k <= SERIAL_WEIGHTS:
+            _rows_one(out, xq, xs, w, QT, 0, m, k)
+            return
+        for t in prange((m + TASK_ROWS - 1) // TASK_ROWS):
+            _rows_one(out, xq, xs, w, QT, t * TASK_ROWS, min(m, (t + 1) * TASK_ROWS), k)
+
+    @exact_parallel_kernel
+    def gemm_t(out, x, xq, xs, w, m, k, kinds):
+        n = x.shape[0]
+        if n <= SERIAL_QUANTIZE_ROWS:  # a few decode rows: a parallel region costs more than quantizing them
+            for i in range(n):
+                _quantize(x[i], xq[i], xs[i], QT, kinds[i])
+        else:
+            for i in prange(n):
+                _quantize(x[i], xq[i], xs[i], QT, kinds[i])
+        order = np.empty(n + 16, np.int64)
+        used = _group_rows(QT, kinds, order)
+        n_groups = used // 8
+        if OFFSET_ACTIVATIONS and (QT == Q5_0 or QT == Q8_0):
+            _offset_grouped_rows(xq, order, used)
+        variants = np.empty(n_groups, np.int8)
+        for t in range(n_groups):
+            variants[t] = _variant(QT, kinds[order[8 * t]])
+        n_tiles = (m + TASK_ROWS - 1) // TASK_ROWS
+        # activation rows in blocks of about X_BLOCK_BYTES, so that a block stays in L2 while a thread's tiles
+        # pass over it (all n rows per tile fell out of L2 for k >= 2048); a task is one tile x one block
+        # (blocks of equal size: the threads take equal shares of the tasks)
+        n_blocks = max(1, min(n_groups, (n * k + X_BLOCK_BYTES - 1) // X_BLOCK_BYTES))
+        per_block = (n_groups + n_blocks - 1) // n_blocks
+        n_blocks = (n_groups + per_block - 1) // per_block
+        xqf = xq.reshape(-1)
+        xsf = xs.reshape(-1)
+        xs_row = k // 16
+        for t in prange(n_blocks * n_tiles):
+            g0 = (t // n_tiles) * per_block
+            g1 = min(n_groups, g0 + per_block)
+            r0 = (t % n_tiles) * TASK_ROWS
+            r1 = min(m, r0 + TASK_ROWS)
+            rows = np.empty(8, np.int64)
+            for grp in range(g0, g1):
+                real = _group(rows, order, 8 * grp)
+                variant = variants[grp]
+                if real == 1 and variant == 0:      # one single-row-kind row: nothing to share
+                    i = rows[0]
+                    _rows_one(out[i], xq[i], xs[i], w, QT, r0, r1, k)
+                elif QT == Q4_1:
+                    for r in range(r0, r1):
+                        _four_rows_q4_1(out, xqf, xsf, w, r, rows[0:4], k, xs_row)
+                        if real > 4:
+                            _four_rows_q4_1(out, xqf, xsf, w, r, rows[4:8], k, xs_row)
+                elif QT == Q5_0 or QT == Q8_0:
+                    if real <= 4:
+                        for r in range(r0, r1):
+                            _four_rows_q5_0(out, xqf, xsf, w, r, rows[0:4], k, xs_row, QT == Q8_0)
+                    else:
+                        for r in range(r0, r1):
+                            _eight_rows_q5_0(out, xqf, xsf, w, r, rows, k, xs_row, QT == Q8_0)
+                elif QT == Q4_K:
+                    if real > 4:
+                        for r in range(r0, r1):
+                            _eight_rows_q4_k(out, xqf, xsf, w, r, rows, k, xs_row, variant == 1)
+                    else:
+                        for r in range(r0, r1):
+                            _four_rows_q4_k(out, xqf, xsf, w, r, rows[0:4], k, xs_row, variant == 1)
+                elif variant == 1:
+                    for r in range(r0, r1):
+                        _eight_rows_q6_k_tiled(out, xqf, xsf, w, r, rows, k, xs_row)
+                else:
+                    for r in range(r0, r1):
+                        _four_rows_q6_k(out, xqf, xsf, w, r, rows[0:4], k, xs_row)
+                        if real > 4:
+                            _four_rows_q6_k(out, xqf, xsf, w, r, rows[4:8], k, xs_row)
+
+    return matvec_t, gemm_t
+
+
+def matvec(out, x, xq, xs, w, qtype, m, k) -> None:
+    """out f32[m] = W @ x for W the (m, k) tensor in bytes `w` (a type of EXACT_TYPES), as llama.cpp's
+    kernel for one activation row computes each output. xq int8[k], xs f32[k // 16]: scratch."""
+    _typed(int(qtype))[0](out, x, xq, xs, w, m, k)
+
+
+def gemm(out, x, xq, xs, w, qtype, m, k, kinds) -> None:
     """out f32[n, m] = x @ W.T, row i with the arithmetic llama.cpp gives a row of kind kinds[i] (see
     `batch_kinds`). xq int8[n, k], xs f32[n, k // 16]: scratch. Parallel over tiles of weight rows x blocks
     of activation rows: a tile (a few KiB) stays in L1 while the block's rows pass over it eight at a time,
     and the block stays in L2 while the thread's tiles pass over it."""
-    n = x.shape[0]
-    if n <= SERIAL_QUANTIZE_ROWS:      # a few decode rows: a parallel region costs more than quantizing them
-        for i in range(n):
-            _quantize(x[i], xq[i], xs[i], qtype, kinds[i])
-    else:
-        for i in prange(n):
-            _quantize(x[i], xq[i], xs[i], qtype, kinds[i])
-    order = np.empty(n + 16, np.int64)
-    used = _group_rows(qtype, kinds, order)
-    n_groups = used // 8
-    if OFFSET_ACTIVATIONS and (qtype == Q5_0 or qtype == Q8_0):
-        _offset_grouped_rows(xq, order, used)
-    variants = np.empty(n_groups, np.int8)
-    for t in range(n_groups):
-        variants[t] = _variant(qtype, kinds[order[8 * t]])
-    n_tiles = (m + TASK_ROWS - 1) // TASK_ROWS
-    # activation rows in blocks of about X_BLOCK_BYTES, so that a block stays in L2 while a thread's tiles
-    # pass over it (all n rows per tile fell out of L2 for k >= 2048); a task is one tile x one block
-    # (blocks of equal size: the threads take equal shares of the tasks)
-    n_blocks = max(1, min(n_groups, (n * k + X_BLOCK_BYTES - 1) // X_BLOCK_BYTES))
-    per_block = (n_groups + n_blocks - 1) // n_blocks
-    n_blocks = (n_groups + per_block - 1) // per_block
-    xqf = xq.reshape(-1)
-    xsf = xs.reshape(-1)
-    xs_row = k // 16
-    for t in prange(n_blocks * n_tiles):
-        g0 = (t // n_tiles) * per_block
-        g1 = min(n_groups, g0 + per_block)
-        r0 = (t % n_tiles) * TASK_ROWS
-        r1 = min(m, r0 + TASK_ROWS)
-        rows = np.empty(8, np.int64)
-        for grp in range(g0, g1):
-            real = _group(rows, order, 8 * grp)
-            variant = variants[grp]
-            if real == 1 and variant == 0:      # one single-row-kind row: nothing to share
-                i = rows[0]
-                _rows_one(out[i], xq[i], xs[i], w, qtype, r0, r1, k)
-            elif qtype == Q4_1:
-                for r in range(r0, r1):
-                    _four_rows_q4_1(out, xqf, xsf, w, r, rows[0:4], k, xs_row)
-                    if real > 4:
-                        _four_rows_q4_1(out, xqf, xsf, w, r, rows[4:8], k, xs_row)
-            elif (qtype == Q5_0 or qtype == Q8_0) and real <= 4:
-                for r in range(r0, r1):
-                    _four_rows_q5_0(out, xqf, xsf, w, r, rows[0:4], k, xs_row, qtype == Q8_0)
-            elif qtype == Q5_0 or qtype == Q8_0:
-                for r in range(r0, r1):
-                    _eight_rows_q5_0(out, xqf, xsf, w, r, rows, k, xs_row, qtype == Q8_0)
-            elif qtype == Q4_K and real > 4:
-                for r in range(r0, r1):
-                    _eight_rows_q4_k(out, xqf, xsf, w, r, rows, k, xs_row, variant == 1)
-            elif qtype == Q4_K:
-                for r in range(r0, r1):
-                    _four_rows_q4_k(out, xqf, xsf, w, r, rows[0:4], k, xs_row, variant == 1)
-            elif variant == 1:
-                for r in range(r0, r1):
-                    _eight_rows_q6_k_tiled(out, xqf, xsf, w, r, rows, k, xs_row)
-            else:
-                for r in range(r0, r1):
-                    _four_rows_q6_k(out, xqf, xsf, w, r, rows[0:4], k, xs_row)
-                    if real > 4:
-                        _four_rows_q6_k(out, xqf, xsf, w, r, rows[4:8], k, xs_row)
+    _typed(int(qtype))[1](out, x, xq, xs, w, m, k, kinds)

@@ -87,6 +87,13 @@ def exact_parallel_kernel(fn):
     return _compile(fn, fastmath=False, parallel=True)
 
 
+def inlined(fn):
+    """Compile `fn` into each caller (Numba IR inlining, before typing), without fast-math: a per-type
+    dispatch whose type argument is a constant in the caller (see `ggml_exact._typed`) then keeps only that
+    type's branch, and compiles only the kernels that branch calls."""
+    return numba.njit(inline="always", fastmath=False, boundscheck=False, error_model="numpy", nogil=True)(fn)
+
+
 def available_cores() -> int:
     try:
         return len(os.sched_getaffinity(0))

@@ -23,10 +23,12 @@ an output row's value does not depend on the batch it was computed in.
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 from numba import prange
 
-from .jit import kernel, parallel_kernel
+from .jit import inlined, kernel, parallel_kernel
 from .simd import (bf16x8_at, bits32, bytes32, deinterleave, dot_i8, dot_u8, f16x8_at, f32x8_at, fma, hsum,
                    i8_to_f32, k2_scales, k3_scales, k4_scales, lane, lanes, load_bf16, load_f16, load_f32,
                    load_f32x8, load_i8, load_u8, load_u32, nibbles16, quantize32, repeat2, store_f32x8, to_f32,
@@ -514,10 +516,10 @@ def _dequant_float(o, w, qtype, p, k):
         o[i] = _float_at(w, qtype, p + i * size)
 
 
-@kernel
-def dequantize_row(o, w, qtype, row, k):
-    """o f32[k] = row `row` of the (m, k) tensor of type `qtype` in bytes `w`, bit-exact with the numpy
-    references."""
+@inlined
+def _dequantize_row(o, w, qtype, row, k):
+    """o f32[k] = row `row` of the (m, k) tensor of type `qtype` in bytes w, bit-exact with the numpy
+    references (inlined into `_row_readers`' kernels, where qtype is a constant)."""
     p = row * row_bytes(qtype, k)
     if qtype == Q4_0:
         _dequant_q4_0(o, w, p, k // 32)
@@ -541,20 +543,36 @@ def dequantize_row(o, w, qtype, row, k):
         _dequant_float(o, w, qtype, p, k)
 
 
-@parallel_kernel
-def get_rows(out, ids, w, qtype, k):
-    """out f32[len(ids), k]: rows `ids` of W dequantized (the embedding lookup)."""
-    n = ids.size
-    if n < 16:
-        for i in range(n):
-            dequantize_row(out[i], w, qtype, ids[i], k)
-        return
-    for i in prange(n):
-        dequantize_row(out[i], w, qtype, ids[i], k)
+@functools.cache
+def _row_readers(qtype: int):
+    """(get_rows, dequantize_rows) for one type, the type a constant in their code so that Numba compiles
+    only its dequantizer (see `ggml_exact._typed`)."""
+    QT = qtype
+
+    @parallel_kernel
+    def get_rows_t(out, ids, w, k):
+        n = ids.size
+        if n < 16:
+            for i in range(n):
+                _dequantize_row(out[i], w, QT, ids[i], k)
+            return
+        for i in prange(n):
+            _dequantize_row(out[i], w, QT, ids[i], k)
+
+    @parallel_kernel
+    def dequantize_rows_t(out, w, m, k):
+        for r in prange(m):
+            _dequantize_row(out[r], w, QT, r, k)
+
+    return get_rows_t, dequantize_rows_t
 
 
-@parallel_kernel
-def dequantize_rows(out, w, qtype, m, k):
+def get_rows(out, ids, w, qtype, k) -> None:
+    """out f32[len(ids), k]: rows `ids` of W, the (., k) tensor of type `qtype` in bytes `w`, dequantized
+    bit-exactly with the numpy references (the embedding lookup)."""
+    _row_readers(int(qtype))[0](out, ids, w, k)
+
+
+def dequantize_rows(out, w, qtype, m, k) -> None:
     """out f32[m, k] = the whole tensor, parallel over rows."""
-    for r in prange(m):
-        dequantize_row(out[r], w, qtype, r, k)
+    _row_readers(int(qtype))[1](out, w, m, k)

@@ -29,6 +29,10 @@ def bench(model: str = typer.Argument(None, help="catalogue name or path (not ne
           concurrency: str = typer.Option(None, "--concurrency", metavar="1,2,4,8",
                                           help="concurrent streams through the engine's continuous batching: "
                                                "aggregate generated tokens/s and TTFT per level"),
+          cache_type_k: str = typer.Option("f16", "--cache-type-k", "-ctk", metavar="f16|q8_0",
+                                           help="KV cache type for K"),
+          cache_type_v: str = typer.Option("f16", "--cache-type-v", "-ctv", metavar="f16|q8_0",
+                                           help="KV cache type for V"),
           as_json: bool = typer.Option(False, "--json", help="print JSON")):
     """Prompt processing and generation speed, as llama-bench measures them, with what they achieve: GFLOP/s
     (prefill) and GB/s of weights read (decode)."""
@@ -72,7 +76,8 @@ def bench(model: str = typer.Argument(None, help="catalogue name or path (not ne
         return
     if n_depth < 0:
         raise NibbleError(f"-d must be >= 0, got {n_depth}")
-    m = load(model, n_ctx=max(n_depth + max(n_prompt, n_gen), 16), threads=threads)
+    m = load(model, n_ctx=max(n_depth + max(n_prompt, n_gen), 16), threads=threads, cache_type_k=cache_type_k,
+             cache_type_v=cache_type_v)
     compile_s = mbench.measure_compile(m)
     if compare:
         rows = mbench.run_compared(m, compare, n_prompt, n_gen, max(reps, 1), threads, n_depth=n_depth)

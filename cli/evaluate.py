@@ -23,6 +23,10 @@ def perplexity(model: str = typer.Argument(..., help="catalogue name or path to 
                kl_divergence: bool = typer.Option(False, "--kl-divergence",
                                                   help="compare MODEL with the base saved in --kl-divergence-base"),
                threads: int = typer.Option(None, "--threads", "-t", help="threads (default: all cores)"),
+               cache_type_k: str = typer.Option("f16", "--cache-type-k", "-ctk", metavar="f16|q8_0",
+                                                help="KV cache type for K"),
+               cache_type_v: str = typer.Option("f16", "--cache-type-v", "-ctv", metavar="f16|q8_0",
+                                                help="KV cache type for V"),
                as_json: bool = typer.Option(False, "--json", help="print JSON")):
     """Perplexity of MODEL on FILE, computed as llama.cpp's llama-perplexity does; with the KL divergence
     flags, its distributions saved as a base, or compared with a saved base."""
@@ -45,7 +49,7 @@ def perplexity(model: str = typer.Argument(..., help="catalogue name or path to 
             text = file.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as e:
             raise NibbleError(f"cannot read {file}: {e}") from None
-    m = load(model, n_ctx=max(n_ctx, 4), threads=threads)
+    m = load(model, n_ctx=max(n_ctx, 4), threads=threads, cache_type_k=cache_type_k, cache_type_v=cache_type_v)
     with Progress(TextColumn("kl-divergence" if kl_divergence else "perplexity"), BarColumn(),
                   MofNCompleteColumn(), TimeRemainingColumn(), console=err, transient=True) as bar:
         task = bar.add_task("chunks", total=None)

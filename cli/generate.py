@@ -45,6 +45,10 @@ LogitBias = Annotated[Optional[list[str]], typer.Option("--logit-bias", metavar=
 NCtx = Annotated[Optional[int], typer.Option("--n-ctx", help="context size in tokens")]
 Threads = Annotated[Optional[int], typer.Option("--threads", "-t",
                                                 help="threads for the kernels (0 or negative: every core)")]
+CacheTypeK = Annotated[str, typer.Option("--cache-type-k", "-ctk", metavar="f16|q8_0",
+                                         help="KV cache type for K (q8_0: about half the memory)")]
+CacheTypeV = Annotated[str, typer.Option("--cache-type-v", "-ctv", metavar="f16|q8_0",
+                                         help="KV cache type for V (q8_0: about half the memory)")]
 Speculative = Annotated[Optional[str], typer.Option("--speculative", metavar="ngram|MODEL",
                                                    help="speculative decoding: prompt lookup (ngram) or a draft "
                                                         "model; the same tokens, faster where guessable")]
@@ -105,10 +109,11 @@ def parse_logit_bias(items: list[str]) -> dict[int, float]:
     return bias
 
 
-def load_model(name: str, n_ctx: int | None, threads: int | None):
+def load_model(name: str, n_ctx: int | None, threads: int | None, cache_type_k: str = "f16",
+               cache_type_v: str = "f16"):
     from ..runtime.model import load
     try:
-        return load(name, n_ctx=n_ctx, threads=threads)
+        return load(name, n_ctx=n_ctx, threads=threads, cache_type_k=cache_type_k, cache_type_v=cache_type_v)
     except KeyboardInterrupt:
         raise typer.Exit(130) from None
 
@@ -166,7 +171,8 @@ def run(
     presence_penalty: PresencePenalty = DEFAULTS.presence_penalty,
     frequency_penalty: FrequencyPenalty = DEFAULTS.frequency_penalty, seed: Seed = DEFAULTS.seed,
     max_tokens: MaxTokens = None, stop: Stop = None, logit_bias: LogitBias = None,
-    n_ctx: NCtx = None, threads: Threads = None, chat_template: ChatTemplateOpt = None,
+    n_ctx: NCtx = None, threads: Threads = None, cache_type_k: CacheTypeK = "f16",
+    cache_type_v: CacheTypeV = "f16", chat_template: ChatTemplateOpt = None,
     speculative: Speculative = None, draft_max: DraftMax = 16,
     format: FormatOpt = None, json_schema: JsonSchemaOpt = None, grammar: GrammarOpt = None, regex: RegexOpt = None,
     choice: ChoiceOpt = None,
@@ -192,7 +198,7 @@ def run(
         raise ConfigError("--system needs the chat template; drop --raw")
 
     from ..runtime import generate
-    m = load_model(model, n_ctx, threads)
+    m = load_model(model, n_ctx, threads, cache_type_k, cache_type_v)
     kw.update(speculative_kwargs(speculative, draft_max))
     cancel = threading.Event()
     if raw:
@@ -276,7 +282,8 @@ def chat(
     presence_penalty: PresencePenalty = DEFAULTS.presence_penalty,
     frequency_penalty: FrequencyPenalty = DEFAULTS.frequency_penalty, seed: Seed = DEFAULTS.seed,
     max_tokens: MaxTokens = None, stop: Stop = None, logit_bias: LogitBias = None,
-    n_ctx: NCtx = None, threads: Threads = None, chat_template: ChatTemplateOpt = None,
+    n_ctx: NCtx = None, threads: Threads = None, cache_type_k: CacheTypeK = "f16",
+    cache_type_v: CacheTypeV = "f16", chat_template: ChatTemplateOpt = None,
     speculative: Speculative = None, draft_max: DraftMax = 16,
 ):
     """Chat with a model: streamed answers, history and line editing, /help for commands. With stdin
@@ -286,7 +293,7 @@ def chat(
     kw = sampling_kwargs(temperature, top_k, top_p, min_p, repeat_penalty, repeat_last_n, presence_penalty,
                          frequency_penalty, seed, max_tokens, stop, logit_bias)
     from ..runtime.session import Session
-    m = load_model(model or model_arg or DEFAULT_MODEL, n_ctx, threads)
+    m = load_model(model or model_arg or DEFAULT_MODEL, n_ctx, threads, cache_type_k, cache_type_v)
     kw.update(speculative_kwargs(speculative, draft_max))
     session = Session(m, system, template=load_template(m, chat_template), **kw)
     Repl(session, interactive=sys.stdin.isatty()).run()

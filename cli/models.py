@@ -63,4 +63,6 @@ def show(model: str = typer.Argument(..., help="catalogue name or path to a .ggu
     out.print(f"  context length      {info['context_length']}")
     out.print("  quant types         " + ", ".join(f"{k} × {v}" for k, v in info["quant_types"].items()))
     out.print(f"  chat template       {'yes' if info['chat_template'] else 'no'}")
-    out.print(f"  KV cache per token  {fmt_bytes(info['kv_bytes_per_token'])} (float32)")
+    q8 = info.get("kv_bytes_per_token_q8_0")
+    out.print(f"  KV cache per token  {fmt_bytes(info['kv_bytes_per_token'])} (f16)"
+              + (f"; {fmt_bytes(q8)} with --cache-type-k/-v q8_0" if q8 else ""))

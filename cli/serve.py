@@ -14,7 +14,7 @@ from rich.markup import escape
 from ..errors import NibbleError
 from ..runtime.catalog import DEFAULT_MODEL
 from .app import app, err, handles_errors
-from .generate import ModelArg, NCtx, Threads
+from .generate import CacheTypeK, CacheTypeV, ModelArg, NCtx, Threads
 
 
 def is_loopback(host: str) -> bool:
@@ -44,7 +44,8 @@ def serve(
     port: Annotated[int, typer.Option("--port", help="0 picks a free port")] = 8080,
     parallel: Annotated[int, typer.Option("--parallel", "-np", min=1,
                                           help="requests generated at once (KV slots of n_ctx each)")] = 4,
-    n_ctx: NCtx = None, threads: Threads = None,
+    n_ctx: NCtx = None, threads: Threads = None, cache_type_k: CacheTypeK = "f16",
+    cache_type_v: CacheTypeV = "f16",
     api_key: Annotated[Optional[str], typer.Option("--api-key", envvar="NIBBLE_API_KEY",
                                                    help="require 'Authorization: Bearer KEY'")] = None,
     alias: Annotated[Optional[str], typer.Option("--alias", help="another name the model answers to")] = None,
@@ -72,7 +73,8 @@ def serve(
 
     sock = listen(host, port)
     try:
-        model = load(model_arg or DEFAULT_MODEL, n_ctx=n_ctx, threads=threads, parallel=parallel)
+        model = load(model_arg or DEFAULT_MODEL, n_ctx=n_ctx, threads=threads, parallel=parallel,
+                     cache_type_k=cache_type_k, cache_type_v=cache_type_v)
     except KeyboardInterrupt:
         raise typer.Exit(130) from None
     # compile (or load from Numba's cache) the kernels now rather than in the first request

@@ -9,9 +9,13 @@ with `quant.ggml_exact` a SmolLM2 forward gives llama.cpp's logits bit for bit. 
 function it reproduces. They are compiled without fast-math (`exact_kernel`): the order of the f32
 operations is what makes them exact.
 
-KV cache layout: k_cache, v_cache (slots, layers, n_ctx, n_head_kv, head_dim), C-contiguous, IEEE halves as
-llama.cpp's F16 cache holds them, passed to the kernels as their uint16 bits (Numba has no float16
-arithmetic); every load widens them to float32 exactly, so the arithmetic is llama.cpp's.
+KV cache layout: k_cache, v_cache (slots, layers, n_ctx, n_head_kv, row), C-contiguous, each head's row of
+head_dim values in the cache type: F16 (the default), IEEE halves as llama.cpp's F16 cache holds them,
+passed to the kernels as their uint16 bits (Numba has no float16 arithmetic; every load widens them to
+float32 exactly, so the arithmetic is llama.cpp's); or Q8_0 (`--cache-type-k/-v q8_0`, uint8), head_dim / 32
+blocks of an fp16 scale and 32 int8, read as their dequantized values (about half the memory; llama.cpp's
+quantized cache needs its flash-attention path, whose arithmetic nibble does not reproduce). The kernels
+take either, by the array's dtype (`cell_store`, `cell8`, `cell1`).
 """
 
 from __future__ import annotations
@@ -19,12 +23,13 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from numba import prange
+from numba import prange, types
+from numba.extending import overload
 
 from ..quant.ggml_exact import ROW_BATCHED
 from ..quant.jit import exact_kernel, exact_parallel_kernel, kernel
-from ..quant.simd import (fma1, fma8, half_bits, half_to_float, halves8, hsum8, hsum8_hadd, load_f32x8, round_f16,
-                          splat, store_f32x8, v_expf, zeros)
+from ..quant.simd import (fma1, fma8, half_bits, half_to_float, halves8, hsum8, hsum8_hadd, i8x8_at, load_f16,
+                          load_f32x8, round_f16, splat, store_f32x8, v_expf, zeros)
 
 f32 = np.float32
 
@@ -98,16 +103,85 @@ def rope(x, positions, n_heads, head_dim, rope_dim, base, neox):
             theta = theta * theta_scale
 
 
+# ---- KV cache cells: F16 (uint16 bits) or Q8_0 blocks (uint8), by the cache array's dtype ----
+
+Q8_0_BLOCK = 34        # bytes per 32 values: fp16 scale, 32 int8
+
+
+def cell_store(cache, s, layer, p, h, x, o, head_dim):
+    """cache[s, layer, p, h] = x[o:o + head_dim] in the cache's type (Numba only, by overload)."""
+    raise NotImplementedError
+
+
+def cell8(cache, base, i):
+    """F32x8 of values i..i+7 of the head row at flat index `base` of the flattened cache (Numba only)."""
+    raise NotImplementedError
+
+
+def cell1(cache, base, i):
+    """Value i of the head row at flat index `base` of the flattened cache, as float32 (Numba only)."""
+    raise NotImplementedError
+
+
+_EXACT = {"fastmath": False, "boundscheck": False, "error_model": "numpy", "nogil": True}
+
+
+@overload(cell_store, jit_options=_EXACT)
+def _cell_store(cache, s, layer, p, h, x, o, head_dim):
+    if cache.dtype == types.uint16:
+        def store_f16(cache, s, layer, p, h, x, o, head_dim):
+            for i in range(head_dim):     # rounded as llama.cpp's F16 cache stores them
+                cache[s, layer, p, h, i] = np.uint16(half_bits(x[o + i]))
+        return store_f16
+
+    def store_q8_0(cache, s, layer, p, h, x, o, head_dim):
+        # quantize_row_q8_0: d = max |x| / 127, q = round(x / d) (ties to even), d stored as fp16
+        for blk in range(head_dim // 32):
+            e, c = o + 32 * blk, Q8_0_BLOCK * blk
+            amax = f32(0)
+            for j in range(32):
+                amax = max(amax, abs(x[e + j]))
+            d = amax / f32(127)
+            inv = f32(1) / d if d != f32(0) else f32(0)
+            bits = half_bits(d)
+            cache[s, layer, p, h, c] = np.uint8(bits & 0xFF)
+            cache[s, layer, p, h, c + 1] = np.uint8(bits >> 8)
+            for j in range(32):
+                cache[s, layer, p, h, c + 2 + j] = np.uint8(np.int64(np.rint(x[e + j] * inv)) & 0xFF)
+    return store_q8_0
+
+
+@overload(cell8, jit_options=_EXACT)
+def _cell8(cache, base, i):
+    if cache.dtype == types.uint16:
+        return lambda cache, base, i: halves8(cache, base + i)
+
+    def q8_0_values(cache, base, i):
+        c = base + Q8_0_BLOCK * (i // 32)
+        return splat(load_f16(cache, c)) * i8x8_at(cache, c + 2 + i % 32)
+    return q8_0_values
+
+
+@overload(cell1, jit_options=_EXACT)
+def _cell1(cache, base, i):
+    if cache.dtype == types.uint16:
+        return lambda cache, base, i: half_to_float(cache[base + i])
+
+    def q8_0_value(cache, base, i):
+        c = base + Q8_0_BLOCK * (i // 32)
+        return load_f16(cache, c) * f32(np.int8(cache[c + 2 + i % 32]))
+    return q8_0_value
+
+
 @exact_kernel
 def kv_store(k_cache, v_cache, layer, slots, positions, k, v, n_head_kv, head_dim):
-    """Write rows of k, v (B, n_head_kv*head_dim) into the cache at (slots[b], layer, positions[b]) as IEEE
-    halves (the caches' uint16 bits), rounded as llama.cpp's F16 cache stores them."""
+    """Write rows of k, v (B, n_head_kv*head_dim) into the caches at (slots[b], layer, positions[b]), each
+    in its cache's type."""
     for b in range(k.shape[0]):
         s, p = slots[b], positions[b]
         for h in range(n_head_kv):
-            for i in range(head_dim):
-                k_cache[s, layer, p, h, i] = np.uint16(half_bits(k[b, h * head_dim + i]))
-                v_cache[s, layer, p, h, i] = np.uint16(half_bits(v[b, h * head_dim + i]))
+            cell_store(k_cache, s, layer, p, h, k[b], h * head_dim, head_dim)
+            cell_store(v_cache, s, layer, p, h, v[b], h * head_dim, head_dim)
 
 
 # ---- attention ----
@@ -127,21 +201,21 @@ def _kq(k, kb, q16, head_dim, lanes32):
         s0, s1, s2, s3 = zeros(), zeros(), zeros(), zeros()
         n32 = head_dim - head_dim % 32
         for i in range(0, n32, 32):
-            s0 = fma8(halves8(k, kb + i), load_f32x8(q16, i), s0)
-            s1 = fma8(halves8(k, kb + i + 8), load_f32x8(q16, i + 8), s1)
-            s2 = fma8(halves8(k, kb + i + 16), load_f32x8(q16, i + 16), s2)
-            s3 = fma8(halves8(k, kb + i + 24), load_f32x8(q16, i + 24), s3)
+            s0 = fma8(cell8(k, kb, i), load_f32x8(q16, i), s0)
+            s1 = fma8(cell8(k, kb, i + 8), load_f32x8(q16, i + 8), s1)
+            s2 = fma8(cell8(k, kb, i + 16), load_f32x8(q16, i + 16), s2)
+            s3 = fma8(cell8(k, kb, i + 24), load_f32x8(q16, i + 24), s3)
         total = np.float64(hsum8_hadd((s0 + s2) + (s1 + s3)))
         for i in range(n32, head_dim):     # ggml_vec_dot_f16's leftovers: each product added in double
-            total += np.float64(half_to_float(k[kb + i]) * q16[i])
+            total += np.float64(cell1(k, kb, i) * q16[i])
         return f32(total)
     n8 = head_dim - head_dim % 8
     a = zeros()
     for i in range(0, n8, 8):
-        a = fma8(halves8(k, kb + i), load_f32x8(q16, i), a)
+        a = fma8(cell8(k, kb, i), load_f32x8(q16, i), a)
     r = hsum8(a)
     for i in range(n8, head_dim):          # (tinyBLAS needs head_dim % 8 == 0; not llama.cpp's order here)
-        r = fma1(half_to_float(k[kb + i]), q16[i], r)
+        r = fma1(cell1(k, kb, i), q16[i], r)
     return r
 
 
@@ -153,16 +227,16 @@ def _kq4(k, kb, cell, q16, head_dim):
     n8 = head_dim - head_dim % 8
     for i in range(0, n8, 8):
         qv = load_f32x8(q16, i)
-        a0 = fma8(halves8(k, kb + i), qv, a0)
-        a1 = fma8(halves8(k, kb + cell + i), qv, a1)
-        a2 = fma8(halves8(k, kb + 2 * cell + i), qv, a2)
-        a3 = fma8(halves8(k, kb + 3 * cell + i), qv, a3)
+        a0 = fma8(cell8(k, kb, i), qv, a0)
+        a1 = fma8(cell8(k, kb + cell, i), qv, a1)
+        a2 = fma8(cell8(k, kb + 2 * cell, i), qv, a2)
+        a3 = fma8(cell8(k, kb + 3 * cell, i), qv, a3)
     r0, r1, r2, r3 = hsum8(a0), hsum8(a1), hsum8(a2), hsum8(a3)
     for i in range(n8, head_dim):
-        r0 = fma1(half_to_float(k[kb + i]), q16[i], r0)
-        r1 = fma1(half_to_float(k[kb + cell + i]), q16[i], r1)
-        r2 = fma1(half_to_float(k[kb + 2 * cell + i]), q16[i], r2)
-        r3 = fma1(half_to_float(k[kb + 3 * cell + i]), q16[i], r3)
+        r0 = fma1(cell1(k, kb, i), q16[i], r0)
+        r1 = fma1(cell1(k, kb + cell, i), q16[i], r1)
+        r2 = fma1(cell1(k, kb + 2 * cell, i), q16[i], r2)
+        r3 = fma1(cell1(k, kb + 3 * cell, i), q16[i], r3)
     return r0, r1, r2, r3
 
 
@@ -179,22 +253,21 @@ def attention(out, q, k_cache, v_cache, layer, slots, positions, kinds, n_head, 
     single-row batch. One task per (row, head), each with a small score buffer."""
     B = q.shape[0]
     group = n_head // n_head_kv
-    cell = n_head_kv * head_dim                 # flat distance from one cached position to the next
-    layer_size = k_cache.shape[2] * cell
     kf = k_cache.reshape(-1)
     vf = v_cache.reshape(-1)
     scale = f32(scale)
     n8 = head_dim - head_dim % 8
     for bh in prange(B * n_head):
-        _attend(out, q, kf, vf, layer, k_cache.shape[1], layer_size, slots, positions, kinds, bh // n_head,
-                bh % n_head, group, cell, head_dim, scale, window, n8)
+        _attend(out, q, kf, vf, layer, k_cache.shape, v_cache.shape, slots, positions, kinds, bh // n_head,
+                bh % n_head, group, head_dim, scale, window, n8)
 
 
 @exact_kernel
-def _attend(out, q, kf, vf, layer, n_layers, layer_size, slots, positions, kinds, b, h, group, cell, head_dim,
-            scale, window, n8):
+def _attend(out, q, kf, vf, layer, k_shape, v_shape, slots, positions, kinds, b, h, group, head_dim, scale,
+            window, n8):
     """`attention` for row b and head h (a function of its own: Numba compiles a small parallel loop
-    around it much faster than one around the whole body)."""
+    around it much faster than one around the whole body). kf, vf: the caches flattened, of shapes k_shape,
+    v_shape (slots, layers, n_ctx, n_head_kv, row)."""
     lanes32 = not (kinds[b] & ROW_BATCHED)
     n_lanes = 32 if lanes32 else 8
     s, p = slots[b], positions[b]
@@ -210,18 +283,21 @@ def _attend(out, q, kf, vf, layer, n_layers, layer_size, slots, positions, kinds
     acc = buf[head_dim + n_sc:]
     for i in range(head_dim):
         q16[i] = round_f16(q[b, o + i])
-    base = (s * n_layers + layer) * layer_size + (h // group) * head_dim   # cell 0 of this head
+    # flat index of this head's row at cell 0, and from one cell to the next, in each cache
+    kcell, vcell = k_shape[3] * k_shape[4], v_shape[3] * v_shape[4]
+    base = ((s * k_shape[1] + layer) * k_shape[2]) * kcell + (h // group) * k_shape[4]
+    vbase = ((s * v_shape[1] + layer) * v_shape[2]) * vcell + (h // group) * v_shape[4]
     # kq, scaled (ggml_vec_scale_f32), and its maximum over the unmasked cells
     mx = f32(-np.inf)
     j = j0
     if not lanes32:                          # four keys at a time (each key's arithmetic unchanged)
         while j + 3 <= p:
-            w0, w1, w2, w3 = _kq4(kf, base + j * cell, cell, q16, head_dim)
+            w0, w1, w2, w3 = _kq4(kf, base + j * kcell, kcell, q16, head_dim)
             sc[j - g0], sc[j + 1 - g0], sc[j + 2 - g0], sc[j + 3 - g0] = w0 * scale, w1 * scale, w2 * scale, w3 * scale
             mx = max(mx, max(max(w0 * scale, w1 * scale), max(w2 * scale, w3 * scale)))
             j += 4
     while j <= p:
-        w = _kq(kf, base + j * cell, q16, head_dim, lanes32) * scale
+        w = _kq(kf, base + j * kcell, q16, head_dim, lanes32) * scale
         sc[j - g0] = w
         mx = max(mx, w)
         j += 1
@@ -244,11 +320,11 @@ def _attend(out, q, kf, vf, layer, n_layers, layer_size, slots, positions, kinds
     for j in range(j0, p + 1):
         pj = sc[j - g0]
         a = (j % n_lanes) * head_dim
-        vb = base + j * cell
+        vb = vbase + j * vcell
         for i in range(0, n8, 8):
-            store_f32x8(acc, a + i, fma8(splat(pj), halves8(vf, vb + i), load_f32x8(acc, a + i)))
+            store_f32x8(acc, a + i, fma8(splat(pj), cell8(vf, vb, i), load_f32x8(acc, a + i)))
         for i in range(n8, head_dim):
-            acc[a + i] = fma1(pj, half_to_float(vf[vb + i]), acc[a + i])
+            acc[a + i] = fma1(pj, cell1(vf, vb, i), acc[a + i])
     for i in range(head_dim):
         if lanes32:
             out[b, o + i] = _reduce32(acc, i, head_dim)

@@ -521,6 +521,16 @@ def u8_to_f32(typingctx, q, part):
 
 
 @intrinsic
+def i8x8_at(typingctx, w, i):
+    """F32x8 of the 8 bytes at `w[i:i + 8]` read as signed int8 (exact)."""
+    _check_array(w, _BYTES)
+
+    def codegen(context, builder, sig, args):
+        return builder.sitofp(_load(context, builder, sig, args, _vec(_I8, 8)), _vec(_F32, 8))
+    return F32x8(w, types.intp), codegen
+
+
+@intrinsic
 def i8_to_f32(typingctx, q, part):
     """F32x8 of bytes 8*part .. 8*part + 7 of a U8x32 read as signed int8 (`part` a constant 0..3)."""
     if not isinstance(part, types.IntegerLiteral):

@@ -136,12 +136,16 @@ def run(model, n_prompt: int, n_gen: int, reps: int, threads: int, seed: int = 0
     return results
 
 
-def llama_bench(binary: str, model_path, n_prompt: int, n_gen: int, threads: int, n_depth: int = 0) -> dict:
-    """One run of llama-bench (`-r 1`, JSON output) on the same file and settings: {"pp": t/s, "tg": t/s}."""
+def llama_bench(binary: str, model_path, n_prompt: int, n_gen: int, threads: int, n_depth: int = 0,
+                cache_types: tuple[str, str] = ("f16", "f16")) -> dict:
+    """One run of llama-bench (`-r 1`, JSON output) on the same file and settings: {"pp": t/s, "tg": t/s}.
+    A q8_0 cache is given to llama-bench as -ctk/-ctv with -fa 1 (its quantized V cache needs it)."""
     import json
     import subprocess
     cmd = [binary, "-m", str(model_path), "-p", str(n_prompt), "-n", str(n_gen), "-t", str(threads), "-r", "1",
            "-o", "json"] + (["-d", str(n_depth)] if n_depth else [])
+    if tuple(cache_types) != ("f16", "f16"):
+        cmd += ["-ctk", cache_types[0], "-ctv", cache_types[1], "-fa", "1"]
     try:
         out = subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=1800).stdout
     except (OSError, subprocess.CalledProcessError, subprocess.TimeoutExpired) as e:
@@ -161,7 +165,7 @@ def run_compared(model, binary: str, n_prompt: int, n_gen: int, reps: int, threa
     for i in range(reps):
         for r, new in zip(ours, run(model, n_prompt, n_gen, 1, threads, seed=i + 1, n_depth=n_depth)):
             r.samples_ts.extend(new.samples_ts)
-        for key, ts in llama_bench(binary, model.path, n_prompt, n_gen, threads, n_depth).items():
+        for key, ts in llama_bench(binary, model.path, n_prompt, n_gen, threads, n_depth, model.cache_types).items():
             theirs[key].append(ts)
     return [(r, theirs["pp" if r.n_prompt else "tg"]) for r in ours]
 

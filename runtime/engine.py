@@ -20,7 +20,7 @@ from types import ModuleType
 
 import numpy as np
 
-from ..errors import ContextOverflowError, NibbleError, OutOfMemoryError
+from ..errors import ConfigError, ContextOverflowError, NibbleError, OutOfMemoryError
 from ..formats.gguf import GGUFFile
 from ..models.linear import linear
 from ..quant import ggml_exact
@@ -29,7 +29,9 @@ from .speculative import DRAFT_MAX
 DEFAULT_MAX_CTX = 4096
 MAX_BATCH = 512          # prefill chunk (llama.cpp's default n_ubatch)
 LOGIT_ROWS = 64          # rows of logits computed at once when every position's logits are wanted
-KV_DTYPE_BYTES = 2       # the KV cache holds IEEE halves, as llama.cpp's F16 cache
+# KV cache types (llama.cpp's -ctk/-ctv): the bytes of one head row of head_dim values, and the array dtype
+CACHE_TYPES = {"f16": (lambda head_dim: 2 * head_dim, np.float16),
+               "q8_0": (lambda head_dim: head_dim // 32 * 34, np.uint8)}
 
 
 def available_memory() -> int:
@@ -52,9 +54,11 @@ def available_memory() -> int:
 
 class Engine:
     def __init__(self, gguf: GGUFFile, arch: ModuleType, n_ctx: int | None = None, n_slots: int = 1,
-                 max_batch: int = MAX_BATCH):
+                 max_batch: int = MAX_BATCH, cache_type_k: str = "f16", cache_type_v: str = "f16"):
         self.arch = arch
         self.args = args = arch.ModelArgs.from_gguf(gguf)
+        self.cache_types = (self.check_cache_type(cache_type_k, args, "cache_type_k"),
+                            self.check_cache_type(cache_type_v, args, "cache_type_v"))
         if n_ctx is None:
             n_ctx = self.default_n_ctx(args)
         if n_ctx <= 0:
@@ -81,10 +85,14 @@ class Engine:
                                  | (ggml_exact.ROW_GROUP4 if ggml_exact.Q4_K in layer_types else 0)
                                  | (ggml_exact.ROW_TILED if ggml_exact.Q6_K in layer_types else 0))
         self.state = arch.RunState(args, self.max_rows)
-        kv_shape = (n_slots, args.n_layers, n_ctx, args.n_head_kv, args.head_dim)
-        self.k_cache = np.zeros(kv_shape, np.float16)
-        self.v_cache = np.zeros(kv_shape, np.float16)
-        self._k_bits, self._v_bits = self.k_cache.view(np.uint16), self.v_cache.view(np.uint16)   # for the kernels
+        # (slots, layers, n_ctx, n_head_kv, row): f16 values, or q8_0 blocks as bytes (see models/ops.py); the
+        # kernels get f16 as its uint16 bits
+        self.k_cache, self.v_cache = (
+            np.zeros((n_slots, args.n_layers, n_ctx, args.n_head_kv,
+                      row(args.head_dim) // np.dtype(dtype).itemsize), dtype)
+            for row, dtype in (CACHE_TYPES[t] for t in self.cache_types))
+        self._k_arg, self._v_arg = (c.view(np.uint16) if c.dtype == np.float16 else c
+                                    for c in (self.k_cache, self.v_cache))
         self.tokens: list[list[int]] = [[] for _ in range(n_slots)]
         self.cell_kinds: list[list[int]] = [[] for _ in range(n_slots)]
         self.logits_buf = np.zeros((max(LOGIT_ROWS, (DRAFT_MAX + 1) * n_slots), args.n_vocab), np.float32)
@@ -97,9 +105,21 @@ class Engine:
         self._single = np.zeros(rows, np.int8)     # the output projection: every row as a single-row batch
 
     @staticmethod
-    def kv_bytes(args, n_ctx: int, n_slots: int = 1) -> int:
+    def kv_bytes(args, n_ctx: int, n_slots: int = 1, cache_types: tuple[str, str] = ("f16", "f16")) -> int:
         """Bytes of the K and V caches for n_slots sequences of n_ctx tokens: the one KV-size formula."""
-        return 2 * n_slots * args.n_layers * n_ctx * args.n_head_kv * args.head_dim * KV_DTYPE_BYTES
+        rows = sum(CACHE_TYPES[t][0](args.head_dim) for t in cache_types)
+        return n_slots * args.n_layers * n_ctx * args.n_head_kv * rows
+
+    @staticmethod
+    def check_cache_type(name: str, args, what: str = "cache type") -> str:
+        """A KV cache type by name ("f16", "q8_0"), checked against the model's head size."""
+        name = str(name).lower()
+        if name not in CACHE_TYPES:
+            raise ConfigError(f"{what} must be one of {', '.join(CACHE_TYPES)}, not {name!r}")
+        if name == "q8_0" and args.head_dim % 32:
+            raise ConfigError(f"{what} q8_0 needs a head size that is a multiple of 32; this model's is "
+                              f"{args.head_dim}")
+        return name
 
     @staticmethod
     def default_n_ctx(args) -> int:
@@ -112,24 +132,25 @@ class Engine:
         return min(max_batch, n_ctx) + (DRAFT_MAX + 1) * n_slots
 
     @classmethod
-    def memory_plan(cls, args, weights_bytes: int, n_ctx: int, n_slots: int = 1,
-                    max_batch: int = MAX_BATCH) -> dict[str, int]:
+    def memory_plan(cls, args, weights_bytes: int, n_ctx: int, n_slots: int = 1, max_batch: int = MAX_BATCH,
+                    cache_types: tuple[str, str] = ("f16", "f16")) -> dict[str, int]:
         """Bytes an engine needs: {"weights", "kv_cache", "buffers"} (the run state and the logits)."""
         widest = max(args.n_embd, args.q_dim, args.n_ff, args.kv_dim)
         rows = cls.step_rows(max_batch, n_ctx, n_slots)
         buffers = rows * (6 * widest + 2 * args.n_ff) * 4 + LOGIT_ROWS * args.n_vocab * 4
-        return {"weights": weights_bytes, "kv_cache": cls.kv_bytes(args, n_ctx, n_slots), "buffers": buffers}
+        return {"weights": weights_bytes, "kv_cache": cls.kv_bytes(args, n_ctx, n_slots, cache_types),
+                "buffers": buffers}
 
     def _plan_memory(self, gguf: GGUFFile) -> None:
         """Weights (mmap'd, but resident once touched) + KV cache + activations must fit, or we refuse."""
         a = self.args
-        plan = self.memory_plan(a, gguf.file_size, self.n_ctx, self.n_slots, self.max_batch)
+        plan = self.memory_plan(a, gguf.file_size, self.n_ctx, self.n_slots, self.max_batch, self.cache_types)
         scratch, kv = plan["buffers"], plan["kv_cache"]
         fixed = gguf.file_size + scratch
         required = fixed + kv
         available = available_memory()
         if required > available:
-            per_token = self.kv_bytes(a, 1, self.n_slots)
+            per_token = self.kv_bytes(a, 1, self.n_slots, self.cache_types)
             fits = (available - fixed) // per_token if available > fixed else 0
             hint = (f"n_ctx={int(fits)} would fit" if fits >= 1 else "the weights alone do not fit")
             slots = f" x {self.n_slots} slots" if self.n_slots > 1 else ""
@@ -221,7 +242,7 @@ class Engine:
             outputs[n_out:n_out + want] = np.arange(b + n - want, b + n)
             n_out += want
             b += n
-        hidden = self.arch.forward(self.args, self.weights, self.state, self._k_bits, self._v_bits,
+        hidden = self.arch.forward(self.args, self.weights, self.state, self._k_arg, self._v_arg,
                                    tok, slots, pos, kinds, outputs[:n_out])
         for slot, ids, row_kinds, _ in work:
             self.tokens[slot].extend(int(t) for t in ids)
@@ -262,7 +283,7 @@ class Engine:
             self._kinds[:B] = kinds[c:c + B]
             outputs = self._outputs[:max(B - lo, 1)]
             outputs[:] = np.arange(B - len(outputs), B)
-            hidden = self.arch.forward(self.args, self.weights, self.state, self._k_bits, self._v_bits,
+            hidden = self.arch.forward(self.args, self.weights, self.state, self._k_arg, self._v_arg,
                                        self._tok[:B], self._slot[:B], self._pos[:B], self._kinds[:B], outputs)
             self.tokens[slot].extend(int(t) for t in chunk)
             self.cell_kinds[slot].extend(int(k) for k in kinds[c:c + B])

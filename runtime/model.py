@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import ModelFormatError, ModelNotFoundError, NibbleError
+from ..errors import ConfigError, ModelFormatError, ModelNotFoundError, NibbleError
 from ..formats.gguf import GGUFFile, qtype_name
 from ..formats.metadata import check_tokenizer_metadata
 from ..models import architecture
@@ -32,12 +32,15 @@ def resolve(model: str | os.PathLike) -> tuple[Path, str]:
 
 
 def load(model: str | os.PathLike, *, n_ctx: int | None = None, threads: int | None = None,
-         vocab_only: bool = False, parallel: int = 1) -> "Model":
+         vocab_only: bool = False, parallel: int = 1, cache_type_k: str = "f16",
+         cache_type_v: str = "f16") -> "Model":
     """Open a model: a catalogue name (pulled on first use) or a path to a .gguf file. `parallel`: how many
-    sequences (KV slots of n_ctx tokens each) it generates at once; more requests queue."""
+    sequences (KV slots of n_ctx tokens each) it generates at once; more requests queue. `cache_type_k`,
+    `cache_type_v`: the KV cache's types, "f16" (llama.cpp's arithmetic, bit for bit) or "q8_0" (about half
+    the memory, as llama.cpp's -ctk/-ctv q8_0)."""
     path, name = resolve(model)
     return Model(GGUFFile(path), name=name, n_ctx=n_ctx, threads=threads, vocab_only=vocab_only,
-                 parallel=parallel)
+                 parallel=parallel, cache_type_k=cache_type_k, cache_type_v=cache_type_v)
 
 
 class Model:
@@ -46,7 +49,7 @@ class Model:
     (or `with`) lets the engine thread go of it."""
 
     def __init__(self, gguf: GGUFFile, *, name: str, n_ctx: int | None = None, threads: int | None = None,
-                 vocab_only: bool = False, parallel: int = 1):
+                 vocab_only: bool = False, parallel: int = 1, cache_type_k: str = "f16", cache_type_v: str = "f16"):
         self.gguf = gguf
         self.name = name
         self.path = gguf.path
@@ -68,7 +71,8 @@ class Model:
         if not vocab_only:
             from .engine import Engine
             from .scheduler import Scheduler
-            self.engine = Engine(gguf, self.arch, n_ctx=n_ctx, n_slots=parallel)
+            self.engine = Engine(gguf, self.arch, n_ctx=n_ctx, n_slots=parallel, cache_type_k=cache_type_k,
+                                 cache_type_v=cache_type_v)
             self.scheduler = Scheduler(self.engine, threads=threads)
 
     def close(self) -> None:
@@ -148,6 +152,11 @@ class Model:
     def cached_tokens(self, slot: int = 0) -> list[int]:
         return self._call(lambda e: list(e.tokens[slot]))
 
+    def _check_f16_cache(self) -> None:
+        if self.cache_types != ("f16", "f16"):
+            raise ConfigError(f"saved KV state (sessions) holds an f16 cache, and this model was loaded with "
+                              f"cache types {'/'.join(self.cache_types)}: load it with the default f16 cache")
+
     def truncate(self, n: int, slot: int = 0) -> None:
         """Keep only the first n cached tokens of the slot."""
         self._call(lambda e: e.truncate(n, slot))
@@ -156,7 +165,9 @@ class Model:
         self._call(lambda e: e.reset(slot))
 
     def kv_state(self, slot: int = 0) -> dict[str, np.ndarray]:
-        """A copy of the slot's cache: the tokens, the kind of each cell and their K/V rows."""
+        """A copy of the slot's cache: the tokens, the kind of each cell and their K/V rows (an f16 cache)."""
+        self._check_f16_cache()
+
         def copy(e):
             n = e.n_past(slot)
             return {"tokens": np.array(e.tokens[slot], np.int64), "kinds": np.array(e.cell_kinds[slot], np.int8),
@@ -165,6 +176,8 @@ class Model:
 
     def load_kv_state(self, state: dict[str, np.ndarray], slot: int = 0) -> None:
         """Restore what kv_state returned (checked against this model's shapes)."""
+        self._check_f16_cache()
+
         def restore(e):
             tokens, kinds, k, v = state["tokens"], state["kinds"], state["k"], state["v"]
             n = len(tokens)
@@ -305,11 +318,17 @@ class Model:
         return t if isinstance(t, str) else None
 
     @property
+    def cache_types(self) -> tuple[str, str]:
+        """The KV cache's (K, V) types."""
+        return self.engine.cache_types if self.engine is not None else ("f16", "f16")
+
+    @property
     def kv_bytes_per_token(self) -> int:
         from .engine import Engine
-        return Engine.kv_bytes(self.args, 1)
+        return Engine.kv_bytes(self.args, 1, 1, self.cache_types)
 
     def info(self) -> dict:
+        from .engine import Engine
         return {
             "architecture": self.architecture,
             "n_params": self.n_params,
@@ -318,6 +337,9 @@ class Model:
             "quant_types": self.quant_types,
             "chat_template": self.chat_template is not None,
             "kv_bytes_per_token": self.kv_bytes_per_token,
+            "cache_types": list(self.cache_types),
+            **({"kv_bytes_per_token_q8_0": Engine.kv_bytes(self.args, 1, 1, ("q8_0", "q8_0"))}
+               if self.args.head_dim % 32 == 0 else {}),
         }
 
     def __repr__(self) -> str:

@@ -147,3 +147,34 @@ def test_speculative_run_prints_the_plain_text_and_reports_the_drafts(cli):
     assert 0 <= spec["accepted_tokens"] <= spec["draft_tokens"]
     bad = cli("run", "smollm2-135m", "hi", "--speculative", "ngram", "--draft-max", "0")
     assert bad.returncode == 1 and bad.stderr.startswith("error: --draft-max")
+
+
+def test_cold_start_shows_a_status_line_on_a_terminal_only(pulled, cli, tmp_path):
+    """With an empty kernel cache, `nibble run` on a terminal shows what it compiles on one status line
+    (stderr), then the answer; on a pipe it prints nothing of the kind, and a second run compiles nothing."""
+    import pty
+    pulled("smollm2-135m")
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path / "numba"))
+    args = [sys.executable, "-m", "nibble.cli.main", "run", "smollm2-135m", "Why is the sky blue?", "-n", "4",
+            "--temperature", "0"]
+    pid, fd = pty.fork()
+    if pid == 0:                                      # the child: stdin, stdout and stderr are the terminal
+        os.execve(sys.executable, args, env)
+    seen = b""
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        try:
+            chunk = os.read(fd, 4096)
+        except OSError:                               # the child closed the terminal
+            break
+        if not chunk:
+            break
+        seen += chunk
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0, seen[-2000:]
+    text = seen.decode(errors="replace")
+    assert "compiling" in text and "for this CPU (first run only)" in text
+    piped = cli("run", "smollm2-135m", "Why is the sky blue?", "-n", "4", "--temperature", "0",
+                env={"NUMBA_CACHE_DIR": str(tmp_path / "numba")})
+    assert piped.returncode == 0 and piped.stdout and "compiling" not in piped.stderr
+    assert piped.stdout.strip() in text               # the same answer after the status line

@@ -148,3 +148,33 @@ def test_perplexity_cli(cli, pulled, reference_root, tmp_path):
     short.write_text("Too short to score.")
     r = cli("perplexity", "smollm2-135m", str(short), "--n-ctx", "256", "--json")
     assert r.returncode == 1 and "two chunks" in r.stderr
+
+
+@pytest.mark.parametrize("name", ["smollm2-135m", "gemma3-270m", "qwen2.5-coder-0.5b"])
+def test_q8_0_kv_cache_perplexity_matches_llama_cpp(name, ref, reference_root, pulled):
+    """A q8_0 KV cache (llama.cpp's -ctk q8_0 -ctv q8_0) takes 34/64 of the f16 cache's bytes, and its
+    perplexity is within 1% of llama-perplexity's with the same cache types."""
+    expected = ref(name, "perplexity_apache-2_0_txt_kv_q8_0.json")
+    text = (reference_root / expected["text"]).read_text()
+    from nibble.runtime.perplexity import perplexity
+    with nibble.load(pulled(name), n_ctx=expected["ctx"], cache_type_k="q8_0", cache_type_v="q8_0") as m:
+        assert m.cache_types == ("q8_0", "q8_0") and m.engine.k_cache.dtype == np.uint8
+        f16 = m.info()["kv_bytes_per_token"] / (34 / 64)
+        assert f16 == nibble.load(pulled(name), vocab_only=True).kv_bytes_per_token
+        result = perplexity(m, text, n_ctx=expected["ctx"])
+    assert result.n_chunks == expected["chunks"]
+    assert abs(result.ppl - expected["ppl"]) / expected["ppl"] < 0.01, (result.ppl, expected["ppl"])
+
+
+def test_cache_types_are_checked_and_sessions_need_f16(pulled, tmp_path, cli):
+    with pytest.raises(nibble.ConfigError, match="q8_0"):
+        nibble.load(pulled("smollm2-135m"), n_ctx=64, cache_type_k="q4_0")
+    with nibble.load(pulled("smollm2-135m"), n_ctx=64, cache_type_k="q8_0") as m:
+        assert m.cache_types == ("q8_0", "f16") and m.engine.v_cache.dtype == np.float16
+        assert m.generate("Hello", max_tokens=4, temperature=0).usage.completion_tokens == 4
+        with pytest.raises(nibble.ConfigError, match="f16"):
+            m.kv_state()
+    r = cli("run", "smollm2-135m", "Hello", "-n", "4", "--temperature", "0", "-ctk", "q8_0", "-ctv", "q8_0")
+    assert r.returncode == 0 and r.stdout, r.stderr
+    r = cli("show", "smollm2-135m")
+    assert "with --cache-type-k/-v q8_0" in r.stdout

@@ -16,7 +16,6 @@ import numpy as np
 from ..errors import ModelFormatError
 from ..formats.gguf import GGUFFile, TensorInfo
 from .. import quant
-from ..quant import kernels
 
 # our name -> GGUF name ("{}" is the block index)
 TENSOR_NAMES = {
@@ -131,5 +130,9 @@ def linear(out: np.ndarray, x: np.ndarray, w: Linear, scratch: Scratch, kinds: n
 
 
 def embed(out: np.ndarray, tokens: np.ndarray, w: Linear) -> None:
-    """out (B, k) = rows `tokens` of the embedding matrix, dequantized."""
-    kernels.get_rows(out, tokens, w.data, w.qtype, w.k)
+    """out (B, k) = rows `tokens` of the embedding matrix, dequantized by the type's numpy reference (the
+    values `quant.kernels.get_rows` gives, bit for bit; a few rows, and one kernel less to compile on a
+    first run)."""
+    fmt = quant.FORMATS[w.qtype]
+    rows = w.data.reshape(w.m, -1)[tokens]
+    out[:] = fmt.dequantize_blocks(rows.reshape(-1, fmt.type_size)).reshape(len(tokens), w.k)

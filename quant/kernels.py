@@ -569,8 +569,13 @@ def _row_readers(qtype: int):
 
 def get_rows(out, ids, w, qtype, k) -> None:
     """out f32[len(ids), k]: rows `ids` of W, the (., k) tensor of type `qtype` in bytes `w`, dequantized
-    bit-exactly with the numpy references (the embedding lookup)."""
+    bit-exactly with the numpy references. From compiled code, call `get_rows_kernel(qtype)` instead."""
     _row_readers(int(qtype))[0](out, ids, w, k)
+
+
+def get_rows_kernel(qtype):
+    """The compiled `get_rows` for one type, (out, ids, w, k), callable from other compiled code."""
+    return _row_readers(int(qtype))[0]
 
 
 def dequantize_rows(out, w, qtype, m, k) -> None:

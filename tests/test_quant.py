@@ -214,9 +214,11 @@ def test_kernels_compose_inside_njit():
     w = quant._prepare(weights(T.Q5_1, m, k, rng), T.Q5_1, (m, k))[0]
     emb = quant._prepare(weights(T.Q4_0, vocab, k, rng), T.Q4_0, (vocab, k))[0]
 
+    get_rows_q4_0 = kernels.get_rows_kernel(T.Q4_0)
+
     @numba.njit
     def two_tokens(tokens, emb, w, h, y, y1, xq, xs):
-        kernels.get_rows(h, tokens, emb, 2, k)                  # Q4_0 embeddings
+        get_rows_q4_0(h, tokens, emb, k)                        # Q4_0 embeddings
         kernels.gemm(y, h, xq, xs, w, 7, m, k)                  # Q5_1 projection, both tokens
         kernels.gemm(y1, h[1:], xq[1:], xs[1:], w, 7, m, k)     # and the second alone
 

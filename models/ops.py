@@ -135,15 +135,15 @@ def _cell_store(cache, s, layer, p, h, x, o, head_dim):
         return store_f16
 
     def store_q8_0(cache, s, layer, p, h, x, o, head_dim):
-        # quantize_row_q8_0: d = max |x| / 127, q = round(x / d) (ties to even), d stored as fp16
+        # quantize_row_q8_0 (x86): d = max |x| / 127, q = round(x · (127 / max |x|)) (ties to even), d stored
+        # as fp16
         for blk in range(head_dim // 32):
             e, c = o + 32 * blk, Q8_0_BLOCK * blk
             amax = f32(0)
             for j in range(32):
                 amax = max(amax, abs(x[e + j]))
-            d = amax / f32(127)
-            inv = f32(1) / d if d != f32(0) else f32(0)
-            bits = half_bits(d)
+            inv = f32(127) / amax if amax != f32(0) else f32(0)
+            bits = half_bits(amax / f32(127))
             cache[s, layer, p, h, c] = np.uint8(bits & 0xFF)
             cache[s, layer, p, h, c + 1] = np.uint8(bits >> 8)
             for j in range(32):

@@ -57,8 +57,8 @@ class Engine:
                  max_batch: int = MAX_BATCH, cache_type_k: str = "f16", cache_type_v: str = "f16"):
         self.arch = arch
         self.args = args = arch.ModelArgs.from_gguf(gguf)
-        self.cache_types = (self.check_cache_type(cache_type_k, args, "cache_type_k"),
-                            self.check_cache_type(cache_type_v, args, "cache_type_v"))
+        self.cache_types = (self.check_cache_type(cache_type_k, args, "k"),
+                            self.check_cache_type(cache_type_v, args, "v"))
         if n_ctx is None:
             n_ctx = self.default_n_ctx(args)
         if n_ctx <= 0:
@@ -111,9 +111,10 @@ class Engine:
         return n_slots * args.n_layers * n_ctx * args.n_head_kv * rows
 
     @staticmethod
-    def check_cache_type(name: str, args, what: str = "cache type") -> str:
-        """A KV cache type by name ("f16", "q8_0"), checked against the model's head size."""
+    def check_cache_type(name: str, args, which: str = "k") -> str:
+        """A KV cache type by name ("f16", "q8_0") for K or V (`which`), checked against the model's head size."""
         name = str(name).lower()
+        what = f"the {which.upper()} cache type (--cache-type-{which}, cache_type_{which}=)"
         if name not in CACHE_TYPES:
             raise ConfigError(f"{what} must be one of {', '.join(CACHE_TYPES)}, not {name!r}")
         if name == "q8_0" and args.head_dim % 32:

@@ -166,9 +166,17 @@ def test_q8_0_kv_cache_perplexity_matches_llama_cpp(name, ref, reference_root, p
     assert abs(result.ppl - expected["ppl"]) / expected["ppl"] < 0.01, (result.ppl, expected["ppl"])
 
 
-def test_cache_types_are_checked_and_sessions_need_f16(pulled, tmp_path, cli):
+def test_cache_types_are_checked_and_sessions_need_f16(pulled, tmp_path, cli, tiny_gguf):
     with pytest.raises(nibble.ConfigError, match="q8_0"):
         nibble.load(pulled("smollm2-135m"), n_ctx=64, cache_type_k="q4_0")
+    with pytest.raises(nibble.ConfigError, match="multiple of 32"):     # the tiny llama's heads are 16 wide
+        nibble.load(tiny_gguf("llama"), n_ctx=32, cache_type_v="q8_0")
+    # Gemma 3's sliding-window layers read a q8_0 cache too: close to the f16 cache's logits, not equal
+    ids = list(range(3, 23))
+    with nibble.load(tiny_gguf("gemma3"), n_ctx=32) as f16, \
+            nibble.load(tiny_gguf("gemma3"), n_ctx=32, cache_type_k="q8_0", cache_type_v="q8_0") as q8:
+        a, b = f16.logits(ids), q8.logits(ids)
+    assert not np.array_equal(a, b) and ((a - b) ** 2).sum() / (a ** 2).sum() < 1e-3
     with nibble.load(pulled("smollm2-135m"), n_ctx=64, cache_type_k="q8_0") as m:
         assert m.cache_types == ("q8_0", "f16") and m.engine.v_cache.dtype == np.float16
         assert m.generate("Hello", max_tokens=4, temperature=0).usage.completion_tokens == 4

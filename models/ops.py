@@ -317,11 +317,9 @@ def _attend(out, q, kf, vf, layer, k_shape, v_shape, slots, positions, kinds, b,
         sc[t] = round_f16(sc[t] * inv)     # p, rounded to fp16 for the F16 matmul
     # kqv: lane (j mod n_lanes) of each output element accumulates p16[j] * V[j] over the cells in order
     acc[:] = 0
-    lane = j0 % n_lanes                         # j mod n_lanes, kept without a division per cell
     for j in range(j0, p + 1):
         pj = sc[j - g0]
-        a = lane * head_dim
-        lane = lane + 1 if lane + 1 < n_lanes else 0
+        a = (j % n_lanes) * head_dim
         vb = vbase + j * vcell
         for i in range(0, n8, 8):
             store_f32x8(acc, a + i, fma8(splat(pj), cell8(vf, vb, i), load_f32x8(acc, a + i)))

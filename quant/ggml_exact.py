@@ -542,9 +542,10 @@ def batch_kinds(n: int) -> np.ndarray:
 # come as indices into them (`rows`), so that one call serves rows of different kinds in any order.
 
 @exact_kernel
-def _four_rows_q4_1(out, xq, xs, w, r, rows, k, xs_row):
+def _four_rows_q4_1(out, xq, xs, w, r, rows, k, xs_row, n):
     """Weight row r against the activation rows rows[0:4], `_rows_q4_1`'s arithmetic per row, the block's
-    nibbles and scales decoded once for the four (decode steps of several sequences)."""
+    nibbles and scales decoded once for the four (decode steps of several sequences); only rows[0:2] when
+    n is 2 (a batch of two costs what one of four would otherwise)."""
     i0, i1, i2, i3 = rows[0], rows[1], rows[2], rows[3]
     nb = k // 32
     p = r * nb * 20
@@ -559,15 +560,17 @@ def _four_rows_q4_1(out, xq, xs, w, r, rows, k, xs_row):
         s0 = fma1(mw, at(xs, i0 * xs_row + 2 * b + 1), s0)
         a1 = fma8(splat(d * at(xs, i1 * xs_row + 2 * b)), to_f32(dot_u8(q, xq, i1 * k + e)), a1)
         s1 = fma1(mw, at(xs, i1 * xs_row + 2 * b + 1), s1)
-        a2 = fma8(splat(d * at(xs, i2 * xs_row + 2 * b)), to_f32(dot_u8(q, xq, i2 * k + e)), a2)
-        s2 = fma1(mw, at(xs, i2 * xs_row + 2 * b + 1), s2)
-        a3 = fma8(splat(d * at(xs, i3 * xs_row + 2 * b)), to_f32(dot_u8(q, xq, i3 * k + e)), a3)
-        s3 = fma1(mw, at(xs, i3 * xs_row + 2 * b + 1), s3)
+        if n > 2:
+            a2 = fma8(splat(d * at(xs, i2 * xs_row + 2 * b)), to_f32(dot_u8(q, xq, i2 * k + e)), a2)
+            s2 = fma1(mw, at(xs, i2 * xs_row + 2 * b + 1), s2)
+            a3 = fma8(splat(d * at(xs, i3 * xs_row + 2 * b)), to_f32(dot_u8(q, xq, i3 * k + e)), a3)
+            s3 = fma1(mw, at(xs, i3 * xs_row + 2 * b + 1), s3)
         p += 20
     out[i0, r] = hsum8(a0) + s0
     out[i1, r] = hsum8(a1) + s1
-    out[i2, r] = hsum8(a2) + s2
-    out[i3, r] = hsum8(a3) + s3
+    if n > 2:
+        out[i2, r] = hsum8(a2) + s2
+        out[i3, r] = hsum8(a3) + s3
 
 
 @exact_kernel
@@ -579,8 +582,8 @@ def _block_q5_0_q8_0(w, p, is_q8_0):
 
 
 @exact_kernel
-def _four_rows_q5_0(out, xq, xs, w, r, rows, k, xs_row, is_q8_0):
-    """`_eight_rows_q5_0` for the activation rows rows[0:4]."""
+def _four_rows_q5_0(out, xq, xs, w, r, rows, k, xs_row, is_q8_0, n):
+    """`_eight_rows_q5_0` for the activation rows rows[0:4] (rows[0:2] when n is 2)."""
     i0, i1, i2, i3 = rows[0], rows[1], rows[2], rows[3]
     nb = k // 32
     p = r * nb * (34 if is_q8_0 else 22)
@@ -592,12 +595,15 @@ def _four_rows_q5_0(out, xq, xs, w, r, rows, k, xs_row, is_q8_0):
         e = 32 * b
         a0 = fma8(splat(d * at(xs, i0 * xs_row + 2 * b)), to_f32(dot_offset(q, xq, i0 * k + e, base)), a0)
         a1 = fma8(splat(d * at(xs, i1 * xs_row + 2 * b)), to_f32(dot_offset(q, xq, i1 * k + e, base)), a1)
+        if n <= 2:
+            continue
         a2 = fma8(splat(d * at(xs, i2 * xs_row + 2 * b)), to_f32(dot_offset(q, xq, i2 * k + e, base)), a2)
         a3 = fma8(splat(d * at(xs, i3 * xs_row + 2 * b)), to_f32(dot_offset(q, xq, i3 * k + e, base)), a3)
     out[i0, r] = hsum8(a0)
     out[i1, r] = hsum8(a1)
-    out[i2, r] = hsum8(a2)
-    out[i3, r] = hsum8(a3)
+    if n > 2:
+        out[i2, r] = hsum8(a2)
+        out[i3, r] = hsum8(a3)
 
 
 @exact_kernel
@@ -983,13 +989,13 @@ def _typed(qtype: int):
                     _rows_one(out[i], xq[i], xs[i], w, QT, r0, r1, k)
                 elif QT == Q4_1:
                     for r in range(r0, r1):
-                        _four_rows_q4_1(out, xqf, xsf, w, r, rows[0:4], k, xs_row)
+                        _four_rows_q4_1(out, xqf, xsf, w, r, rows[0:4], k, xs_row, min(real, 4))
                         if real > 4:
-                            _four_rows_q4_1(out, xqf, xsf, w, r, rows[4:8], k, xs_row)
+                            _four_rows_q4_1(out, xqf, xsf, w, r, rows[4:8], k, xs_row, 4)
                 elif QT == Q5_0 or QT == Q8_0:
                     if real <= 4:
                         for r in range(r0, r1):
-                            _four_rows_q5_0(out, xqf, xsf, w, r, rows[0:4], k, xs_row, QT == Q8_0)
+                            _four_rows_q5_0(out, xqf, xsf, w, r, rows[0:4], k, xs_row, QT == Q8_0, real)
                     else:
                         for r in range(r0, r1):
                             _eight_rows_q5_0(out, xqf, xsf, w, r, rows, k, xs_row, QT == Q8_0)

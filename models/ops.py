@@ -27,7 +27,7 @@ from numba import prange, types
 from numba.extending import overload
 
 from ..quant.ggml_exact import ROW_BATCHED
-from ..quant.jit import exact_kernel, exact_parallel_kernel, kernel
+from ..quant.jit import EXACT_OPTIONS, exact_kernel, exact_parallel_kernel, kernel
 from ..quant.simd import (fma1, fma8, half_bits, half_to_float, halves8, hsum8, hsum8_hadd, i8x8_at, load_f16,
                           load_f32x8, round_f16, splat, store_f32x8, v_expf, zeros)
 
@@ -123,10 +123,7 @@ def cell1(cache, base, i):
     raise NotImplementedError
 
 
-_EXACT = {"fastmath": False, "boundscheck": False, "error_model": "numpy", "nogil": True}
-
-
-@overload(cell_store, jit_options=_EXACT)
+@overload(cell_store, jit_options=EXACT_OPTIONS)
 def _cell_store(cache, s, layer, p, h, x, o, head_dim):
     if cache.dtype == types.uint16:
         def store_f16(cache, s, layer, p, h, x, o, head_dim):
@@ -151,7 +148,7 @@ def _cell_store(cache, s, layer, p, h, x, o, head_dim):
     return store_q8_0
 
 
-@overload(cell8, jit_options=_EXACT)
+@overload(cell8, jit_options=EXACT_OPTIONS)
 def _cell8(cache, base, i):
     if cache.dtype == types.uint16:
         return lambda cache, base, i: halves8(cache, base + i)
@@ -162,7 +159,7 @@ def _cell8(cache, base, i):
     return q8_0_values
 
 
-@overload(cell1, jit_options=_EXACT)
+@overload(cell1, jit_options=EXACT_OPTIONS)
 def _cell1(cache, base, i):
     if cache.dtype == types.uint16:
         return lambda cache, base, i: half_to_float(cache[base + i])

@@ -653,14 +653,6 @@ def _four_rows_q4_k(out, xq, xs, w, r, rows, k, xs_row, per_64):
         dd = splat(load_f16(w, p)) * dx
         dm = splat(load_f16(w, p + 2)) * dx
         scales, mins = k4_scales_mins(w, p + 4)
-        sc0 = ilane(scales, 0)
-        sc1 = ilane(scales, 1)
-        sc2 = ilane(scales, 2)
-        sc3 = ilane(scales, 3)
-        sc4 = ilane(scales, 4)
-        sc5 = ilane(scales, 5)
-        sc6 = ilane(scales, 6)
-        sc7 = ilane(scales, 7)
         # min_j · bsum_j per row, then summed by pairs of sub-blocks: exact in f32 (< 2^22)
         t0, t1, t2, t3 = pair_sums_t(mins * load_f32x8(xs, o0 + 1), mins * load_f32x8(xs, o1 + 1),
                                      mins * load_f32x8(xs, o2 + 1), mins * load_f32x8(xs, o3 + 1))
@@ -669,14 +661,15 @@ def _four_rows_q4_k(out, xq, xs, w, r, rows, k, xs_row, per_64):
             qb = bytes32(w, p + 16 + 32 * c)
             lo = qb & 15
             hi = qb >> 4
+            sa, sb = ilane(scales, 2 * c), ilane(scales, 2 * c + 1)
             if c == 0:
-                sa, sb, mc = sc0, sc1, t0
+                mc = t0
             elif c == 1:
-                sa, sb, mc = sc2, sc3, t1
+                mc = t1
             elif c == 2:
-                sa, sb, mc = sc4, sc5, t2
+                mc = t2
             else:
-                sa, sb, mc = sc6, sc7, t3
+                mc = t3
             e = QK_K * s + 64 * c
             v0 = iadd(v0, iadd(dot_u8s(lo, xq, i0 * k + e, sa, sa), dot_u8s(hi, xq, i0 * k + e + 32, sb, sb)))
             v1 = iadd(v1, iadd(dot_u8s(lo, xq, i1 * k + e, sa, sa), dot_u8s(hi, xq, i1 * k + e + 32, sb, sb)))
@@ -712,14 +705,6 @@ def _eight_rows_q4_k(out, xq, xs, w, r, rows, k, xs_row, per_64):
         dd = splat(load_f16(w, p)) * dx
         dm = splat(load_f16(w, p + 2)) * dx
         scales, mins = k4_scales_mins(w, p + 4)
-        sc0 = ilane(scales, 0)
-        sc1 = ilane(scales, 1)
-        sc2 = ilane(scales, 2)
-        sc3 = ilane(scales, 3)
-        sc4 = ilane(scales, 4)
-        sc5 = ilane(scales, 5)
-        sc6 = ilane(scales, 6)
-        sc7 = ilane(scales, 7)
         t0, t1, t2, t3 = pair_sums_t(mins * load_f32x8(xs, o0 + 1), mins * load_f32x8(xs, o1 + 1),
                                      mins * load_f32x8(xs, o2 + 1), mins * load_f32x8(xs, o3 + 1))
         u0, u1, u2, u3 = pair_sums_t(mins * load_f32x8(xs, o4 + 1), mins * load_f32x8(xs, o5 + 1),
@@ -730,14 +715,15 @@ def _eight_rows_q4_k(out, xq, xs, w, r, rows, k, xs_row, per_64):
             qb = bytes32(w, p + 16 + 32 * c)
             lo = qb & 15
             hi = qb >> 4
+            sa, sb = ilane(scales, 2 * c), ilane(scales, 2 * c + 1)
             if c == 0:
-                sa, sb, mc = sc0, sc1, half_join(t0, u0)
+                mc = half_join(t0, u0)
             elif c == 1:
-                sa, sb, mc = sc2, sc3, half_join(t1, u1)
+                mc = half_join(t1, u1)
             elif c == 2:
-                sa, sb, mc = sc4, sc5, half_join(t2, u2)
+                mc = half_join(t2, u2)
             else:
-                sa, sb, mc = sc6, sc7, half_join(t3, u3)
+                mc = half_join(t3, u3)
             e = QK_K * s + 64 * c
             v0 = iadd(v0, iadd(dot_u8s(lo, xq, i0 * k + e, sa, sa), dot_u8s(hi, xq, i0 * k + e + 32, sb, sb)))
             v1 = iadd(v1, iadd(dot_u8s(lo, xq, i1 * k + e, sa, sa), dot_u8s(hi, xq, i1 * k + e + 32, sb, sb)))

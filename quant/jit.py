@@ -39,6 +39,8 @@ FASTMATH = {"nsz", "arcp", "contract", "afn", "reassoc"}
 LLVM_FASTMATH = tuple(sorted(FASTMATH))
 
 JIT_OPTIONS = dict(cache=True, fastmath=FASTMATH, boundscheck=False, error_model="numpy", nogil=True)
+# the exact kernels' options where Numba compiles a function into its callers (no cache of its own)
+EXACT_OPTIONS = dict(fastmath=False, boundscheck=False, error_model="numpy", nogil=True)
 
 
 def _source_hash() -> str:
@@ -91,7 +93,7 @@ def inlined(fn):
     """Compile `fn` into each caller (Numba IR inlining, before typing), without fast-math: a per-type
     dispatch whose type argument is a constant in the caller (see `ggml_exact._typed`) then keeps only that
     type's branch, and compiles only the kernels that branch calls."""
-    return numba.njit(inline="always", fastmath=False, boundscheck=False, error_model="numpy", nogil=True)(fn)
+    return numba.njit(inline="always", **EXACT_OPTIONS)(fn)
 
 
 def available_cores() -> int:

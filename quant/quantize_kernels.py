@@ -148,8 +148,8 @@ def _make_qkx2_quants(x, x0, n, weights, nmax, rmin, rdelta, nstep, use_mad, L, 
 
 
 @exact_kernel
-def _make_qx_quants(x, x0, n, nmax, L, l0):
-    """x[x0:x0+n] -> levels L[l0:l0+n] in 0..2 nmax - 1; returns the scale. See kquants.make_qx_quants."""
+def _largest(x, x0, n):
+    """(max |x[x0:x0+n]|, the first value with that magnitude, sign kept)."""
     vmax = f32(0)
     amax = f32(0)
     for i in range(n):
@@ -157,6 +157,13 @@ def _make_qx_quants(x, x0, n, nmax, L, l0):
         if ax > amax:
             amax = ax
             vmax = x[x0 + i]
+    return amax, vmax
+
+
+@exact_kernel
+def _make_qx_quants(x, x0, n, nmax, L, l0):
+    """x[x0:x0+n] -> levels L[l0:l0+n] in 0..2 nmax - 1; returns the scale. See kquants.make_qx_quants."""
+    amax, vmax = _largest(x, x0, n)
     if amax < GROUP_MAX_EPS:
         for i in range(n):
             L[l0 + i] = 0
@@ -196,13 +203,7 @@ def _make_qx_quants(x, x0, n, nmax, L, l0):
 @exact_kernel
 def _make_q3_quants(x, x0, n, nmax, L, l0):
     """x[x0:x0+n] -> levels L[l0:l0+n] in 0..2 nmax - 1; returns the scale. See kquants.make_q3_quants."""
-    vmax = f32(0)
-    amax = f32(0)
-    for i in range(n):
-        ax = abs(x[x0 + i])
-        if ax > amax:
-            amax = ax
-            vmax = x[x0 + i]
+    amax, vmax = _largest(x, x0, n)
     if amax < GROUP_MAX_EPS:
         for i in range(n):
             L[l0 + i] = 0

@@ -23,6 +23,7 @@ import numpy as np
 from ..errors import ConfigError, ContextOverflowError, NibbleError, OutOfMemoryError
 from ..formats.gguf import GGUFFile
 from ..models.linear import linear
+from ..models.ops import Q8_0_BLOCK
 from ..quant import ggml_exact
 from .speculative import DRAFT_MAX
 
@@ -31,7 +32,7 @@ MAX_BATCH = 512          # prefill chunk (llama.cpp's default n_ubatch)
 LOGIT_ROWS = 64          # rows of logits computed at once when every position's logits are wanted
 # KV cache types (llama.cpp's -ctk/-ctv): the bytes of one head row of head_dim values, and the array dtype
 CACHE_TYPES = {"f16": (lambda head_dim: 2 * head_dim, np.float16),
-               "q8_0": (lambda head_dim: head_dim // 32 * 34, np.uint8)}
+               "q8_0": (lambda head_dim: head_dim // 32 * Q8_0_BLOCK, np.uint8)}
 
 
 def available_memory() -> int:

@@ -10,8 +10,8 @@
 `shape` numpy order (..., row_length). Behind `matmul` is `multiply`, the one matmul dispatch (the models'
 linear layers and `nibble bench --kernels` call it too): `nibble.quant.ggml_exact` holds the kernels for the
 types llama.cpp's arithmetic is reproduced for (Q4_1, Q5_0, Q8_0, Q4_K, Q6_K: `matvec`, `gemm`),
-`nibble.quant.kernels` one `gemm` for the other types and the dequantizers of all (`get_rows`, the embedding
-lookup, and `dequantize_rows`).
+`nibble.quant.kernels` one `gemm` for the other types and the dequantizers of all (`get_rows` and
+`dequantize_rows`). Both build their kernels per weight type on first use, so a model compiles only its own.
 """
 
 from __future__ import annotations

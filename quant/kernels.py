@@ -2,7 +2,7 @@
 dequantizers of every format.
 
     gemm(out, x, xq, xs, w, qtype, m, k)       out[n, m] = x @ W.T              (any n >= 1)
-    get_rows(out, ids, w, qtype, k)            out[i] = W[ids[i]] dequantized   (embedding lookup)
+    get_rows(out, ids, w, qtype, k)            out[i] = W[ids[i]] dequantized   (rows of W)
     dequantize_rows(out, w, qtype, m, k)       out[m, k] = W                    (`quant.dequantize`)
 
 `w` is the raw bytes of an (m, k) tensor of GGML type `qtype` (uint8, 1-D, as stored in the file). `gemm`

@@ -26,10 +26,11 @@ import numpy as np
 from numba import prange, types
 from numba.extending import overload
 
-from ..quant.ggml_exact import ROW_BATCHED
+from ..quant.ggml_exact import ROW_BATCHED, get_lane
 from ..quant.jit import EXACT_OPTIONS, exact_kernel, exact_parallel_kernel, kernel
-from ..quant.simd import (fma1, fma8, half_bits, half_to_float, halves8, hsum8, hsum8_hadd, i8x8_at, load_f16,
-                          load_f32x8, round_f16, splat, store_f32x8, v_expf, zeros)
+from ..quant.simd import (at, fma1, fma8, hadd8x8, half_bits, half_to_float, halves8, hsum8, hsum8_hadd, hsum8x8,
+                          i8x8_at, load_f16, load_f32x8, max8, round_f16, round_f16x8, splat, store_f32x8, v_expf, v_expf8,
+                          zeros)
 
 f32 = np.float32
 
@@ -217,24 +218,82 @@ def _kq(k, kb, q16, head_dim, lanes32):
 
 
 @exact_kernel
-def _kq4(k, kb, cell, q16, head_dim):
-    """`_kq` with 8 lanes (a batched row) for the four cached keys at kb, kb + cell, kb + 2 cell, kb + 3 cell:
-    each key's own chain, the four side by side so that their fma latencies overlap."""
+def _kq_lanes32(k, kb, q16, head_dim):
+    """ggml_vec_dot_f16's four 8-wide accumulators for one key, combined as GGML_F32x8_REDUCE begins:
+    (S0 + S2) + (S1 + S3) (head_dim a multiple of 32)."""
+    s0, s1, s2, s3 = zeros(), zeros(), zeros(), zeros()
+    for i in range(0, head_dim, 32):
+        s0 = fma8(cell8(k, kb, i), load_f32x8(q16, i), s0)
+        s1 = fma8(cell8(k, kb, i + 8), load_f32x8(q16, i + 8), s1)
+        s2 = fma8(cell8(k, kb, i + 16), load_f32x8(q16, i + 16), s2)
+        s3 = fma8(cell8(k, kb, i + 24), load_f32x8(q16, i + 24), s3)
+    return (s0 + s2) + (s1 + s3)
+
+
+@exact_kernel
+def _kq8(k, kb, cell, q16, head_dim, lanes32):
+    """`_kq` for the eight cached keys at kb, kb + cell, ..., kb + 7 cell, as F32x8 (lane t: key t), each
+    key's arithmetic unchanged: their chains side by side and their last reductions done together
+    (head_dim a multiple of 32 with lanes32, of 8 without)."""
+    if lanes32:
+        return hadd8x8(_kq_lanes32(k, kb, q16, head_dim), _kq_lanes32(k, kb + cell, q16, head_dim),
+                       _kq_lanes32(k, kb + 2 * cell, q16, head_dim), _kq_lanes32(k, kb + 3 * cell, q16, head_dim),
+                       _kq_lanes32(k, kb + 4 * cell, q16, head_dim), _kq_lanes32(k, kb + 5 * cell, q16, head_dim),
+                       _kq_lanes32(k, kb + 6 * cell, q16, head_dim), _kq_lanes32(k, kb + 7 * cell, q16, head_dim))
     a0, a1, a2, a3 = zeros(), zeros(), zeros(), zeros()
-    n8 = head_dim - head_dim % 8
-    for i in range(0, n8, 8):
+    a4, a5, a6, a7 = zeros(), zeros(), zeros(), zeros()
+    for i in range(0, head_dim, 8):
         qv = load_f32x8(q16, i)
         a0 = fma8(cell8(k, kb, i), qv, a0)
         a1 = fma8(cell8(k, kb + cell, i), qv, a1)
         a2 = fma8(cell8(k, kb + 2 * cell, i), qv, a2)
         a3 = fma8(cell8(k, kb + 3 * cell, i), qv, a3)
-    r0, r1, r2, r3 = hsum8(a0), hsum8(a1), hsum8(a2), hsum8(a3)
+        a4 = fma8(cell8(k, kb + 4 * cell, i), qv, a4)
+        a5 = fma8(cell8(k, kb + 5 * cell, i), qv, a5)
+        a6 = fma8(cell8(k, kb + 6 * cell, i), qv, a6)
+        a7 = fma8(cell8(k, kb + 7 * cell, i), qv, a7)
+    return hsum8x8(a0, a1, a2, a3, a4, a5, a6, a7)
+
+
+@exact_kernel
+def _kqv_groups(acc, sc, g0, vf, vbase, vcell, g_first, g_end, step, a, head_dim):
+    """Σ p16[j] V[j] into the eight lane rows acc[a : a + 8 head_dim] for the keys of the 8-cell groups
+    g_first, g_first + step, ... < g_end (key 8g + t in lane row t, in order of g): each lane row's fma
+    chain is the one the per-key loop makes, with the eight rows held in registers for 8 values at a
+    time instead of loaded and stored per key. sc[j - g0]: p16 of cell j."""
+    for i in range(0, head_dim, 8):
+        c0, c1 = load_f32x8(acc, a + i), load_f32x8(acc, a + head_dim + i)
+        c2, c3 = load_f32x8(acc, a + 2 * head_dim + i), load_f32x8(acc, a + 3 * head_dim + i)
+        c4, c5 = load_f32x8(acc, a + 4 * head_dim + i), load_f32x8(acc, a + 5 * head_dim + i)
+        c6, c7 = load_f32x8(acc, a + 6 * head_dim + i), load_f32x8(acc, a + 7 * head_dim + i)
+        for g in range(g_first, g_end, step):
+            j = 8 * g
+            vb = vbase + j * vcell
+            c0 = fma8(splat(at(sc, j - g0)), cell8(vf, vb, i), c0)
+            c1 = fma8(splat(at(sc, j - g0 + 1)), cell8(vf, vb + vcell, i), c1)
+            c2 = fma8(splat(at(sc, j - g0 + 2)), cell8(vf, vb + 2 * vcell, i), c2)
+            c3 = fma8(splat(at(sc, j - g0 + 3)), cell8(vf, vb + 3 * vcell, i), c3)
+            c4 = fma8(splat(at(sc, j - g0 + 4)), cell8(vf, vb + 4 * vcell, i), c4)
+            c5 = fma8(splat(at(sc, j - g0 + 5)), cell8(vf, vb + 5 * vcell, i), c5)
+            c6 = fma8(splat(at(sc, j - g0 + 6)), cell8(vf, vb + 6 * vcell, i), c6)
+            c7 = fma8(splat(at(sc, j - g0 + 7)), cell8(vf, vb + 7 * vcell, i), c7)
+        store_f32x8(acc, a + i, c0)
+        store_f32x8(acc, a + head_dim + i, c1)
+        store_f32x8(acc, a + 2 * head_dim + i, c2)
+        store_f32x8(acc, a + 3 * head_dim + i, c3)
+        store_f32x8(acc, a + 4 * head_dim + i, c4)
+        store_f32x8(acc, a + 5 * head_dim + i, c5)
+        store_f32x8(acc, a + 6 * head_dim + i, c6)
+        store_f32x8(acc, a + 7 * head_dim + i, c7)
+
+
+@exact_kernel
+def _kqv_cell(acc, pj, vf, vb, a, head_dim, n8):
+    """acc[a : a + head_dim] += pj · V (the cached value row at flat index vb), one fma per element."""
+    for i in range(0, n8, 8):
+        store_f32x8(acc, a + i, fma8(splat(pj), cell8(vf, vb, i), load_f32x8(acc, a + i)))
     for i in range(n8, head_dim):
-        r0 = fma1(cell1(k, kb, i), q16[i], r0)
-        r1 = fma1(cell1(k, kb + cell, i), q16[i], r1)
-        r2 = fma1(cell1(k, kb + 2 * cell, i), q16[i], r2)
-        r3 = fma1(cell1(k, kb + 3 * cell, i), q16[i], r3)
-    return r0, r1, r2, r3
+        acc[a + i] = fma1(pj, cell1(vf, vb, i), acc[a + i])
 
 
 @exact_parallel_kernel
@@ -247,60 +306,66 @@ def attention(out, q, k_cache, v_cache, layer, slots, positions, kinds, n_head, 
     softmax as ggml_compute_forward_soft_max_f32: e = ggml_v_expf(w - max), the denominator a double sum of
     each 8-cell group's hsum_float_8, p = e * (float)(1.0 / sum) rounded to fp16; out = Σ_j p16[j] V[j]
     (lanes above), with 8 lanes for a row of kind ROW_BATCHED (a batch of 2 or more) and 32 for a row of a
-    single-row batch. One task per (row, head), each with a small score buffer."""
+    single-row batch. One task per row and K/V head (the query heads that share it read each cached row
+    once), or per row and query head for a batch of fewer rows than that leaves the threads work for."""
     B = q.shape[0]
     group = n_head // n_head_kv
+    per_task = group if B >= ATTENTION_GROUPED_ROWS else 1
+    tasks_per_row = n_head // per_task
     kf = k_cache.reshape(-1)
     vf = v_cache.reshape(-1)
     scale = f32(scale)
-    n8 = head_dim - head_dim % 8
-    for bh in prange(B * n_head):
-        _attend(out, q, kf, vf, layer, k_cache.shape, v_cache.shape, slots, positions, kinds, bh // n_head,
-                bh % n_head, group, head_dim, scale, window, n8)
+    # Numba hands each thread an equal run of the tasks, and a prompt's later rows attend to more cells:
+    # rows are taken from both ends in turn (0, B-1, 1, B-2, ...) so that every run holds an equal share
+    for t in prange(B * tasks_per_row):
+        i = t // tasks_per_row
+        b = i // 2 if i % 2 == 0 else B - 1 - i // 2
+        _attend(out, q, kf, vf, layer, k_cache.shape, v_cache.shape, slots, positions, kinds, b,
+                (t % tasks_per_row) * per_task, per_task, group, head_dim, scale, window)
+
+
+ATTENTION_GROUPED_ROWS = 4   # from this many rows, one attention task takes all query heads of a K/V head
+KQ8_LANES32_MAX_DIM = 64     # longer heads: 8 keys' 32-lane accumulators at once would not fit the registers
+CELL_BLOCK_BYTES = 1 << 14   # the cached rows one pass of a task's heads over them reads (they stay in L1)
 
 
 @exact_kernel
-def _attend(out, q, kf, vf, layer, k_shape, v_shape, slots, positions, kinds, b, h, group, head_dim, scale,
-            window, n8):
-    """`attention` for row b and head h (a function of its own: Numba compiles a small parallel loop
-    around it much faster than one around the whole body). kf, vf: the caches flattened, of shapes k_shape,
-    v_shape (slots, layers, n_ctx, n_head_kv, row)."""
-    lanes32 = not (kinds[b] & ROW_BATCHED)
-    n_lanes = 32 if lanes32 else 8
-    s, p = slots[b], positions[b]
-    o = h * head_dim
-    j0 = 0
-    if window > 0 and p - window + 1 > 0:
-        j0 = p - window + 1
-    g0 = j0 // 8 * 8                        # scores are kept for whole 8-cell groups, g0 .. p
-    n_sc = p // 8 * 8 + 8 - g0
-    buf = np.empty(head_dim + n_sc + n_lanes * head_dim, np.float32)
-    q16 = buf[:head_dim]
-    sc = buf[head_dim:head_dim + n_sc]
-    acc = buf[head_dim + n_sc:]
-    for i in range(head_dim):
-        q16[i] = round_f16(q[b, o + i])
-    # flat index of this head's row at cell 0, and from one cell to the next, in each cache
-    kcell, vcell = k_shape[3] * k_shape[4], v_shape[3] * v_shape[4]
-    base = ((s * k_shape[1] + layer) * k_shape[2]) * kcell + (h // group) * k_shape[4]
-    vbase = ((s * v_shape[1] + layer) * v_shape[2]) * vcell + (h // group) * v_shape[4]
-    # kq, scaled (ggml_vec_scale_f32), and its maximum over the unmasked cells
-    mx = f32(-np.inf)
-    j = j0
-    if not lanes32:                          # four keys at a time (each key's arithmetic unchanged)
-        while j + 3 <= p:
-            w0, w1, w2, w3 = _kq4(kf, base + j * kcell, kcell, q16, head_dim)
-            sc[j - g0], sc[j + 1 - g0], sc[j + 2 - g0], sc[j + 3 - g0] = w0 * scale, w1 * scale, w2 * scale, w3 * scale
-            mx = max(mx, max(max(w0 * scale, w1 * scale), max(w2 * scale, w3 * scale)))
-            j += 4
-    while j <= p:
-        w = _kq(kf, base + j * kcell, q16, head_dim, lanes32) * scale
-        sc[j - g0] = w
-        mx = max(mx, w)
+def _scores(sc, g0, kf, base, kcell, q16, j_start, j_end, head_dim, lanes32, grouped, scale):
+    """sc[j - g0] = K[j]·q16 · scale for the cells j_start .. j_end - 1 (eight at a time where grouped)."""
+    j = j_start
+    if grouped:
+        while j + 8 <= j_end:
+            store_f32x8(sc, j - g0, _kq8(kf, base + j * kcell, kcell, q16, head_dim, lanes32) * scale)
+            j += 8
+    while j < j_end:
+        sc[j - g0] = _kq(kf, base + j * kcell, q16, head_dim, lanes32) * scale
         j += 1
-    # ggml_vec_soft_max_f32: exp per cell, Σ in double of each 8-group's hsum_float_8 (masked cells are 0)
+
+
+@exact_kernel
+def _softmax(sc, g0, j0, p, n_sc):
+    """sc[0:n_sc] (cells g0 ..) := p16, ggml_vec_soft_max_f32 over the unmasked cells j0 .. p then each
+    probability rounded to fp16: exp per cell, Σ in double of each 8-group's hsum_float_8 (masked cells
+    are 0)."""
+    mx = f32(-np.inf)
+    t = j0 - g0
+    if t + 8 <= p + 1 - g0:                 # (the maximum is exact in any order)
+        mv = load_f32x8(sc, t)
+        t += 8
+        while t + 8 <= p + 1 - g0:
+            mv = max8(mv, load_f32x8(sc, t))
+            t += 8
+        for i in range(8):
+            mx = max(mx, get_lane(mv, i))
+    for t in range(t, p + 1 - g0):
+        mx = max(mx, sc[t])
     total = 0.0
     for g in range(0, n_sc, 8):
+        if j0 <= g0 + g and g0 + g + 7 <= p:
+            e = v_expf8(load_f32x8(sc, g) - mx)
+            store_f32x8(sc, g, e)
+            total += np.float64(hsum8(e))
+            continue
         for t in range(8):
             j = g0 + g + t
             sc[g + t] = v_expf(sc[g + t] - mx) if j0 <= j and j <= p else f32(0)
@@ -310,28 +375,128 @@ def _attend(out, q, kf, vf, layer, k_shape, v_shape, slots, positions, kinds, b,
         r3 = sc[g + 7] + sc[g + 3]
         total += np.float64((r0 + r2) + (r1 + r3))
     inv = f32(1.0 / total)
-    for t in range(n_sc):
-        sc[t] = round_f16(sc[t] * inv)     # p, rounded to fp16 for the F16 matmul
-    # kqv: lane (j mod n_lanes) of each output element accumulates p16[j] * V[j] over the cells in order
-    acc[:] = 0
-    for j in range(j0, p + 1):
-        pj = sc[j - g0]
-        a = (j % n_lanes) * head_dim
-        vb = vbase + j * vcell
+    for t in range(0, n_sc, 8):
+        store_f32x8(sc, t, round_f16x8(load_f32x8(sc, t) * inv))
+
+
+@exact_kernel
+def _attend(out, q, kf, vf, layer, k_shape, v_shape, slots, positions, kinds, b, h0, nh, group, head_dim, scale,
+            window):
+    """`attention` for row b and the query heads h0 .. h0 + nh - 1, which share one K/V head (a function
+    of its own: Numba compiles a small parallel loop around it much faster than one around the whole
+    body). kf, vf: the caches flattened, of shapes k_shape, v_shape (slots, layers, n_ctx, n_head_kv, row).
+
+    Every head's arithmetic is llama.cpp's per cell and per lane, in its order; what is shared is the
+    loads: eight cells at a time where the lanes allow (head_dim a multiple of the lane count), and the
+    heads take turns over blocks of cells small enough to stay in L1."""
+    lanes32 = not (kinds[b] & ROW_BATCHED)
+    n_lanes = 32 if lanes32 else 8
+    grouped = head_dim % n_lanes == 0
+    n8 = head_dim - head_dim % 8
+    s, p = slots[b], positions[b]
+    j0 = 0
+    if window > 0 and p - window + 1 > 0:
+        j0 = p - window + 1
+    g0 = j0 // 8 * 8                        # scores are kept for whole 8-cell groups, g0 .. p
+    n_sc = p // 8 * 8 + 8 - g0
+    # per head: q16 | scores (p16 after the softmax) | n_lanes rows of head_dim accumulators
+    per_head = head_dim + n_sc + n_lanes * head_dim
+    buf = np.empty(nh * per_head, np.float32)
+    qb = q[b]
+    for t in range(nh):
+        o = (h0 + t) * head_dim
         for i in range(0, n8, 8):
-            store_f32x8(acc, a + i, fma8(splat(pj), cell8(vf, vb, i), load_f32x8(acc, a + i)))
+            store_f32x8(buf, t * per_head + i, round_f16x8(load_f32x8(qb, o + i)))
         for i in range(n8, head_dim):
-            acc[a + i] = fma1(pj, cell1(vf, vb, i), acc[a + i])
+            buf[t * per_head + i] = round_f16(qb[o + i])
+    # flat index of this K/V head's row at cell 0, and from one cell to the next, in each cache
+    kcell, vcell = k_shape[3] * k_shape[4], v_shape[3] * v_shape[4]
+    base = ((s * k_shape[1] + layer) * k_shape[2]) * kcell + (h0 // group) * k_shape[4]
+    vbase = ((s * v_shape[1] + layer) * v_shape[2]) * vcell + (h0 // group) * v_shape[4]
+    quarters = n_lanes // 8
+    cells = max(32 * quarters, CELL_BLOCK_BYTES // (2 * head_dim) // (8 * quarters) * (8 * quarters))
+    # kq, scaled (ggml_vec_scale_f32)
+    for jb in range(j0, p + 1, cells):
+        for t in range(nh):
+            q16 = buf[t * per_head:t * per_head + head_dim]
+            sc = buf[t * per_head + head_dim:t * per_head + head_dim + n_sc]
+            _scores(sc, g0, kf, base, kcell, q16, jb, min(p + 1, jb + cells), head_dim, lanes32,
+                    grouped and (not lanes32 or head_dim <= KQ8_LANES32_MAX_DIM), scale)
+    for t in range(nh):
+        _softmax(buf[t * per_head + head_dim:t * per_head + head_dim + n_sc], g0, j0, p, n_sc)
+        buf[t * per_head + head_dim + n_sc:(t + 1) * per_head] = 0
+    # kqv: lane (j mod n_lanes) of each output element accumulates p16[j] * V[j] over the cells in order;
+    # the whole 8-cell groups by `_kqv_groups`, a quarter of the 32 lanes at a time (each quarter's cells
+    # are its own), the cells before and after them one at a time
+    ga = min(p + 1, (j0 + 7) // 8 * 8)
+    gb = (p + 1) // 8 * 8
+    if not grouped or gb <= ga:
+        ga = gb = p + 1
+    for t in range(nh):
+        sc = buf[t * per_head + head_dim:t * per_head + head_dim + n_sc]
+        acc = buf[t * per_head + head_dim + n_sc:(t + 1) * per_head]
+        for j in range(j0, ga):
+            _kqv_cell(acc, sc[j - g0], vf, vbase + j * vcell, (j % n_lanes) * head_dim, head_dim, n8)
+    for blk in range(ga // 8, gb // 8, cells // 8):
+        blk_end = min(gb // 8, blk + cells // 8)
+        for t in range(nh):
+            sc = buf[t * per_head + head_dim:t * per_head + head_dim + n_sc]
+            acc = buf[t * per_head + head_dim + n_sc:(t + 1) * per_head]
+            for quarter in range(quarters):
+                g_first = blk + (quarter - blk) % quarters
+                if g_first < blk_end:
+                    _kqv_groups(acc, sc, g0, vf, vbase, vcell, g_first, blk_end, quarters, 8 * quarter * head_dim,
+                                head_dim)
+    for t in range(nh):
+        o = (h0 + t) * head_dim
+        sc = buf[t * per_head + head_dim:t * per_head + head_dim + n_sc]
+        acc = buf[t * per_head + head_dim + n_sc:(t + 1) * per_head]
+        for j in range(gb, p + 1):
+            _kqv_cell(acc, sc[j - g0], vf, vbase + j * vcell, (j % n_lanes) * head_dim, head_dim, n8)
+        _reduce_lanes(out[b], o, acc, head_dim, lanes32, grouped)
+
+
+@exact_kernel
+def _reduce_lanes(out, o, acc, head_dim, lanes32, grouped):
+    """out[o : o + head_dim] = the lane rows of acc reduced as llama.cpp reduces them."""
+    if grouped:
+        for i in range(0, head_dim, 8):
+            store_f32x8(out, o + i, _reduce32x8(acc, i, head_dim) if lanes32 else _reduce8x8(acc, i, head_dim))
+        return
     for i in range(head_dim):
         if lanes32:
-            out[b, o + i] = _reduce32(acc, i, head_dim)
+            out[o + i] = _reduce32(acc, i, head_dim)
         else:
             # hsum_float_8: ((a4 + a0) + (a6 + a2)) + ((a5 + a1) + (a7 + a3))
             r0 = acc[4 * head_dim + i] + acc[i]
             r1 = acc[5 * head_dim + i] + acc[head_dim + i]
             r2 = acc[6 * head_dim + i] + acc[2 * head_dim + i]
             r3 = acc[7 * head_dim + i] + acc[3 * head_dim + i]
-            out[b, o + i] = (r0 + r2) + (r1 + r3)
+            out[o + i] = (r0 + r2) + (r1 + r3)
+
+
+@exact_kernel
+def _reduce8x8(acc, i, n):
+    """hsum_float_8 over the 8 lane rows acc[L * n + i .. + 8], for 8 output elements at once."""
+    r0 = load_f32x8(acc, 4 * n + i) + load_f32x8(acc, i)
+    r1 = load_f32x8(acc, 5 * n + i) + load_f32x8(acc, n + i)
+    r2 = load_f32x8(acc, 6 * n + i) + load_f32x8(acc, 2 * n + i)
+    r3 = load_f32x8(acc, 7 * n + i) + load_f32x8(acc, 3 * n + i)
+    return (r0 + r2) + (r1 + r3)
+
+
+@exact_kernel
+def _reduce32x8(acc, i, n):
+    """`_reduce32` for the 8 output elements i .. i + 7 at once."""
+    a0 = (load_f32x8(acc, i) + load_f32x8(acc, 16 * n + i)) + (load_f32x8(acc, 8 * n + i) + load_f32x8(acc, 24 * n + i))
+    a1 = (load_f32x8(acc, n + i) + load_f32x8(acc, 17 * n + i)) + (load_f32x8(acc, 9 * n + i) + load_f32x8(acc, 25 * n + i))
+    a2 = (load_f32x8(acc, 2 * n + i) + load_f32x8(acc, 18 * n + i)) + (load_f32x8(acc, 10 * n + i) + load_f32x8(acc, 26 * n + i))
+    a3 = (load_f32x8(acc, 3 * n + i) + load_f32x8(acc, 19 * n + i)) + (load_f32x8(acc, 11 * n + i) + load_f32x8(acc, 27 * n + i))
+    a4 = (load_f32x8(acc, 4 * n + i) + load_f32x8(acc, 20 * n + i)) + (load_f32x8(acc, 12 * n + i) + load_f32x8(acc, 28 * n + i))
+    a5 = (load_f32x8(acc, 5 * n + i) + load_f32x8(acc, 21 * n + i)) + (load_f32x8(acc, 13 * n + i) + load_f32x8(acc, 29 * n + i))
+    a6 = (load_f32x8(acc, 6 * n + i) + load_f32x8(acc, 22 * n + i)) + (load_f32x8(acc, 14 * n + i) + load_f32x8(acc, 30 * n + i))
+    a7 = (load_f32x8(acc, 7 * n + i) + load_f32x8(acc, 23 * n + i)) + (load_f32x8(acc, 15 * n + i) + load_f32x8(acc, 31 * n + i))
+    return ((a0 + a4) + (a1 + a5)) + ((a2 + a6) + (a3 + a7))
 
 
 @exact_kernel

@@ -810,6 +810,70 @@ def hsum8_hadd(typingctx, v):
     return types.float32(F32x8), codegen
 
 
+def _transposed_sums(builder, vs, hadd):
+    """<8 x float>, lane j the horizontal sum of vs[j] in hsum8's order (hadd False) or hsum8_hadd's: the
+    same f32 additions of the same operands, eight vectors at a time (shuffles in between)."""
+    # t_l = a_l + a_l+4 for two vectors at once: [t of vs[2m], t of vs[2m + 1]]
+    t = [builder.fadd(_shuffle(builder, vs[2 * m], vs[2 * m + 1], [4, 5, 6, 7, 12, 13, 14, 15]),
+                      _shuffle(builder, vs[2 * m], vs[2 * m + 1], [0, 1, 2, 3, 8, 9, 10, 11])) for m in range(4)]
+    # the two middle sums of each vector: (t0 + t2), (t1 + t3) for hsum8; (t0 + t1), (t2 + t3) for the hadds
+    first, second = ([0, 1, 8, 9, 4, 5, 12, 13], [2, 3, 10, 11, 6, 7, 14, 15]) if not hadd else \
+        ([0, 2, 8, 10, 4, 6, 12, 14], [1, 3, 9, 11, 5, 7, 13, 15])
+    u = [builder.fadd(_shuffle(builder, t[2 * m], t[2 * m + 1], first),
+                      _shuffle(builder, t[2 * m], t[2 * m + 1], second)) for m in range(2)]
+    # u[m] = [v0 x, v0 y, v2 x, v2 y, v1 x, v1 y, v3 x, v3 y] (v = vs[4m..]): the last sum, lanes in order
+    return builder.fadd(_shuffle(builder, u[0], u[1], [0, 4, 2, 6, 8, 12, 10, 14]),
+                        _shuffle(builder, u[0], u[1], [1, 5, 3, 7, 9, 13, 11, 15]))
+
+
+@intrinsic
+def hsum8x8(typingctx, v0, v1, v2, v3, v4, v5, v6, v7):
+    """F32x8 whose lane j is hsum8(v_j), bit for bit (eight reductions side by side)."""
+    def codegen(context, builder, sig, args):
+        return _transposed_sums(builder, list(args), hadd=False)
+    return F32x8(*([F32x8] * 8)), codegen
+
+
+@intrinsic
+def hadd8x8(typingctx, v0, v1, v2, v3, v4, v5, v6, v7):
+    """F32x8 whose lane j is hsum8_hadd(v_j), bit for bit."""
+    def codegen(context, builder, sig, args):
+        return _transposed_sums(builder, list(args), hadd=True)
+    return F32x8(*([F32x8] * 8)), codegen
+
+
+@intrinsic
+def max8(typingctx, a, b):
+    """Lane-wise max (b where b > a, else a): `max` per lane for ordered values."""
+    def codegen(context, builder, sig, args):
+        return builder.select(builder.fcmp_ordered(">", args[1], args[0]), args[1], args[0])
+    return F32x8(F32x8, F32x8), codegen
+
+
+@intrinsic
+def round_f16x8(typingctx, v):
+    """`round_f16` of each lane: vcvtps2ph + vcvtph2ps where the CPU has F16C, else round_f16's integer
+    arithmetic in lanes."""
+    def codegen(context, builder, sig, args):
+        x = args[0]
+        if _F16C:
+            return builder.fpext(builder.fptrunc(x, _vec(ir.HalfType(), 8)), _V8)
+        i32 = lambda value: _const(_I32, 8, value)
+        bits = builder.bitcast(x, _vec(_I32, 8))
+        a = builder.and_(bits, i32(0x7FFFFFFF))
+        sign = builder.and_(bits, i32(-0x80000000))
+        odd = builder.and_(builder.lshr(a, i32(13)), i32(1))
+        normal = builder.and_(builder.add(builder.add(a, i32(0xFFF)), odd), i32(~0x1FFF))
+        small = builder.fsub(builder.fadd(builder.bitcast(a, _V8), _const(_F32, 8, 0.5)), _const(_F32, 8, 0.5))
+        r = builder.select(builder.icmp_unsigned("<", a, i32(0x38800000)), builder.bitcast(small, _vec(_I32, 8)),
+                           normal)
+        r = builder.select(builder.icmp_unsigned(">=", a, i32(0x477FF000)), i32(0x7F800000), r)
+        r = builder.or_(r, sign)
+        r = builder.select(builder.icmp_unsigned(">=", a, i32(0x7F800000)), bits, r)
+        return builder.bitcast(r, _V8)
+    return F32x8(F32x8), codegen
+
+
 @intrinsic
 def f32_bits(typingctx, x):
     """The IEEE bits of a float32, as int64 in 0 .. 2**32 - 1."""
@@ -880,6 +944,37 @@ def v_expf(x):
     if abs(n) > f32(192):
         return s1 * s1
     return fma1(s2, j, s2) * s1
+
+
+@intrinsic
+def v_expf8(typingctx, x):
+    """ggml_v_expf (AVX2 + FMA) on 8 lanes: `v_expf` of each lane, the out-of-range lanes by its blends."""
+    def codegen(context, builder, sig, args):
+        c = lambda value: _const(_F32, 8, float(value))
+        i32 = lambda value: _const(_I32, 8, value)
+        as_i = lambda v: builder.bitcast(v, _vec(_I32, 8))
+        as_f = lambda v: builder.bitcast(v, _V8)
+        fma_ = lambda a, b, d: llvm_call(builder, "llvm.fma.v8f32", _V8, [a, b, d])
+        x = args[0]
+        z = fma_(x, c(_EXP_LOG2E), c(_EXP_R))
+        n = builder.fsub(z, c(_EXP_R))
+        neg_n = builder.fneg(n)
+        b = fma_(neg_n, c(_EXP_LN2_LO), fma_(neg_n, c(_EXP_LN2_HI), x))
+        e = builder.shl(as_i(z), i32(23))
+        k = as_f(builder.add(e, i32(0x3F800000)))
+        u = builder.fmul(b, b)
+        j = fma_(fma_(fma_(c(_EXP_C0), b, c(_EXP_C1)), u, fma_(c(_EXP_C2), b, c(_EXP_C3))), u,
+                 builder.fmul(c(_EXP_C4), b))
+        fast = fma_(k, j, k)
+        abs_n = as_f(builder.and_(as_i(n), i32(0x7FFFFFFF)))
+        out_of_range = builder.fcmp_ordered(">", abs_n, c(126))
+        g = builder.select(builder.fcmp_ordered("<=", n, c(0)), i32(-0x7E000000), i32(0))
+        s1 = as_f(builder.add(g, i32(0x7F000000)))
+        s2 = as_f(builder.sub(e, g))
+        scaled = builder.fmul(fma_(s2, j, s2), s1)
+        result = builder.select(out_of_range, scaled, fast)
+        return builder.select(builder.fcmp_ordered(">", abs_n, c(192)), builder.fmul(s1, s1), result)
+    return F32x8(F32x8), codegen
 
 
 @exact_kernel

@@ -46,7 +46,7 @@ from numba.extending import intrinsic
 from .jit import exact_kernel, exact_parallel_kernel, inlined
 from .simd import (OFFSET_ACTIVATIONS, USE_PMADDUBSW, _element_ptr, at, dot_i8, dot_offset, dot_u8, extract_lane,
                    llvm_call, offset_base, F32x8, I32x8, bits32, bytes32, fma1, fma8, hsum8, load_f16, load_f32x8,
-                   load_i8, load_u32, nibbles16, round_f16, splat, to_f32, zeros)
+                   load_i8, load_u32, nibbles16, round_f16, splat, store_bytes32, to_f32, zeros)
 
 f32 = np.float32
 Q4_1, Q5_0, Q8_0, Q4_K, Q6_K = 3, 6, 8, 12, 14
@@ -59,6 +59,7 @@ SERIAL_WEIGHTS = 1 << 16     # a matvec below this many weights runs on the call
 TASK_ROWS = 16               # weight rows per parallel task
 X_BLOCK_BYTES = 3 << 18      # gemm: activation bytes (int8) per parallel task, to stay in L2
 SERIAL_QUANTIZE_ROWS = 16    # gemm quantizes this many activation rows or fewer on the calling thread
+DECODED_MIN_GROUPS = 4       # Q5_0/Q8_0 gemm: from this many groups of 8 rows, weights decoded once per task
 
 # ---- intrinsics: exact integer lanes, lane shuffles ----
 
@@ -639,6 +640,64 @@ def _eight_rows_q5_0(out, xq, xs, w, r, rows, k, xs_row, is_q8_0):
 
 
 @exact_kernel
+def _decode_q5_0_rows(w, r0, r1, k, is_q8_0, qd, dd):
+    """The blocks of weight rows r0..r1 as `_block_q5_0_q8_0` gives them: qd[32 c : 32 c + 32] the signed
+    quants and dd[c] the scale of block c = (r - r0) * (k // 32) + b."""
+    nb = k // 32
+    size = 34 if is_q8_0 else 22
+    for r in range(r0, r1):
+        p = r * nb * size
+        for b in range(nb):
+            q, d = _block_q5_0_q8_0(w, p, is_q8_0)
+            c = (r - r0) * nb + b
+            store_bytes32(qd, 32 * c, q)
+            dd[c] = d
+            p += size
+
+
+@exact_kernel
+def _repeat_scales(xs8, xs, nb):
+    """xs8[8 b : 8 b + 8] = the scale of activation block b (xs[2 b]), for `_eight_rows_decoded`."""
+    for b in range(nb):
+        v = xs[2 * b]
+        for t in range(8):
+            xs8[8 * b + t] = v
+
+
+@exact_kernel
+def _eight_rows_decoded(out, xq, xs8, qd, dd, r, rl, rows, k, xs8_row):
+    """`_eight_rows_q5_0` for weight row r whose blocks were decoded by `_decode_q5_0_rows` (row rl of the
+    tile), with each activation block's scale repeated in eight lanes (xs8[i * xs8_row + 8 b :][:8]), so that
+    d · dx is one vector multiply (the same f32 product in every lane)."""
+    i0, i1, i2, i3, i4, i5, i6, i7 = rows[0], rows[1], rows[2], rows[3], rows[4], rows[5], rows[6], rows[7]
+    nb = k // 32
+    c = rl * nb
+    a0, a1, a2, a3 = zeros(), zeros(), zeros(), zeros()
+    a4, a5, a6, a7 = zeros(), zeros(), zeros(), zeros()
+    for b in range(nb):
+        q = bytes32(qd, 32 * (c + b))
+        d = splat(at(dd, c + b))
+        base = offset_base(q)
+        e, o = 32 * b, 8 * b
+        a0 = fma8(d * load_f32x8(xs8, i0 * xs8_row + o), to_f32(dot_offset(q, xq, i0 * k + e, base)), a0)
+        a1 = fma8(d * load_f32x8(xs8, i1 * xs8_row + o), to_f32(dot_offset(q, xq, i1 * k + e, base)), a1)
+        a2 = fma8(d * load_f32x8(xs8, i2 * xs8_row + o), to_f32(dot_offset(q, xq, i2 * k + e, base)), a2)
+        a3 = fma8(d * load_f32x8(xs8, i3 * xs8_row + o), to_f32(dot_offset(q, xq, i3 * k + e, base)), a3)
+        a4 = fma8(d * load_f32x8(xs8, i4 * xs8_row + o), to_f32(dot_offset(q, xq, i4 * k + e, base)), a4)
+        a5 = fma8(d * load_f32x8(xs8, i5 * xs8_row + o), to_f32(dot_offset(q, xq, i5 * k + e, base)), a5)
+        a6 = fma8(d * load_f32x8(xs8, i6 * xs8_row + o), to_f32(dot_offset(q, xq, i6 * k + e, base)), a6)
+        a7 = fma8(d * load_f32x8(xs8, i7 * xs8_row + o), to_f32(dot_offset(q, xq, i7 * k + e, base)), a7)
+    out[i0, r] = hsum8(a0)
+    out[i1, r] = hsum8(a1)
+    out[i2, r] = hsum8(a2)
+    out[i3, r] = hsum8(a3)
+    out[i4, r] = hsum8(a4)
+    out[i5, r] = hsum8(a5)
+    out[i6, r] = hsum8(a6)
+    out[i7, r] = hsum8(a7)
+
+
+@exact_kernel
 def _four_rows_q4_k(out, xq, xs, w, r, rows, k, xs_row, per_64):
     """Weight row r against the activation rows rows[0:4], the four rows' scalar fma chains side by side in
     lanes 0..3 (each lane's arithmetic is its row's): ggml_gemv's fold once per super-block, or with
@@ -924,6 +983,7 @@ def _typed(qtype: int):
     cold start. (The closures hold only the int: Numba's cache keys them on it, and they load from the cache
     like any kernel.)"""
     QT = qtype
+    DECODED_TYPE = qtype in (Q5_0, Q8_0)
 
     @exact_parallel_kernel
     def matvec_t(out, x, xq, xs, w, m, k):
@@ -937,15 +997,29 @@ def _typed(qtype: int):
     @exact_parallel_kernel
     def gemm_t(out, x, xq, xs, w, m, k, kinds):
         n = x.shape[0]
-        if n <= SERIAL_QUANTIZE_ROWS:  # a few decode rows: a parallel region costs more than quantizing them
-            for i in range(n):
-                _quantize(x[i], xq[i], xs[i], QT, kinds[i])
-        else:
-            for i in prange(n):
-                _quantize(x[i], xq[i], xs[i], QT, kinds[i])
         order = np.empty(n + 16, np.int64)
         used = _group_rows(QT, kinds, order)
         n_groups = used // 8
+        # Q5_0/Q8_0 batches of several groups: each task decodes its weight rows once for all its groups,
+        # and the activation scales are repeated in 8 lanes (xs8) so that d · dx is one vector multiply
+        decoded = False
+        xs8 = np.empty((0, 8), np.float32)
+        if DECODED_TYPE:
+            if n_groups >= DECODED_MIN_GROUPS:
+                decoded = True
+                xs8 = np.empty((n, k // 4), np.float32)
+        if n <= SERIAL_QUANTIZE_ROWS:  # a few decode rows: a parallel region costs more than quantizing them
+            for i in range(n):
+                _quantize(x[i], xq[i], xs[i], QT, kinds[i])
+                if DECODED_TYPE:
+                    if decoded:
+                        _repeat_scales(xs8[i], xs[i], k // 32)
+        else:
+            for i in prange(n):
+                _quantize(x[i], xq[i], xs[i], QT, kinds[i])
+                if DECODED_TYPE:
+                    if decoded:
+                        _repeat_scales(xs8[i], xs[i], k // 32)
         if OFFSET_ACTIVATIONS and (QT == Q5_0 or QT == Q8_0):
             _offset_grouped_rows(xq, order, used)
         variants = np.empty(n_groups, np.int8)
@@ -955,11 +1029,13 @@ def _typed(qtype: int):
         # activation rows in blocks of about X_BLOCK_BYTES, so that a block stays in L2 while a thread's tiles
         # pass over it (all n rows per tile fell out of L2 for k >= 2048); a task is one tile x one block
         # (blocks of equal size: the threads take equal shares of the tasks)
-        n_blocks = max(1, min(n_groups, (n * k + X_BLOCK_BYTES - 1) // X_BLOCK_BYTES))
+        row_bytes = 2 * k if decoded else k
+        n_blocks = max(1, min(n_groups, (n * row_bytes + X_BLOCK_BYTES - 1) // X_BLOCK_BYTES))
         per_block = (n_groups + n_blocks - 1) // n_blocks
         n_blocks = (n_groups + per_block - 1) // per_block
         xqf = xq.reshape(-1)
         xsf = xs.reshape(-1)
+        xs8f = xs8.reshape(-1)
         xs_row = k // 16
         for t in prange(n_blocks * n_tiles):
             g0 = (t // n_tiles) * per_block
@@ -967,6 +1043,13 @@ def _typed(qtype: int):
             r0 = (t % n_tiles) * TASK_ROWS
             r1 = min(m, r0 + TASK_ROWS)
             rows = np.empty(8, np.int64)
+            qd = np.empty(0, np.uint8)
+            dd = np.empty(0, np.float32)
+            if DECODED_TYPE:
+                if decoded:
+                    qd = np.empty((r1 - r0) * k, np.uint8)
+                    dd = np.empty((r1 - r0) * (k // 32), np.float32)
+                    _decode_q5_0_rows(w, r0, r1, k, QT == Q8_0, qd, dd)
             for grp in range(g0, g1):
                 real = _group(rows, order, 8 * grp)
                 variant = variants[grp]
@@ -982,6 +1065,9 @@ def _typed(qtype: int):
                     if real <= 4:
                         for r in range(r0, r1):
                             _four_rows_q5_0(out, xqf, xsf, w, r, rows[0:4], k, xs_row, QT == Q8_0, real)
+                    elif decoded:
+                        for r in range(r0, r1):
+                            _eight_rows_decoded(out, xqf, xs8f, qd, dd, r, r - r0, rows, k, k // 4)
                     else:
                         for r in range(r0, r1):
                             _eight_rows_q5_0(out, xqf, xsf, w, r, rows, k, xs_row, QT == Q8_0)

@@ -250,6 +250,17 @@ def bytes32(typingctx, w, i):
 
 
 @intrinsic
+def store_bytes32(typingctx, w, i, v):
+    """w[i:i + 32] = the 32 bytes of v (a uint8/int8 array)."""
+    _check_array(w, _BYTES)
+
+    def codegen(context, builder, sig, args):
+        builder.store(args[2], _element_ptr(context, builder, sig.args[0], args[0], args[1], _vec(_I8, 32)), align=1)
+        return context.get_dummy_value()
+    return types.none(w, types.intp, U8x32), codegen
+
+
+@intrinsic
 def nibbles16(typingctx, w, i):
     """U8x32 of the 16 bytes at `w[i:i + 16]` split into nibbles: lanes 0..15 the low nibbles, 16..31 the
     high nibbles (the Q4_0/Q4_1/Q5_0/Q5_1 element order)."""

@@ -145,6 +145,7 @@ class RunState:
         self.hb = np.zeros((B, args.n_ff), np.float32)
         self.hb2 = np.zeros((B, args.n_ff), np.float32)
         self.scratch = Scratch(B, max(d, args.q_dim, args.n_ff))
+        self.rope_cs = np.zeros((2, B, args.rope_dim), np.float32)  # cos | sin: global, local base
 
 
 def forward(args: ModelArgs, w: Weights, st: RunState, k_cache: np.ndarray, v_cache: np.ndarray,
@@ -161,11 +162,14 @@ def forward(args: ModelArgs, w: Weights, st: RunState, k_cache: np.ndarray, v_ca
     q, k, v, att, hb, hb2 = st.q[:B], st.k[:B], st.v[:B], st.att[:B], st.hb[:B], st.hb2[:B]
     scale = np.float32(1.0 / np.sqrt(args.head_dim))    # f_attention_scale = 1/sqrt(key_length)
     embed(x, tokens, w.token_embd)
+    rope_global, rope_local = st.rope_cs[0, :B], st.rope_cs[1, :B]
+    ops.rope_table(rope_global, positions, args.rope_dim, args.rope_base)
+    ops.rope_table(rope_local, positions, args.rope_dim, ROPE_BASE_LOCAL)
     x *= np.float32(np.sqrt(args.n_embd))
     if trace is not None:
         trace.record(None, inp_scaled=x)
     for i, L in enumerate(w.layers):
-        base = args.rope_base if args.is_global(i) else ROPE_BASE_LOCAL
+        rope_cs = rope_global if args.is_global(i) else rope_local
         window = 0 if args.is_global(i) else args.sliding_window
         # x = x + post_attention_norm(attention(attention_norm(x)))
         ops.rmsnorm(xb, x, L.attn_norm, args.rms_eps)
@@ -174,8 +178,8 @@ def forward(args: ModelArgs, w: Weights, st: RunState, k_cache: np.ndarray, v_ca
         linear(v, xb, L.wv, st.scratch, kinds)
         ops.rmsnorm_heads(q, L.q_norm, args.n_head, args.head_dim, args.rms_eps)
         ops.rmsnorm_heads(k, L.k_norm, args.n_head_kv, args.head_dim, args.rms_eps)
-        ops.rope(q, positions, args.n_head, args.head_dim, args.rope_dim, base, NEOX_ROPE)
-        ops.rope(k, positions, args.n_head_kv, args.head_dim, args.rope_dim, base, NEOX_ROPE)
+        ops.rope_apply(q, rope_cs, args.n_head, args.head_dim, args.rope_dim, NEOX_ROPE)
+        ops.rope_apply(k, rope_cs, args.n_head_kv, args.head_dim, args.rope_dim, NEOX_ROPE)
         if trace is not None:
             trace.record(i, attn_norm=xb, Qcur=q, Kcur=k, Vcur=v)
         ops.kv_store(k_cache, v_cache, i, slots, positions, k, v, args.n_head_kv, args.head_dim)

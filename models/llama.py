@@ -128,6 +128,7 @@ class RunState:
         self.hb = np.zeros((B, args.n_ff), np.float32)
         self.hb2 = np.zeros((B, args.n_ff), np.float32)
         self.scratch = Scratch(B, max(d, args.q_dim, args.n_ff))
+        self.rope_cs = np.zeros((B, args.rope_dim), np.float32)    # cos | sin of each row's angles
 
 
 def forward(args: ModelArgs, w: Weights, st: RunState, k_cache: np.ndarray, v_cache: np.ndarray,
@@ -144,6 +145,8 @@ def forward(args: ModelArgs, w: Weights, st: RunState, k_cache: np.ndarray, v_ca
     q, k, v, att, hb, hb2 = st.q[:B], st.k[:B], st.v[:B], st.att[:B], st.hb[:B], st.hb2[:B]
     scale = np.float32(1.0 / np.sqrt(args.head_dim))
     embed(x, tokens, w.token_embd)
+    rope_cs = st.rope_cs[:B]
+    ops.rope_table(rope_cs, positions, args.rope_dim, args.rope_base)
     if trace is not None:
         trace.record(None, inp_embd=x)
     for i, L in enumerate(w.layers):
@@ -152,8 +155,8 @@ def forward(args: ModelArgs, w: Weights, st: RunState, k_cache: np.ndarray, v_ca
         linear(q, xb, L.wq, st.scratch, kinds)
         linear(k, xb, L.wk, st.scratch, kinds)
         linear(v, xb, L.wv, st.scratch, kinds)
-        ops.rope(q, positions, args.n_head, args.head_dim, args.rope_dim, args.rope_base, NEOX_ROPE)
-        ops.rope(k, positions, args.n_head_kv, args.head_dim, args.rope_dim, args.rope_base, NEOX_ROPE)
+        ops.rope_apply(q, rope_cs, args.n_head, args.head_dim, args.rope_dim, NEOX_ROPE)
+        ops.rope_apply(k, rope_cs, args.n_head_kv, args.head_dim, args.rope_dim, NEOX_ROPE)
         if trace is not None:
             trace.record(i, attn_norm=xb, Qcur=q, Kcur=k, Vcur=v)
         ops.kv_store(k_cache, v_cache, i, slots, positions, k, v, args.n_head_kv, args.head_dim)

@@ -36,16 +36,56 @@ f32 = np.float32
 
 
 @exact_kernel
-def _rms_scale(x, b, o, n, eps):
-    """1 / sqrt(mean(x[b, o:o+n]²) + eps) as ggml_compute_forward_rms_norm_f32: each square rounded to f32,
-    summed in order in double; mean = (float)(sum / n); scale = 1.0f / sqrtf(mean + eps)."""
-    total = 0.0
-    for i in range(n):
-        v = x[b, o + i]
-        total += np.float64(v * v)
+def _rms_scale(total, n, eps):
+    """ggml_compute_forward_rms_norm_f32's scale from the double sum of the squares: mean = (float)(sum / n);
+    scale = 1.0f / sqrtf(mean + eps)."""
     mean = f32(total / n)
     # sqrt in double then rounded is sqrtf: both are correctly rounded, and 53 >= 2 * 24 + 2
     return f32(1) / f32(math.sqrt(mean + f32(eps)))
+
+
+@exact_kernel
+def _rms_scale_row(xf, o, scale, weight, n):
+    """xf[o : o + n] = (xf[o : o + n] * scale) * weight, each product rounded."""
+    n8 = n - n % 8
+    for i in range(0, n8, 8):
+        store_f32x8(xf, o + i, (load_f32x8(xf, o + i) * scale) * load_f32x8(weight, i))
+    for i in range(n8, n):
+        xf[o + i] = (xf[o + i] * scale) * weight[i]
+
+
+@exact_kernel
+def _rms_normalize(x, weight, units, n_units, head_dim, eps):
+    """In place: each unit u < n_units, the head_dim values of x (B, n) from flat column units * head_dim
+    (a row, or one head of a row), becomes x / sqrt(mean(x²) + eps) * weight (head_dim,). As ggml: each
+    square rounded to f32 and summed in order in double, then x * scale rounded before a separate mul by the
+    weight. Four units at a time: their sums are independent chains, so the additions overlap."""
+    xf = x.reshape(-1)
+    n = x.shape[1]
+    u = 0
+    while u < n_units:
+        m = min(4, n_units - u)
+        o0 = (u // units) * n + (u % units) * head_dim
+        o1 = ((u + 1) // units) * n + ((u + 1) % units) * head_dim if m > 1 else o0
+        o2 = ((u + 2) // units) * n + ((u + 2) % units) * head_dim if m > 2 else o0
+        o3 = ((u + 3) // units) * n + ((u + 3) % units) * head_dim if m > 3 else o0
+        t0, t1, t2, t3 = 0.0, 0.0, 0.0, 0.0
+        for i in range(head_dim):
+            v0, v1, v2, v3 = at(xf, o0 + i), at(xf, o1 + i), at(xf, o2 + i), at(xf, o3 + i)
+            t0 += np.float64(v0 * v0)
+            t1 += np.float64(v1 * v1)
+            t2 += np.float64(v2 * v2)
+            t3 += np.float64(v3 * v3)
+        s0, s1, s2, s3 = _rms_scale(t0, head_dim, eps), _rms_scale(t1, head_dim, eps), _rms_scale(t2, head_dim, eps), \
+            _rms_scale(t3, head_dim, eps)
+        _rms_scale_row(xf, o0, s0, weight, head_dim)
+        if m > 1:
+            _rms_scale_row(xf, o1, s1, weight, head_dim)
+        if m > 2:
+            _rms_scale_row(xf, o2, s2, weight, head_dim)
+        if m > 3:
+            _rms_scale_row(xf, o3, s3, weight, head_dim)
+        u += m
 
 
 @exact_kernel
@@ -53,46 +93,53 @@ def rmsnorm(out, x, weight, eps):
     """out[b] = x[b] / sqrt(mean(x[b]²) + eps) * weight, for rows of x (B, n); weight (n,); out may be x.
     As ggml: rms_norm rounds x * scale, then a separate mul by the weight rounds again."""
     B, n = x.shape
-    for b in range(B):
-        scale = _rms_scale(x, b, 0, n, eps)
-        for i in range(n):
-            out[b, i] = (x[b, i] * scale) * weight[i]
+    if not (out.ctypes.data == x.ctypes.data):
+        for b in range(B):
+            for i in range(n):
+                out[b, i] = x[b, i]
+    _rms_normalize(out, weight, 1, B, n, eps)
 
 
 @exact_kernel
 def rmsnorm_heads(x, weight, n_heads, head_dim, eps):
     """In place, per head: x (B, n_heads*head_dim) viewed as (B, n_heads, head_dim), each head-vector
     RMS-normalised and scaled by weight (head_dim,) — Gemma 3's q/k norms."""
-    B = x.shape[0]
-    for b in range(B):
-        for h in range(n_heads):
-            o = h * head_dim
-            scale = _rms_scale(x, b, o, head_dim, eps)
-            for i in range(head_dim):
-                x[b, o + i] = (x[b, o + i] * scale) * weight[i]
+    _rms_normalize(x, weight, n_heads, x.shape[0] * n_heads, head_dim, eps)
 
 
 @exact_kernel
-def rope(x, positions, n_heads, head_dim, rope_dim, base, neox):
-    """Rotary position embedding in place on x (B, n_heads*head_dim), row b at position positions[b].
-    Pair i (i < rope_dim/2) rotates by angle pos * base^(-2i/rope_dim). llama.cpp's two layouts:
-    normal (llama: GGUF conversion permuted Q/K so pairs are adjacent, (2i, 2i+1)) and NEOX (qwen2, gemma3:
-    pairs are (i, i + rope_dim/2), HF's rotate_half).
+def rope_table(cs, positions, rope_dim, base):
+    """cs[b, :rope_dim/2] = cos, cs[b, rope_dim/2:rope_dim] = sin of the angles of row b (position
+    positions[b]), once for every layer and head that rotates by them (llama.cpp's rope cache).
 
-    As ggml_rope_cache_init and rotate_pairs: theta_scale = powf(base, -2.0f / n_dims); the angle starts at
-    the position and is multiplied by theta_scale in f32 from pair to pair; cos and sin are libm's cosf and
-    sinf (Numba lowers math.cos of a float32 to llvm.cos.f32, a call to cosf; llvm.pow.f32 is powf); GCC
-    contracts x0*cos - x1*sin into fma(x0, cos, -(x1*sin)) and x0*sin + x1*cos into fma(x0, sin, x1*cos)."""
-    B = x.shape[0]
+    As ggml_rope_cache_init: theta_scale = powf(base, -2.0f / n_dims); the angle starts at the position and
+    is multiplied by theta_scale in f32 from pair to pair; cos and sin are libm's cosf and sinf (Numba lowers
+    math.cos of a float32 to llvm.cos.f32, a call to cosf; llvm.pow.f32 is powf)."""
     half = rope_dim // 2
     theta_scale = f32(base) ** (f32(-2.0) / f32(rope_dim))
-    for b in range(B):
+    for b in range(positions.shape[0]):
         theta = f32(positions[b])
         for i in range(half):
-            c = math.cos(theta)
-            s = math.sin(theta)
-            for h in range(n_heads):
-                o = h * head_dim
+            cs[b, i] = math.cos(theta)
+            cs[b, half + i] = math.sin(theta)
+            theta = theta * theta_scale
+
+
+@exact_kernel
+def rope_apply(x, cs, n_heads, head_dim, rope_dim, neox):
+    """Rotary position embedding in place on x (B, n_heads*head_dim), row b by the angles of cs[b]
+    (`rope_table`). Pair i (i < rope_dim/2) rotates by angle pos * base^(-2i/rope_dim). llama.cpp's two
+    layouts: normal (llama: GGUF conversion permuted Q/K so pairs are adjacent, (2i, 2i+1)) and NEOX (qwen2,
+    gemma3: pairs are (i, i + rope_dim/2), HF's rotate_half). As rotate_pairs, GCC contracting x0*cos - x1*sin
+    into fma(x0, cos, -(x1*sin)) and x0*sin + x1*cos into fma(x0, sin, x1*cos)."""
+    B = x.shape[0]
+    half = rope_dim // 2
+    for b in range(B):
+        for h in range(n_heads):
+            o = h * head_dim
+            for i in range(half):
+                c = cs[b, i]
+                s = cs[b, half + i]
                 if neox:
                     i0, i1 = o + i, o + i + half
                 else:
@@ -101,7 +148,14 @@ def rope(x, positions, n_heads, head_dim, rope_dim, base, neox):
                 x1 = x[b, i1]
                 x[b, i0] = fma1(x0, c, -(x1 * s))
                 x[b, i1] = fma1(x0, s, x1 * c)
-            theta = theta * theta_scale
+
+
+def rope(x, positions, n_heads, head_dim, rope_dim, base, neox):
+    """`rope_apply` with the angles of `positions` (a table of its own; a forward computes one per base
+    with `rope_table` and shares it between layers and between q and k)."""
+    cs = np.empty((x.shape[0], rope_dim), np.float32)
+    rope_table(cs, positions, rope_dim, base)
+    rope_apply(x, cs, n_heads, head_dim, rope_dim, neox)
 
 
 # ---- KV cache cells: F16 (uint16 bits) or Q8_0 blocks (uint8), by the cache array's dtype ----
@@ -521,9 +575,10 @@ def silu_mul(gate, up):
     B, n = gate.shape
     n8 = n - n % 8
     for b in range(B):
-        for i in range(n8):
-            g = gate[b, i]
-            gate[b, i] = (g / (f32(1) + v_expf(-g))) * up[b, i]
+        gb, ub = gate[b], up[b]
+        for i in range(0, n8, 8):
+            g = load_f32x8(gb, i)
+            store_f32x8(gb, i, (g / (v_expf8(zeros() - g) + f32(1))) * load_f32x8(ub, i))
         for i in range(n8, n):
             g = gate[b, i]
             gate[b, i] = (g / (f32(1) + math.exp(-g))) * up[b, i]

@@ -14,7 +14,7 @@ express x86's saturating `pmaddubsw`; on x86 with AVX2 that instruction is used 
 never triggers: see `dot_u8`), elsewhere the generic form.
 
 Operators: U8x32 supports & | >> << + - with another U8x32 or a Python int (a per-byte constant);
-F32x8 supports + - * with another F32x8 or a float32 scalar (broadcast), rounded exactly as numpy rounds
+F32x8 supports + - * / with another F32x8 or a float32 scalar (broadcast), rounded exactly as numpy rounds
 them, so vectorised dequantization is bit-exact with the references; `fma(a, b, c)` is the fused form the
 dot products use.
 """
@@ -570,7 +570,8 @@ def _f32_binary(llvm_op):
     return op
 
 
-for _pyop, _llvm_op in ((operator.add, "fadd"), (operator.sub, "fsub"), (operator.mul, "fmul")):
+for _pyop, _llvm_op in ((operator.add, "fadd"), (operator.sub, "fsub"), (operator.mul, "fmul"),
+                         (operator.truediv, "fdiv")):
     _impl = _f32_binary(_llvm_op)
 
     def _make(impl):

@@ -666,35 +666,54 @@ def _repeat_scales(xs8, xs, nb):
 
 @exact_kernel
 def _eight_rows_decoded(out, xq, xs8, qd, dd, r, rl, rows, k, xs8_row):
-    """`_eight_rows_q5_0` for weight row r whose blocks were decoded by `_decode_q5_0_rows` (row rl of the
-    tile), with each activation block's scale repeated in eight lanes (xs8[i * xs8_row + 8 b :][:8]), so that
-    d · dx is one vector multiply (the same f32 product in every lane)."""
+    """`_eight_rows_q5_0` for the weight rows r and r + 1, whose blocks `_decode_q5_0_rows` decoded (rows rl
+    and rl + 1 of the tile), with each activation block's scale repeated in eight lanes (xs8[i * xs8_row +
+    8 b :][:8]) so that d · dx is one vector multiply (the same f32 product in every lane). Two weight rows
+    share each activation load."""
     i0, i1, i2, i3, i4, i5, i6, i7 = rows[0], rows[1], rows[2], rows[3], rows[4], rows[5], rows[6], rows[7]
     nb = k // 32
-    c = rl * nb
+    c, c2 = rl * nb, (rl + 1) * nb
     a0, a1, a2, a3 = zeros(), zeros(), zeros(), zeros()
     a4, a5, a6, a7 = zeros(), zeros(), zeros(), zeros()
+    b0, b1, b2, b3 = zeros(), zeros(), zeros(), zeros()
+    b4, b5, b6, b7 = zeros(), zeros(), zeros(), zeros()
     for b in range(nb):
-        q = bytes32(qd, 32 * (c + b))
-        d = splat(at(dd, c + b))
-        base = offset_base(q)
+        q, q2 = bytes32(qd, 32 * (c + b)), bytes32(qd, 32 * (c2 + b))
+        d, d2 = splat(at(dd, c + b)), splat(at(dd, c2 + b))
+        base, base2 = offset_base(q), offset_base(q2)
         e, o = 32 * b, 8 * b
-        a0 = fma8(d * load_f32x8(xs8, i0 * xs8_row + o), to_f32(dot_offset(q, xq, i0 * k + e, base)), a0)
-        a1 = fma8(d * load_f32x8(xs8, i1 * xs8_row + o), to_f32(dot_offset(q, xq, i1 * k + e, base)), a1)
-        a2 = fma8(d * load_f32x8(xs8, i2 * xs8_row + o), to_f32(dot_offset(q, xq, i2 * k + e, base)), a2)
-        a3 = fma8(d * load_f32x8(xs8, i3 * xs8_row + o), to_f32(dot_offset(q, xq, i3 * k + e, base)), a3)
-        a4 = fma8(d * load_f32x8(xs8, i4 * xs8_row + o), to_f32(dot_offset(q, xq, i4 * k + e, base)), a4)
-        a5 = fma8(d * load_f32x8(xs8, i5 * xs8_row + o), to_f32(dot_offset(q, xq, i5 * k + e, base)), a5)
-        a6 = fma8(d * load_f32x8(xs8, i6 * xs8_row + o), to_f32(dot_offset(q, xq, i6 * k + e, base)), a6)
-        a7 = fma8(d * load_f32x8(xs8, i7 * xs8_row + o), to_f32(dot_offset(q, xq, i7 * k + e, base)), a7)
-    out[i0, r] = hsum8(a0)
-    out[i1, r] = hsum8(a1)
-    out[i2, r] = hsum8(a2)
-    out[i3, r] = hsum8(a3)
-    out[i4, r] = hsum8(a4)
-    out[i5, r] = hsum8(a5)
-    out[i6, r] = hsum8(a6)
-    out[i7, r] = hsum8(a7)
+        s = load_f32x8(xs8, i0 * xs8_row + o)
+        a0 = fma8(d * s, to_f32(dot_offset(q, xq, i0 * k + e, base)), a0)
+        b0 = fma8(d2 * s, to_f32(dot_offset(q2, xq, i0 * k + e, base2)), b0)
+        s = load_f32x8(xs8, i1 * xs8_row + o)
+        a1 = fma8(d * s, to_f32(dot_offset(q, xq, i1 * k + e, base)), a1)
+        b1 = fma8(d2 * s, to_f32(dot_offset(q2, xq, i1 * k + e, base2)), b1)
+        s = load_f32x8(xs8, i2 * xs8_row + o)
+        a2 = fma8(d * s, to_f32(dot_offset(q, xq, i2 * k + e, base)), a2)
+        b2 = fma8(d2 * s, to_f32(dot_offset(q2, xq, i2 * k + e, base2)), b2)
+        s = load_f32x8(xs8, i3 * xs8_row + o)
+        a3 = fma8(d * s, to_f32(dot_offset(q, xq, i3 * k + e, base)), a3)
+        b3 = fma8(d2 * s, to_f32(dot_offset(q2, xq, i3 * k + e, base2)), b3)
+        s = load_f32x8(xs8, i4 * xs8_row + o)
+        a4 = fma8(d * s, to_f32(dot_offset(q, xq, i4 * k + e, base)), a4)
+        b4 = fma8(d2 * s, to_f32(dot_offset(q2, xq, i4 * k + e, base2)), b4)
+        s = load_f32x8(xs8, i5 * xs8_row + o)
+        a5 = fma8(d * s, to_f32(dot_offset(q, xq, i5 * k + e, base)), a5)
+        b5 = fma8(d2 * s, to_f32(dot_offset(q2, xq, i5 * k + e, base2)), b5)
+        s = load_f32x8(xs8, i6 * xs8_row + o)
+        a6 = fma8(d * s, to_f32(dot_offset(q, xq, i6 * k + e, base)), a6)
+        b6 = fma8(d2 * s, to_f32(dot_offset(q2, xq, i6 * k + e, base2)), b6)
+        s = load_f32x8(xs8, i7 * xs8_row + o)
+        a7 = fma8(d * s, to_f32(dot_offset(q, xq, i7 * k + e, base)), a7)
+        b7 = fma8(d2 * s, to_f32(dot_offset(q2, xq, i7 * k + e, base2)), b7)
+    out[i0, r], out[i0, r + 1] = hsum8(a0), hsum8(b0)
+    out[i1, r], out[i1, r + 1] = hsum8(a1), hsum8(b1)
+    out[i2, r], out[i2, r + 1] = hsum8(a2), hsum8(b2)
+    out[i3, r], out[i3, r + 1] = hsum8(a3), hsum8(b3)
+    out[i4, r], out[i4, r + 1] = hsum8(a4), hsum8(b4)
+    out[i5, r], out[i5, r + 1] = hsum8(a5), hsum8(b5)
+    out[i6, r], out[i6, r + 1] = hsum8(a6), hsum8(b6)
+    out[i7, r], out[i7, r + 1] = hsum8(a7), hsum8(b7)
 
 
 @exact_kernel
@@ -1066,8 +1085,10 @@ def _typed(qtype: int):
                         for r in range(r0, r1):
                             _four_rows_q5_0(out, xqf, xsf, w, r, rows[0:4], k, xs_row, QT == Q8_0, real)
                     elif decoded:
-                        for r in range(r0, r1):
+                        for r in range(r0, r1 - 1, 2):
                             _eight_rows_decoded(out, xqf, xs8f, qd, dd, r, r - r0, rows, k, k // 4)
+                        if (r1 - r0) % 2:                # an odd last row: as it is stored
+                            _eight_rows_q5_0(out, xqf, xsf, w, r1 - 1, rows, k, xs_row, QT == Q8_0)
                     else:
                         for r in range(r0, r1):
                             _eight_rows_q5_0(out, xqf, xsf, w, r, rows, k, xs_row, QT == Q8_0)

@@ -349,19 +349,20 @@ def test_wide_gemm_split_into_activation_blocks_is_ggmls(pulled, name):
 @pytest.mark.parametrize("name", ["blk.0.attn_q.weight", "blk.0.attn_v.weight"])          # Q5_0, Q8_0
 def test_batched_q5_0_q8_0_gemm_with_decoded_weights_is_ggmls(gemma3, name, batch):
     """From DECODED_MIN_GROUPS groups of 8 rows, each task decodes its Q5_0/Q8_0 weight rows once and takes the
-    activation scales from a lane-repeated copy; every row (whole groups, a last group of 5 padded to 8, or
-    of 4) keeps ggml's bits."""
+    activation scales from a lane-repeated copy, two weight rows at a time; every row (whole groups, a last
+    group of 5 padded to 8, or of 4; the odd last weight row) keeps ggml's bits."""
     t = gemma3.tensors[name]
     m, k = t.shape
     qtype = int(t.qtype)
     assert qtype in (ggml_exact.Q5_0, ggml_exact.Q8_0)
     assert -(-batch // 8) >= ggml_exact.DECODED_MIN_GROUPS
+    m -= 1                                    # an odd number of weight rows: the last tile ends in a single row
+    w = np.asarray(t.data)[:m * (t.data.size // (m + 1))]
     rng = np.random.default_rng(5)
     x = (rng.standard_normal((batch, k)) * rng.gamma(0.5, 20, (batch, k))).astype(F32)
     out = np.zeros((batch, m), F32)
-    ggml_exact.gemm(out, x, np.zeros((batch, k), np.int8), np.zeros((batch, k // 16), F32), t.data, qtype, m, k,
+    ggml_exact.gemm(out, x, np.zeros((batch, k), np.int8), np.zeros((batch, k // 16), F32), w, qtype, m, k,
                     ggml_exact.batch_kinds(batch))
-    w = np.asarray(t.data)
     for i in (0, 7, 8, 31, 32, 35, batch - 1):
         expected = q5_0_ref(w, m, k, x[i]) if qtype == ggml_exact.Q5_0 else matvec_ref(w, qtype, m, k, x[i])
         assert np.array_equal(out[i], expected), i

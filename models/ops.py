@@ -20,6 +20,7 @@ take either, by the array's dtype (`cell_store`, `cell8`, `cell1`).
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -247,20 +248,9 @@ def kv_store(k_cache, v_cache, layer, slots, positions, k, v, n_head_kv, head_di
 
 
 @exact_kernel
-def _kq(k, kb, q16, head_dim, lanes32):
-    """K[cell]·q16 for the cached key at flat element index kb of k (the cache, flattened)."""
-    if lanes32:
-        s0, s1, s2, s3 = zeros(), zeros(), zeros(), zeros()
-        n32 = head_dim - head_dim % 32
-        for i in range(0, n32, 32):
-            s0 = fma8(cell8(k, kb, i), load_f32x8(q16, i), s0)
-            s1 = fma8(cell8(k, kb, i + 8), load_f32x8(q16, i + 8), s1)
-            s2 = fma8(cell8(k, kb, i + 16), load_f32x8(q16, i + 16), s2)
-            s3 = fma8(cell8(k, kb, i + 24), load_f32x8(q16, i + 24), s3)
-        total = np.float64(hsum8_hadd((s0 + s2) + (s1 + s3)))
-        for i in range(n32, head_dim):     # ggml_vec_dot_f16's leftovers: each product added in double
-            total += np.float64(cell1(k, kb, i) * q16[i])
-        return f32(total)
+def _kq_8(k, kb, q16, head_dim):
+    """K[cell]·q16 for the cached key at flat element index kb of k (the cache, flattened), in 8 lanes (a
+    batched row)."""
     n8 = head_dim - head_dim % 8
     a = zeros()
     for i in range(0, n8, 8):
@@ -272,11 +262,21 @@ def _kq(k, kb, q16, head_dim, lanes32):
 
 
 @exact_kernel
-def _kq_lanes32(k, kb, q16, head_dim):
-    """ggml_vec_dot_f16's four 8-wide accumulators for one key, combined as GGML_F32x8_REDUCE begins:
-    (S0 + S2) + (S1 + S3) (head_dim a multiple of 32)."""
+def _kq_32(k, kb, q16, head_dim):
+    """`_kq_8` in 32 lanes (the row of a single-row batch)."""
+    n32 = head_dim - head_dim % 32
+    total = np.float64(hsum8_hadd(_kq_lanes32(k, kb, q16, n32)))
+    for i in range(n32, head_dim):         # ggml_vec_dot_f16's leftovers: each product added in double
+        total += np.float64(cell1(k, kb, i) * q16[i])
+    return f32(total)
+
+
+@exact_kernel
+def _kq_lanes32(k, kb, q16, n):
+    """ggml_vec_dot_f16's four 8-wide accumulators over values 0 .. n - 1 (n a multiple of 32) of one key,
+    combined as GGML_F32x8_REDUCE begins: (S0 + S2) + (S1 + S3)."""
     s0, s1, s2, s3 = zeros(), zeros(), zeros(), zeros()
-    for i in range(0, head_dim, 32):
+    for i in range(0, n, 32):
         s0 = fma8(cell8(k, kb, i), load_f32x8(q16, i), s0)
         s1 = fma8(cell8(k, kb, i + 8), load_f32x8(q16, i + 8), s1)
         s2 = fma8(cell8(k, kb, i + 16), load_f32x8(q16, i + 16), s2)
@@ -285,15 +285,10 @@ def _kq_lanes32(k, kb, q16, head_dim):
 
 
 @exact_kernel
-def _kq8(k, kb, cell, q16, head_dim, lanes32):
-    """`_kq` for the eight cached keys at kb, kb + cell, ..., kb + 7 cell, as F32x8 (lane t: key t), each
-    key's arithmetic unchanged: their chains side by side and their last reductions done together
-    (head_dim a multiple of 32 with lanes32, of 8 without)."""
-    if lanes32:
-        return hadd8x8(_kq_lanes32(k, kb, q16, head_dim), _kq_lanes32(k, kb + cell, q16, head_dim),
-                       _kq_lanes32(k, kb + 2 * cell, q16, head_dim), _kq_lanes32(k, kb + 3 * cell, q16, head_dim),
-                       _kq_lanes32(k, kb + 4 * cell, q16, head_dim), _kq_lanes32(k, kb + 5 * cell, q16, head_dim),
-                       _kq_lanes32(k, kb + 6 * cell, q16, head_dim), _kq_lanes32(k, kb + 7 * cell, q16, head_dim))
+def _kq8_8(k, kb, cell, q16, head_dim):
+    """`_kq_8` for the eight cached keys at kb, kb + cell, ..., kb + 7 cell, as F32x8 (lane t: key t), each
+    key's arithmetic unchanged: their chains side by side and their reductions done together (head_dim a
+    multiple of 8)."""
     a0, a1, a2, a3 = zeros(), zeros(), zeros(), zeros()
     a4, a5, a6, a7 = zeros(), zeros(), zeros(), zeros()
     for i in range(0, head_dim, 8):
@@ -307,6 +302,52 @@ def _kq8(k, kb, cell, q16, head_dim, lanes32):
         a6 = fma8(cell8(k, kb + 6 * cell, i), qv, a6)
         a7 = fma8(cell8(k, kb + 7 * cell, i), qv, a7)
     return hsum8x8(a0, a1, a2, a3, a4, a5, a6, a7)
+
+
+@exact_kernel
+def _kq8_32(k, kb, cell, q16, head_dim):
+    """`_kq_32` for eight cached keys (head_dim a multiple of 32), as `_kq8_8`."""
+    return hadd8x8(_kq_lanes32(k, kb, q16, head_dim), _kq_lanes32(k, kb + cell, q16, head_dim),
+                   _kq_lanes32(k, kb + 2 * cell, q16, head_dim), _kq_lanes32(k, kb + 3 * cell, q16, head_dim),
+                   _kq_lanes32(k, kb + 4 * cell, q16, head_dim), _kq_lanes32(k, kb + 5 * cell, q16, head_dim),
+                   _kq_lanes32(k, kb + 6 * cell, q16, head_dim), _kq_lanes32(k, kb + 7 * cell, q16, head_dim))
+
+
+@exact_kernel
+def _softmax(sc, g0, j0, p, n_sc):
+    """sc[0:n_sc] (cells g0 ..) := p16, ggml_vec_soft_max_f32 over the unmasked cells j0 .. p then each
+    probability rounded to fp16: exp per cell, Σ in double of each 8-group's hsum_float_8 (masked cells
+    are 0)."""
+    mx = f32(-np.inf)
+    t = j0 - g0
+    if t + 8 <= p + 1 - g0:                 # (the maximum is exact in any order)
+        mv = load_f32x8(sc, t)
+        t += 8
+        while t + 8 <= p + 1 - g0:
+            mv = max8(mv, load_f32x8(sc, t))
+            t += 8
+        for i in range(8):
+            mx = max(mx, get_lane(mv, i))
+    for t in range(t, p + 1 - g0):
+        mx = max(mx, sc[t])
+    total = 0.0
+    for g in range(0, n_sc, 8):
+        if j0 <= g0 + g and g0 + g + 7 <= p:
+            e = v_expf8(load_f32x8(sc, g) - mx)
+            store_f32x8(sc, g, e)
+            total += np.float64(hsum8(e))
+            continue
+        for t in range(8):
+            j = g0 + g + t
+            sc[g + t] = v_expf(sc[g + t] - mx) if j0 <= j and j <= p else f32(0)
+        r0 = sc[g + 4] + sc[g]
+        r1 = sc[g + 5] + sc[g + 1]
+        r2 = sc[g + 6] + sc[g + 2]
+        r3 = sc[g + 7] + sc[g + 3]
+        total += np.float64((r0 + r2) + (r1 + r3))
+    inv = f32(1.0 / total)
+    for t in range(0, n_sc, 8):
+        store_f32x8(sc, t, round_f16x8(load_f32x8(sc, t) * inv))
 
 
 @exact_kernel
@@ -350,185 +391,6 @@ def _kqv_cell(acc, pj, vf, vb, a, head_dim, n8):
         acc[a + i] = fma1(pj, cell1(vf, vb, i), acc[a + i])
 
 
-@exact_parallel_kernel
-def attention(out, q, k_cache, v_cache, layer, slots, positions, kinds, n_head, n_head_kv, head_dim, scale, window):
-    """Causal multi-head attention with grouped K/V heads, for rows q (B, n_head*head_dim) -> out (same).
-    Row b (slot s, position p) attends to cached positions j <= p of slot s, and with a sliding window
-    (window > 0) only to p - j < window (llama.cpp's standard SWA mask).
-
-    As llama.cpp without flash attention: q rounded to fp16; kq[j] = K[j]·q16 (lanes above), times scale;
-    softmax as ggml_compute_forward_soft_max_f32: e = ggml_v_expf(w - max), the denominator a double sum of
-    each 8-cell group's hsum_float_8, p = e * (float)(1.0 / sum) rounded to fp16; out = Σ_j p16[j] V[j]
-    (lanes above), with 8 lanes for a row of kind ROW_BATCHED (a batch of 2 or more) and 32 for a row of a
-    single-row batch. One task per row and K/V head (the query heads that share it read each cached row
-    once), or per row and query head for a batch of fewer rows than that leaves the threads work for."""
-    B = q.shape[0]
-    group = n_head // n_head_kv
-    per_task = group if B >= ATTENTION_GROUPED_ROWS else 1
-    tasks_per_row = n_head // per_task
-    kf = k_cache.reshape(-1)
-    vf = v_cache.reshape(-1)
-    scale = f32(scale)
-    # Numba hands each thread an equal run of the tasks, and a prompt's later rows attend to more cells:
-    # rows are taken from both ends in turn (0, B-1, 1, B-2, ...) so that every run holds an equal share
-    for t in prange(B * tasks_per_row):
-        i = t // tasks_per_row
-        b = i // 2 if i % 2 == 0 else B - 1 - i // 2
-        _attend(out, q, kf, vf, layer, k_cache.shape, v_cache.shape, slots, positions, kinds, b,
-                (t % tasks_per_row) * per_task, per_task, group, head_dim, scale, window)
-
-
-ATTENTION_GROUPED_ROWS = 4   # from this many rows, one attention task takes all query heads of a K/V head
-KQ8_LANES32_MAX_DIM = 64     # longer heads: 8 keys' 32-lane accumulators at once would not fit the registers
-CELL_BLOCK_BYTES = 1 << 14   # the cached rows one pass of a task's heads over them reads (they stay in L1)
-
-
-@exact_kernel
-def _scores(sc, g0, kf, base, kcell, q16, j_start, j_end, head_dim, lanes32, grouped, scale):
-    """sc[j - g0] = K[j]·q16 · scale for the cells j_start .. j_end - 1 (eight at a time where grouped)."""
-    j = j_start
-    if grouped:
-        while j + 8 <= j_end:
-            store_f32x8(sc, j - g0, _kq8(kf, base + j * kcell, kcell, q16, head_dim, lanes32) * scale)
-            j += 8
-    while j < j_end:
-        sc[j - g0] = _kq(kf, base + j * kcell, q16, head_dim, lanes32) * scale
-        j += 1
-
-
-@exact_kernel
-def _softmax(sc, g0, j0, p, n_sc):
-    """sc[0:n_sc] (cells g0 ..) := p16, ggml_vec_soft_max_f32 over the unmasked cells j0 .. p then each
-    probability rounded to fp16: exp per cell, Σ in double of each 8-group's hsum_float_8 (masked cells
-    are 0)."""
-    mx = f32(-np.inf)
-    t = j0 - g0
-    if t + 8 <= p + 1 - g0:                 # (the maximum is exact in any order)
-        mv = load_f32x8(sc, t)
-        t += 8
-        while t + 8 <= p + 1 - g0:
-            mv = max8(mv, load_f32x8(sc, t))
-            t += 8
-        for i in range(8):
-            mx = max(mx, get_lane(mv, i))
-    for t in range(t, p + 1 - g0):
-        mx = max(mx, sc[t])
-    total = 0.0
-    for g in range(0, n_sc, 8):
-        if j0 <= g0 + g and g0 + g + 7 <= p:
-            e = v_expf8(load_f32x8(sc, g) - mx)
-            store_f32x8(sc, g, e)
-            total += np.float64(hsum8(e))
-            continue
-        for t in range(8):
-            j = g0 + g + t
-            sc[g + t] = v_expf(sc[g + t] - mx) if j0 <= j and j <= p else f32(0)
-        r0 = sc[g + 4] + sc[g]
-        r1 = sc[g + 5] + sc[g + 1]
-        r2 = sc[g + 6] + sc[g + 2]
-        r3 = sc[g + 7] + sc[g + 3]
-        total += np.float64((r0 + r2) + (r1 + r3))
-    inv = f32(1.0 / total)
-    for t in range(0, n_sc, 8):
-        store_f32x8(sc, t, round_f16x8(load_f32x8(sc, t) * inv))
-
-
-@exact_kernel
-def _attend(out, q, kf, vf, layer, k_shape, v_shape, slots, positions, kinds, b, h0, nh, group, head_dim, scale,
-            window):
-    """`attention` for row b and the query heads h0 .. h0 + nh - 1, which share one K/V head (a function
-    of its own: Numba compiles a small parallel loop around it much faster than one around the whole
-    body). kf, vf: the caches flattened, of shapes k_shape, v_shape (slots, layers, n_ctx, n_head_kv, row).
-
-    Every head's arithmetic is llama.cpp's per cell and per lane, in its order; what is shared is the
-    loads: eight cells at a time where the lanes allow (head_dim a multiple of the lane count), and the
-    heads take turns over blocks of cells small enough to stay in L1."""
-    lanes32 = not (kinds[b] & ROW_BATCHED)
-    n_lanes = 32 if lanes32 else 8
-    grouped = head_dim % n_lanes == 0
-    n8 = head_dim - head_dim % 8
-    s, p = slots[b], positions[b]
-    j0 = 0
-    if window > 0 and p - window + 1 > 0:
-        j0 = p - window + 1
-    g0 = j0 // 8 * 8                        # scores are kept for whole 8-cell groups, g0 .. p
-    n_sc = p // 8 * 8 + 8 - g0
-    # per head: q16 | scores (p16 after the softmax) | n_lanes rows of head_dim accumulators
-    per_head = head_dim + n_sc + n_lanes * head_dim
-    buf = np.empty(nh * per_head, np.float32)
-    qb = q[b]
-    for t in range(nh):
-        o = (h0 + t) * head_dim
-        for i in range(0, n8, 8):
-            store_f32x8(buf, t * per_head + i, round_f16x8(load_f32x8(qb, o + i)))
-        for i in range(n8, head_dim):
-            buf[t * per_head + i] = round_f16(qb[o + i])
-    # flat index of this K/V head's row at cell 0, and from one cell to the next, in each cache
-    kcell, vcell = k_shape[3] * k_shape[4], v_shape[3] * v_shape[4]
-    base = ((s * k_shape[1] + layer) * k_shape[2]) * kcell + (h0 // group) * k_shape[4]
-    vbase = ((s * v_shape[1] + layer) * v_shape[2]) * vcell + (h0 // group) * v_shape[4]
-    quarters = n_lanes // 8
-    cells = max(32 * quarters, CELL_BLOCK_BYTES // (2 * head_dim) // (8 * quarters) * (8 * quarters))
-    # kq, scaled (ggml_vec_scale_f32)
-    for jb in range(j0, p + 1, cells):
-        for t in range(nh):
-            q16 = buf[t * per_head:t * per_head + head_dim]
-            sc = buf[t * per_head + head_dim:t * per_head + head_dim + n_sc]
-            _scores(sc, g0, kf, base, kcell, q16, jb, min(p + 1, jb + cells), head_dim, lanes32,
-                    grouped and (not lanes32 or head_dim <= KQ8_LANES32_MAX_DIM), scale)
-    for t in range(nh):
-        _softmax(buf[t * per_head + head_dim:t * per_head + head_dim + n_sc], g0, j0, p, n_sc)
-        buf[t * per_head + head_dim + n_sc:(t + 1) * per_head] = 0
-    # kqv: lane (j mod n_lanes) of each output element accumulates p16[j] * V[j] over the cells in order;
-    # the whole 8-cell groups by `_kqv_groups`, a quarter of the 32 lanes at a time (each quarter's cells
-    # are its own), the cells before and after them one at a time
-    ga = min(p + 1, (j0 + 7) // 8 * 8)
-    gb = (p + 1) // 8 * 8
-    if not grouped or gb <= ga:
-        ga = gb = p + 1
-    for t in range(nh):
-        sc = buf[t * per_head + head_dim:t * per_head + head_dim + n_sc]
-        acc = buf[t * per_head + head_dim + n_sc:(t + 1) * per_head]
-        for j in range(j0, ga):
-            _kqv_cell(acc, sc[j - g0], vf, vbase + j * vcell, (j % n_lanes) * head_dim, head_dim, n8)
-    for blk in range(ga // 8, gb // 8, cells // 8):
-        blk_end = min(gb // 8, blk + cells // 8)
-        for t in range(nh):
-            sc = buf[t * per_head + head_dim:t * per_head + head_dim + n_sc]
-            acc = buf[t * per_head + head_dim + n_sc:(t + 1) * per_head]
-            for quarter in range(quarters):
-                g_first = blk + (quarter - blk) % quarters
-                if g_first < blk_end:
-                    _kqv_groups(acc, sc, g0, vf, vbase, vcell, g_first, blk_end, quarters, 8 * quarter * head_dim,
-                                head_dim)
-    for t in range(nh):
-        o = (h0 + t) * head_dim
-        sc = buf[t * per_head + head_dim:t * per_head + head_dim + n_sc]
-        acc = buf[t * per_head + head_dim + n_sc:(t + 1) * per_head]
-        for j in range(gb, p + 1):
-            _kqv_cell(acc, sc[j - g0], vf, vbase + j * vcell, (j % n_lanes) * head_dim, head_dim, n8)
-        _reduce_lanes(out[b], o, acc, head_dim, lanes32, grouped)
-
-
-@exact_kernel
-def _reduce_lanes(out, o, acc, head_dim, lanes32, grouped):
-    """out[o : o + head_dim] = the lane rows of acc reduced as llama.cpp reduces them."""
-    if grouped:
-        for i in range(0, head_dim, 8):
-            store_f32x8(out, o + i, _reduce32x8(acc, i, head_dim) if lanes32 else _reduce8x8(acc, i, head_dim))
-        return
-    for i in range(head_dim):
-        if lanes32:
-            out[o + i] = _reduce32(acc, i, head_dim)
-        else:
-            # hsum_float_8: ((a4 + a0) + (a6 + a2)) + ((a5 + a1) + (a7 + a3))
-            r0 = acc[4 * head_dim + i] + acc[i]
-            r1 = acc[5 * head_dim + i] + acc[head_dim + i]
-            r2 = acc[6 * head_dim + i] + acc[2 * head_dim + i]
-            r3 = acc[7 * head_dim + i] + acc[3 * head_dim + i]
-            out[o + i] = (r0 + r2) + (r1 + r3)
-
-
 @exact_kernel
 def _reduce8x8(acc, i, n):
     """hsum_float_8 over the 8 lane rows acc[L * n + i .. + 8], for 8 output elements at once."""
@@ -536,6 +398,17 @@ def _reduce8x8(acc, i, n):
     r1 = load_f32x8(acc, 5 * n + i) + load_f32x8(acc, n + i)
     r2 = load_f32x8(acc, 6 * n + i) + load_f32x8(acc, 2 * n + i)
     r3 = load_f32x8(acc, 7 * n + i) + load_f32x8(acc, 3 * n + i)
+    return (r0 + r2) + (r1 + r3)
+
+
+@exact_kernel
+def _reduce8(acc, i, n):
+    """hsum_float_8 of element i over the 8 lane rows acc[L * n + i]: ((a4 + a0) + (a6 + a2)) + ((a5 + a1) +
+    (a7 + a3))."""
+    r0 = acc[4 * n + i] + acc[i]
+    r1 = acc[5 * n + i] + acc[n + i]
+    r2 = acc[6 * n + i] + acc[2 * n + i]
+    r3 = acc[7 * n + i] + acc[3 * n + i]
     return (r0 + r2) + (r1 + r3)
 
 
@@ -566,6 +439,186 @@ def _reduce32(acc, i, n):
     a6 = (acc[6 * n + i] + acc[22 * n + i]) + (acc[14 * n + i] + acc[30 * n + i])
     a7 = (acc[7 * n + i] + acc[23 * n + i]) + (acc[15 * n + i] + acc[31 * n + i])
     return ((a0 + a4) + (a1 + a5)) + ((a2 + a6) + (a3 + a7))
+
+
+ATTENTION_GROUPED_ROWS = 4   # from this many rows, one attention task takes all query heads of a K/V head
+KQ8_LANES32_MAX_DIM = 64     # longer heads: 8 keys' 32-lane accumulators at once would not fit the registers
+CELL_BLOCK_BYTES = 1 << 14   # the cached rows one pass of a task's heads over them reads (they stay in L1)
+_ROW0 = np.zeros(1, np.int64)
+
+
+def attention(out, q, k_cache, v_cache, layer, slots, positions, kinds, n_head, n_head_kv, head_dim, scale, window):
+    """Causal multi-head attention with grouped K/V heads, for rows q (B, n_head*head_dim) -> out (same).
+    Row b (slot s, position p) attends to cached positions j <= p of slot s, and with a sliding window
+    (window > 0) only to p - j < window (llama.cpp's standard SWA mask).
+
+    As llama.cpp without flash attention: q rounded to fp16; kq[j] = K[j]·q16 (lanes above), times scale;
+    softmax as ggml_compute_forward_soft_max_f32: e = ggml_v_expf(w - max), the denominator a double sum of
+    each 8-cell group's hsum_float_8, p = e * (float)(1.0 / sum) rounded to fp16; out = Σ_j p16[j] V[j]
+    (lanes above), with 8 lanes for a row of kind ROW_BATCHED (a batch of 2 or more) and 32 for a row of a
+    single-row batch. The two lane structures are two kernels (`_attention_kernel`), each compiled when a
+    row of its kind first comes (a prompt needs only the batched one, so a cold start compiles less before
+    the first token); a batch that mixes both kinds runs each kernel on its rows."""
+    args = (out, q, k_cache, v_cache, layer, slots, positions)
+    shape = (n_head, n_head_kv, head_dim, scale, window)
+    if kinds.shape[0] == 1:
+        _attention_kernel(bool(kinds[0] & ROW_BATCHED))(*args, _ROW0, *shape)
+        return
+    batched = (kinds & ROW_BATCHED) != 0
+    for kind in (True, False):
+        rows = np.flatnonzero(batched == kind)
+        if rows.size:
+            _attention_kernel(kind)(*args, rows, *shape)
+
+
+def _make_attend(batched: bool):
+    """`_attend_batched` / `_attend_single`: the per-task body for one lane structure, 8 lanes (batched
+    rows) or 32. BATCHED is a constant in its code, so Numba prunes the other structure's branches and
+    compiles only this one's helpers (as in `quant.ggml_exact._typed`; Numba's cache keys each on it)."""
+    BATCHED = batched
+    N_LANES = 8 if batched else 32
+
+    @exact_kernel
+    def attend(out, q, kf, vf, layer, k_shape, v_shape, slots, positions, b, h0, nh, group, head_dim, scale,
+               window):
+        """`attention` for row b and the query heads h0 .. h0 + nh - 1, which share one K/V head (a function of
+        its own: Numba compiles a small parallel loop around it much faster than one around the whole body).
+        kf, vf: the caches flattened, of shapes k_shape, v_shape (slots, layers, n_ctx, n_head_kv, row).
+
+        Every head's arithmetic is llama.cpp's per cell and per lane, in its order; what is shared is the
+        loads: eight cells at a time where the lanes allow (head_dim a multiple of the lane count), and the
+        heads take turns over blocks of cells small enough to stay in L1."""
+        grouped = head_dim % N_LANES == 0
+        eight_keys = grouped and (BATCHED or head_dim <= KQ8_LANES32_MAX_DIM)
+        n8 = head_dim - head_dim % 8
+        s, p = slots[b], positions[b]
+        j0 = 0
+        if window > 0 and p - window + 1 > 0:
+            j0 = p - window + 1
+        g0 = j0 // 8 * 8                        # scores are kept for whole 8-cell groups, g0 .. p
+        n_sc = p // 8 * 8 + 8 - g0
+        # per head: q16 | scores (p16 after the softmax) | N_LANES rows of head_dim accumulators
+        per_head = head_dim + n_sc + N_LANES * head_dim
+        buf = np.empty(nh * per_head, np.float32)
+        qb = q[b]
+        for t in range(nh):
+            o = (h0 + t) * head_dim
+            for i in range(0, n8, 8):
+                store_f32x8(buf, t * per_head + i, round_f16x8(load_f32x8(qb, o + i)))
+            for i in range(n8, head_dim):
+                buf[t * per_head + i] = round_f16(qb[o + i])
+        # flat index of this K/V head's row at cell 0, and from one cell to the next, in each cache
+        kcell, vcell = k_shape[3] * k_shape[4], v_shape[3] * v_shape[4]
+        base = ((s * k_shape[1] + layer) * k_shape[2]) * kcell + (h0 // group) * k_shape[4]
+        vbase = ((s * v_shape[1] + layer) * v_shape[2]) * vcell + (h0 // group) * v_shape[4]
+        quarters = N_LANES // 8
+        cells = max(32 * quarters, CELL_BLOCK_BYTES // (2 * head_dim) // (8 * quarters) * (8 * quarters))
+        # kq, scaled (ggml_vec_scale_f32): the heads in turn over blocks of cells, eight cells at a time
+        for jb in range(j0, p + 1, cells):
+            je = min(p + 1, jb + cells)
+            for t in range(nh):
+                q16 = buf[t * per_head:t * per_head + head_dim]
+                sc = buf[t * per_head + head_dim:t * per_head + head_dim + n_sc]
+                j = jb
+                if eight_keys:
+                    while j + 8 <= je:
+                        if BATCHED:
+                            w = _kq8_8(kf, base + j * kcell, kcell, q16, head_dim)
+                        else:
+                            w = _kq8_32(kf, base + j * kcell, kcell, q16, head_dim)
+                        store_f32x8(sc, j - g0, w * scale)
+                        j += 8
+                while j < je:
+                    if BATCHED:
+                        sc[j - g0] = _kq_8(kf, base + j * kcell, q16, head_dim) * scale
+                    else:
+                        sc[j - g0] = _kq_32(kf, base + j * kcell, q16, head_dim) * scale
+                    j += 1
+        for t in range(nh):
+            _softmax(buf[t * per_head + head_dim:t * per_head + head_dim + n_sc], g0, j0, p, n_sc)
+            buf[t * per_head + head_dim + n_sc:(t + 1) * per_head] = 0
+        # kqv: lane (j mod N_LANES) of each output element accumulates p16[j] * V[j] over the cells in order;
+        # the whole 8-cell groups by `_kqv_groups`, a quarter of the 32 lanes at a time (each quarter's
+        # cells are its own), the cells before and after them one at a time
+        ga = min(p + 1, (j0 + 7) // 8 * 8)
+        gb = (p + 1) // 8 * 8
+        if not grouped or gb <= ga:
+            ga = gb = p + 1
+        for t in range(nh):
+            sc = buf[t * per_head + head_dim:t * per_head + head_dim + n_sc]
+            acc = buf[t * per_head + head_dim + n_sc:(t + 1) * per_head]
+            for j in range(j0, ga):
+                _kqv_cell(acc, sc[j - g0], vf, vbase + j * vcell, (j % N_LANES) * head_dim, head_dim, n8)
+        for blk in range(ga // 8, gb // 8, cells // 8):
+            blk_end = min(gb // 8, blk + cells // 8)
+            for t in range(nh):
+                sc = buf[t * per_head + head_dim:t * per_head + head_dim + n_sc]
+                acc = buf[t * per_head + head_dim + n_sc:(t + 1) * per_head]
+                for quarter in range(quarters):
+                    g_first = blk + (quarter - blk) % quarters
+                    if g_first < blk_end:
+                        _kqv_groups(acc, sc, g0, vf, vbase, vcell, g_first, blk_end, quarters,
+                                    8 * quarter * head_dim, head_dim)
+        ob = out[b]
+        for t in range(nh):
+            o = (h0 + t) * head_dim
+            sc = buf[t * per_head + head_dim:t * per_head + head_dim + n_sc]
+            acc = buf[t * per_head + head_dim + n_sc:(t + 1) * per_head]
+            for j in range(gb, p + 1):
+                _kqv_cell(acc, sc[j - g0], vf, vbase + j * vcell, (j % N_LANES) * head_dim, head_dim, n8)
+            # the lane rows reduced as llama.cpp reduces them
+            if grouped:
+                for i in range(0, head_dim, 8):
+                    if BATCHED:
+                        store_f32x8(ob, o + i, _reduce8x8(acc, i, head_dim))
+                    else:
+                        store_f32x8(ob, o + i, _reduce32x8(acc, i, head_dim))
+            else:
+                for i in range(head_dim):
+                    if BATCHED:
+                        ob[o + i] = _reduce8(acc, i, head_dim)
+                    else:
+                        ob[o + i] = _reduce32(acc, i, head_dim)
+
+    return attend
+
+
+_attend_batched = _make_attend(True)
+_attend_single = _make_attend(False)
+
+
+@functools.cache
+def _attention_kernel(batched: bool):
+    """The parallel attention kernel over rows of one lane structure (see `_make_attend`); compiled when a
+    row of that kind first comes."""
+    BATCHED = batched
+
+    @exact_parallel_kernel
+    def attention_rows(out, q, k_cache, v_cache, layer, slots, positions, rows, n_head, n_head_kv, head_dim,
+                       scale, window):
+        """`attention` for the rows `rows` of q, all of this kernel's kind. One task per row and K/V head (the
+        query heads that share it read each cached row once), or per row and query head for fewer rows
+        than ATTENTION_GROUPED_ROWS (to leave the threads work)."""
+        B = rows.shape[0]
+        group = n_head // n_head_kv
+        per_task = group if B >= ATTENTION_GROUPED_ROWS else 1
+        tasks_per_row = n_head // per_task
+        kf = k_cache.reshape(-1)
+        vf = v_cache.reshape(-1)
+        scale = f32(scale)
+        # Numba hands each thread an equal run of the tasks, and a prompt's later rows attend to more cells:
+        # rows are taken from both ends in turn (0, B-1, 1, B-2, ...) so that every run holds an equal share
+        for t in prange(B * tasks_per_row):
+            i = t // tasks_per_row
+            b = rows[i // 2] if i % 2 == 0 else rows[B - 1 - i // 2]
+            if BATCHED:
+                _attend_batched(out, q, kf, vf, layer, k_cache.shape, v_cache.shape, slots, positions, b,
+                                (t % tasks_per_row) * per_task, per_task, group, head_dim, scale, window)
+            else:
+                _attend_single(out, q, kf, vf, layer, k_cache.shape, v_cache.shape, slots, positions, b,
+                               (t % tasks_per_row) * per_task, per_task, group, head_dim, scale, window)
+
+    return attention_rows
 
 
 @exact_kernel

@@ -442,6 +442,7 @@ def _reduce32(acc, i, n):
 
 
 ATTENTION_GROUPED_ROWS = 4   # from this many rows, one attention task takes all query heads of a K/V head
+GROUPED_MIN_CELLS = 1024     # ... and from this many cells attended to, with a task for each thread or more
 KQ8_LANES32_MAX_DIM = 64     # longer heads: 8 keys' 32-lane accumulators at once would not fit the registers
 CELL_BLOCK_BYTES = 1 << 14   # the cached rows one pass of a task's heads over them reads (they stay in L1)
 _ROW0 = np.zeros(1, np.int64)
@@ -598,10 +599,16 @@ def _attention_kernel(batched: bool):
                        scale, window):
         """`attention` for the rows `rows` of q, all of this kernel's kind. One task per row and K/V head (the
         query heads that share it read each cached row once), or per row and query head for fewer rows
-        than ATTENTION_GROUPED_ROWS (to leave the threads work)."""
+        than ATTENTION_GROUPED_ROWS (to leave the threads work) unless the rows attend to a long cache, whose
+        reads from memory then cost more than the threads' uneven shares."""
         B = rows.shape[0]
         group = n_head // n_head_kv
-        per_task = group if B >= ATTENTION_GROUPED_ROWS else 1
+        span = 0                 # the most cells a row attends to
+        for i in range(B):
+            p = positions[rows[i]] + 1
+            span = max(span, min(p, window) if window > 0 else p)
+        grouped = B >= ATTENTION_GROUPED_ROWS or (B * n_head_kv >= 2 and span >= GROUPED_MIN_CELLS)
+        per_task = group if grouped else 1
         tasks_per_row = n_head // per_task
         kf = k_cache.reshape(-1)
         vf = v_cache.reshape(-1)

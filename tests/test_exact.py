@@ -426,27 +426,33 @@ def attention_ref(q, k, v, scale, lanes):
     return hsum8(acc) if lanes == 8 else reduce32(acc)
 
 
-@pytest.mark.parametrize("batch", [1, 3])
-def test_attention_lanes_follow_the_batch_size(batch):
-    """One query row (decode) takes ggml_vec_dot_f16's 32 lanes, several take tinyBLAS's 8."""
+@pytest.mark.parametrize("batch,n,mixed", [(1, 70, False), (3, 70, False), (5, 70, False), (3, 70, True),
+                                           (1, 1100, False), (5, 1100, True)])
+def test_attention_lanes_follow_the_batch_size(batch, n, mixed):
+    """One query row (decode) takes ggml_vec_dot_f16's 32 lanes, several take tinyBLAS's 8; a batch that mixes
+    both kinds (a server step) gives each row its kind's lanes. Rows in tasks of their own or sharing a K/V
+    head (4+ rows, or a cache of 1024+ cells), whole and partial 8-cell groups: every head as the reference."""
     rng = np.random.default_rng(5)
-    H, Hk, D, n_ctx, layer = 6, 2, 64, 80, 1
+    H, Hk, D, layer = 6, 2, 64, 1
+    n_ctx = n + 10
     k_cache = np.zeros((2, 2, n_ctx, Hk, D), np.float16)      # the kernels take the halves' bits
     v_cache = np.zeros_like(k_cache)
-    n = 70                                                     # cached positions 0..69 of slot 1
-    k = (rng.standard_normal((n, Hk * D)) * 3).astype(F32)
+    k = (rng.standard_normal((n, Hk * D)) * 3).astype(F32)    # cached positions 0..n-1 of slot 1
     v = rng.standard_normal((n, Hk * D)).astype(F32)
     ops.kv_store(k_cache.view(np.uint16), v_cache.view(np.uint16), layer, np.ones(n, np.int64), np.arange(n),
                  k, v, Hk, D)
     assert np.array_equal(k_cache[1, layer, :n].astype(F32), f16(k).reshape(n, Hk, D))
     positions = np.arange(n - batch, n)
+    kinds = ggml_exact.batch_kinds(batch)
+    if mixed:
+        kinds[::2] = 0                                        # rows 0, 2, ...: decode rows of other requests
     q = (rng.standard_normal((batch, H * D)) * 3).astype(F32)
     out = np.zeros_like(q)
     ops.attention(out, q, k_cache.view(np.uint16), v_cache.view(np.uint16), layer, np.ones(batch, np.int64),
-                  positions, ggml_exact.batch_kinds(batch), H, Hk, D, F32(0.125), 0)
+                  positions, kinds, H, Hk, D, F32(0.125), 0)
     k_cache, v_cache = k_cache.astype(F32), v_cache.astype(F32)
-    lanes = 32 if batch == 1 else 8
     for b, p in enumerate(positions):
+        lanes = 8 if kinds[b] & ggml_exact.ROW_BATCHED else 32
         for h in range(H):
             hk = h // (H // Hk)
             expected = attention_ref(q[b, h * D:(h + 1) * D], k_cache[1, layer, :p + 1, hk], v_cache[1, layer, :p + 1, hk],

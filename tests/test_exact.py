@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from numba import njit
 
 import nibble
 from nibble.quant import simd
@@ -114,6 +115,8 @@ def test_round_f16_is_ieee_round_to_nearest_even():
     expected = f16(x)
     same = (ours == expected) | (np.isnan(ours) & np.isnan(expected))
     assert same.all(), x[~same][:5]
+    lanes = _in_lanes(x, _round_f16x8)                         # the 8-lane form the attention kernels use
+    assert np.array_equal(lanes.view(np.uint32)[~np.isnan(x)], ours.view(np.uint32)[~np.isnan(x)])
     # the f16 KV cache stores the same value as IEEE half bits
     with np.errstate(over="ignore"):
         bits = np.array([simd.half_bits(v) for v in x], np.int64).astype(np.uint16).view(np.float16)
@@ -129,6 +132,27 @@ def test_v_expf_matches_ggml_v_expf():
                         np.array([0.0, -0.0, -87.5, -88.8, -103.9, -104.0, 88.7, -np.inf], F32)])
     ours = np.array([simd.v_expf(v) for v in x], F32)
     assert np.array_equal(ours, v_expf_ref(x))
+    assert np.array_equal(_in_lanes(x, _v_expf8), ours)        # ggml_v_expf on 8 lanes, its blends included
+
+
+@njit
+def _round_f16x8(x, out):
+    for i in range(0, x.size, 8):
+        simd.store_f32x8(out, i, simd.round_f16x8(simd.load_f32x8(x, i)))
+
+
+@njit
+def _v_expf8(x, out):
+    for i in range(0, x.size, 8):
+        simd.store_f32x8(out, i, simd.v_expf8(simd.load_f32x8(x, i)))
+
+
+def _in_lanes(x, kernel):
+    """kernel over x padded to a multiple of 8 lanes, the padding dropped."""
+    padded = np.concatenate([x, np.zeros(-x.size % 8, F32)])
+    out = np.empty_like(padded)
+    kernel(padded, out)
+    return out[:x.size]
     assert simd.v_expf(F32(-np.inf)) == 0
     close = np.abs(x) < 80
     assert np.allclose(ours[close], np.exp(x[close].astype(F64)), rtol=2e-7, atol=0)   # and it is exp

@@ -292,7 +292,7 @@ import numpy as np
 from numba import njit
 from nibble.quant import simd
 from nibble.quant.simd import (bits32, bytes32, dot_i8, dot_u8, f16x8_at, half_to_float, hsum, load_f16,
-                               nibbles16, store_f32x8, to_f32)
+                               load_f32x8, nibbles16, round_f16x8, store_f32x8, to_f32)
 assert not simd.USE_PMADDUBSW and not simd._F16C
 
 @njit
@@ -319,7 +319,23 @@ assert np.array_equal(out.view(np.uint32)[finite], ref.view(np.uint32)[finite])
 assert np.array_equal(out8.view(np.uint32)[finite], ref.view(np.uint32)[finite])
 assert np.isnan(out[np.isnan(ref)]).all() and np.isnan(out8[np.isnan(ref)]).all()
 
+@njit
+def rounded(x, out):
+    for i in range(0, x.size, 8):
+        store_f32x8(out, i, round_f16x8(load_f32x8(x, i)))
+
 rng = np.random.default_rng(0)
+x = np.concatenate([rng.integers(0, 2**32, 40000, dtype=np.uint64).astype(np.uint32).view(np.float32),
+                    np.array([0, -0.0, 65504, 65519.99, 65520, -65520, 2**-24, 2**-25, 3 * 2**-26, 2**-14,
+                              np.inf, -np.inf, 1e-30, -7e-6], np.float32)])
+x = np.concatenate([x, np.zeros(-x.size % 8, np.float32)])
+r = np.empty_like(x)
+rounded(x, r)
+with np.errstate(over="ignore"):
+    expected = x.astype(np.float16).astype(np.float32)
+same = (r.view(np.uint32) == expected.view(np.uint32)) | (np.isnan(r) & np.isnan(expected))
+assert same.all(), x[~same][:5]
+
 w = rng.integers(0, 256, size=32 * 64, dtype=np.uint8)
 xq = rng.integers(-127, 128, size=32 * 64).astype(np.int8)
 got = np.empty((64, 3), np.float32)

@@ -93,12 +93,9 @@ def _rms_normalize(x, weight, units, n_units, head_dim, eps):
 def rmsnorm(out, x, weight, eps):
     """out[b] = x[b] / sqrt(mean(x[b]²) + eps) * weight, for rows of x (B, n); weight (n,); out may be x.
     As ggml: rms_norm rounds x * scale, then a separate mul by the weight rounds again."""
-    B, n = x.shape
     if not (out.ctypes.data == x.ctypes.data):
-        for b in range(B):
-            for i in range(n):
-                out[b, i] = x[b, i]
-    _rms_normalize(out, weight, 1, B, n, eps)
+        out[:] = x
+    _rms_normalize(out, weight, 1, x.shape[0], x.shape[1], eps)
 
 
 @exact_kernel
@@ -149,14 +146,6 @@ def rope_apply(x, cs, n_heads, head_dim, rope_dim, neox):
                 x1 = x[b, i1]
                 x[b, i0] = fma1(x0, c, -(x1 * s))
                 x[b, i1] = fma1(x0, s, x1 * c)
-
-
-def rope(x, positions, n_heads, head_dim, rope_dim, base, neox):
-    """`rope_apply` with the angles of `positions` (a table of its own; a forward computes one per base
-    with `rope_table` and shares it between layers and between q and k)."""
-    cs = np.empty((x.shape[0], rope_dim), np.float32)
-    rope_table(cs, positions, rope_dim, base)
-    rope_apply(x, cs, n_heads, head_dim, rope_dim, neox)
 
 
 # ---- KV cache cells: F16 (uint16 bits) or Q8_0 blocks (uint8), by the cache array's dtype ----
@@ -340,11 +329,7 @@ def _softmax(sc, g0, j0, p, n_sc):
         for t in range(8):
             j = g0 + g + t
             sc[g + t] = v_expf(sc[g + t] - mx) if j0 <= j and j <= p else f32(0)
-        r0 = sc[g + 4] + sc[g]
-        r1 = sc[g + 5] + sc[g + 1]
-        r2 = sc[g + 6] + sc[g + 2]
-        r3 = sc[g + 7] + sc[g + 3]
-        total += np.float64((r0 + r2) + (r1 + r3))
+        total += np.float64(_reduce8(sc, g, 1))
     inv = f32(1.0 / total)
     for t in range(0, n_sc, 8):
         store_f32x8(sc, t, round_f16x8(load_f32x8(sc, t) * inv))
@@ -403,8 +388,8 @@ def _reduce8x8(acc, i, n):
 
 @exact_kernel
 def _reduce8(acc, i, n):
-    """hsum_float_8 of element i over the 8 lane rows acc[L * n + i]: ((a4 + a0) + (a6 + a2)) + ((a5 + a1) +
-    (a7 + a3))."""
+    """hsum_float_8 of element i over the 8 lane rows acc[L * n + i] (n = 1: of acc[i : i + 8]): ((a4 + a0) +
+    (a6 + a2)) + ((a5 + a1) + (a7 + a3))."""
     r0 = acc[4 * n + i] + acc[i]
     r1 = acc[5 * n + i] + acc[n + i]
     r2 = acc[6 * n + i] + acc[2 * n + i]
@@ -567,19 +552,17 @@ def _make_attend(batched: bool):
             acc = buf[t * per_head + head_dim + n_sc:(t + 1) * per_head]
             for j in range(gb, p + 1):
                 _kqv_cell(acc, sc[j - g0], vf, vbase + j * vcell, (j % N_LANES) * head_dim, head_dim, n8)
-            # the lane rows reduced as llama.cpp reduces them
-            if grouped:
-                for i in range(0, head_dim, 8):
-                    if BATCHED:
-                        store_f32x8(ob, o + i, _reduce8x8(acc, i, head_dim))
-                    else:
-                        store_f32x8(ob, o + i, _reduce32x8(acc, i, head_dim))
-            else:
-                for i in range(head_dim):
-                    if BATCHED:
-                        ob[o + i] = _reduce8(acc, i, head_dim)
-                    else:
-                        ob[o + i] = _reduce32(acc, i, head_dim)
+            # the lane rows reduced as llama.cpp reduces them, 8 output values at a time
+            for i in range(0, n8, 8):
+                if BATCHED:
+                    store_f32x8(ob, o + i, _reduce8x8(acc, i, head_dim))
+                else:
+                    store_f32x8(ob, o + i, _reduce32x8(acc, i, head_dim))
+            for i in range(n8, head_dim):
+                if BATCHED:
+                    ob[o + i] = _reduce8(acc, i, head_dim)
+                else:
+                    ob[o + i] = _reduce32(acc, i, head_dim)
 
     return attend
 

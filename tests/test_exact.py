@@ -429,10 +429,16 @@ def attention_ref(q, k, v, scale, lanes):
             acc = fma(k[:, i:i + 8], q16[i:i + 8], acc)
         kq = hsum8(acc)
     else:
+        n32 = D - D % 32
         acc = np.zeros((n, 32), F32)
-        for i in range(0, D, 32):
+        for i in range(0, n32, 32):
             acc = fma(k[:, i:i + 32], q16[i:i + 32], acc)
         kq = reduce32(acc)
+        if n32 < D:                   # ggml_vec_dot_f16's leftovers: each f32 product added in double, in order
+            total = kq.astype(F64)
+            for i in range(n32, D):
+                total = total + (k[:, i] * q16[i]).astype(F32).astype(F64)
+            kq = total.astype(F32)
     w = (kq * F32(scale)).astype(F32)
     n8 = -(-n // 8) * 8
     e = np.zeros(n8, F32)
@@ -450,14 +456,16 @@ def attention_ref(q, k, v, scale, lanes):
     return hsum8(acc) if lanes == 8 else reduce32(acc)
 
 
-@pytest.mark.parametrize("batch,n,mixed", [(1, 70, False), (3, 70, False), (5, 70, False), (3, 70, True),
-                                           (1, 1100, False), (5, 1100, True)])
-def test_attention_lanes_follow_the_batch_size(batch, n, mixed):
+@pytest.mark.parametrize("batch,n,mixed,D", [(1, 70, False, 64), (3, 70, False, 64), (5, 70, False, 64),
+                                             (3, 70, True, 64), (1, 1100, False, 64), (5, 1100, True, 64),
+                                             (1, 70, False, 40), (3, 70, True, 40)])
+def test_attention_lanes_follow_the_batch_size(batch, n, mixed, D):
     """One query row (decode) takes ggml_vec_dot_f16's 32 lanes, several take tinyBLAS's 8; a batch that mixes
     both kinds (a server step) gives each row its kind's lanes. Rows in tasks of their own or sharing a K/V
-    head (4+ rows, or a cache of 1024+ cells), whole and partial 8-cell groups: every head as the reference."""
+    head (4+ rows, or a cache of 1024+ cells), whole and partial 8-cell groups, a head size that is not a
+    multiple of 32 (the one-cell paths of the 32 lanes): every head as the reference."""
     rng = np.random.default_rng(5)
-    H, Hk, D, layer = 6, 2, 64, 1
+    H, Hk, layer = 6, 2, 1
     n_ctx = n + 10
     k_cache = np.zeros((2, 2, n_ctx, Hk, D), np.float16)      # the kernels take the halves' bits
     v_cache = np.zeros_like(k_cache)

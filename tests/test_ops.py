@@ -45,7 +45,9 @@ def test_rope(neox, rope_dim):
     positions = np.array([0, 1, 7, 100, 511], np.int64)
     x = rng.standard_normal((len(positions), n_heads * head_dim)).astype(F32)
     out = x.copy()
-    ops.rope(out, positions, n_heads, head_dim, rope_dim, base, neox)
+    cs = np.empty((len(positions), rope_dim), F32)                # the angles, as a forward shares them
+    ops.rope_table(cs, positions, rope_dim, base)
+    ops.rope_apply(out, cs, n_heads, head_dim, rope_dim, neox)
     ref = rope_ref(x, positions, n_heads, head_dim, rope_dim, base, neox)
     assert np.array_equal(out[0], x[0])                            # position 0: no rotation at all
     # the angle is carried from pair to pair by f32 multiplications (as ggml): its error grows with the

@@ -41,8 +41,9 @@ CHAT_SAMPLE = [{"role": "user", "content": "Hi! Who are you?"},
                {"role": "assistant", "content": "A helpful assistant."},
                {"role": "user", "content": "What is 2 + 2?"}]
 TEXT_SAMPLE = "Hello, world! Ünïcödé café, 你好 🙂 12345\n\tindented  twice"
-COMPILE_S_PER_KERNEL = 1.6      # a cold compile per kernel loaded from the cache, with what it calls
-                                # (SmolLM2: 6 kernels, 10 s on a 2-core EPYC, each type's own kernels only)
+COMPILE_S_PER_KERNEL = 3.2      # a cold compile per kernel loaded from the cache, with what it calls
+                                # (SmolLM2: 7 kernels, 22.5 s on a 2-core EPYC, the two attention kernels
+                                # about 6 s each)
 SLOW_TOKENS_PER_S = 5.0         # decode below this warns
 PROBE_S = 1.0                   # each half of the 2-second speed probe: read bandwidth, then decode steps
 PROBE_BYTES = 256 << 20         # the buffer the bandwidth probe reads: larger than any L3 cache

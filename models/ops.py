@@ -94,7 +94,9 @@ def rmsnorm(out, x, weight, eps):
     """out[b] = x[b] / sqrt(mean(x[b]²) + eps) * weight, for rows of x (B, n); weight (n,); out may be x.
     As ggml: rms_norm rounds x * scale, then a separate mul by the weight rounds again."""
     if not (out.ctypes.data == x.ctypes.data):
-        out[:] = x
+        for b in range(x.shape[0]):     # (not `out[:] = x`: its shape-mismatch message costs 1.3 s to compile)
+            for i in range(x.shape[1]):
+                out[b, i] = x[b, i]
     _rms_normalize(out, weight, 1, x.shape[0], x.shape[1], eps)
 
 
@@ -608,6 +610,7 @@ def _attention_kernel(batched: bool):
                 _attend_single(out, q, kf, vf, layer, k_cache.shape, v_cache.shape, slots, positions, b,
                                (t % tasks_per_row) * per_task, per_task, group, head_dim, scale, window)
 
+    attention_rows.compiles_slowly = True    # ~6 s cold: `runtime.precompile` hands it to its helper first
     return attention_rows
 
 

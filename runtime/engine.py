@@ -25,6 +25,7 @@ from ..formats.gguf import GGUFFile
 from ..models.linear import linear
 from ..models.ops import Q8_0_BLOCK
 from ..quant import ggml_exact
+from .precompile import Precompile, wanted as precompile_wanted
 from .speculative import DRAFT_MAX
 
 DEFAULT_MAX_CTX = 4096
@@ -74,6 +75,7 @@ class Engine:
         self.max_batch = min(max_batch, n_ctx)
         self.max_rows = self.step_rows(max_batch, n_ctx, n_slots)
         self._plan_memory(gguf)
+        self.gguf_path = gguf.path
         self.weights = arch.load_weights(gguf, args)
         self.model_bytes = sum(t.nbytes for t in gguf.tensors.values())
         # bytes a decode step reads: every weight once, except an untied embedding table (one row of it)
@@ -104,6 +106,13 @@ class Engine:
         self._kinds = np.zeros(rows, np.int8)
         self._outputs = np.zeros(rows, np.int64)
         self._single = np.zeros(rows, np.int8)     # the output projection: every row as a single-row batch
+        # a cold start: the kernels of the first evaluations compiled by a helper process as well, which starts
+        # now (runtime/precompile.py); `precompiled` then names the kernels the engine and the helper compiled
+        self._evaluated = False
+        self.precompiled: dict[str, list[str]] = {}
+        self._helper: Precompile | None = None
+        if precompile_wanted():
+            self._helper = Precompile.spawn(self)
 
     @staticmethod
     def kv_bytes(args, n_ctx: int, n_slots: int = 1, cache_types: tuple[str, str] = ("f16", "f16")) -> int:
@@ -220,12 +229,15 @@ class Engine:
         n_keep = self.keep_prefix(slot, ids, kinds, None if reuse else 0)
         return self.eval(ids[n_keep:], slot, kinds[n_keep:]), n_keep
 
-    def forward_rows(self, work: list[tuple[int, np.ndarray, np.ndarray, int]]) -> np.ndarray:
+    def forward_rows(self, work: list[tuple[int, np.ndarray, np.ndarray, int]], plan_only: bool = False) -> np.ndarray:
         """One forward over the rows of several sequences: `work` is a list of (slot, ids, kinds, n_logits),
         each appending `ids` (with row kinds `kinds`) after the slot's cached tokens and asking for the logits
         of its last n_logits rows (0, 1, or all of them to verify draft tokens). Returns those logits in order,
         (n_out, n_vocab): a buffer the next call reuses. The caller keeps the rows within max_rows and every
-        slot within n_ctx."""
+        slot within n_ctx. The first call compiles the kernels it needs that Numba's cache lacks with a helper
+        process (`runtime.precompile`; `plan_only` is its dry run); the next one waits for the helper."""
+        if not plan_only:
+            self._compile_kernels(work)
         B = sum(len(ids) for _, ids, _, _ in work)
         if B > self.max_rows:
             raise NibbleError(f"a step of {B} rows is more than the {self.max_rows} this engine holds")
@@ -253,6 +265,24 @@ class Engine:
         if n_out:
             linear(out, hidden, self.weights.output, self.state.scratch, self._single[:n_out])
         return out
+
+    def _compile_kernels(self, work) -> None:
+        if self._helper is None:
+            return
+        if not self._evaluated:
+            self._evaluated = True
+            self._helper.first(self, work)
+        else:
+            helper, self._helper = self._helper, None
+            helper.finish(self, work)
+            self.precompiled = helper.report
+
+    def close(self) -> None:
+        """Stop a helper process still compiling."""
+        if self._helper is not None:
+            helper, self._helper = self._helper, None
+            helper.close()
+            self.precompiled = helper.report
 
     def eval(self, ids, slot: int = 0, kinds: np.ndarray | None = None) -> np.ndarray:
         """Append ids to the slot's cache and return the last position's logits (n_vocab,), a buffer reused by

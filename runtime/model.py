@@ -79,6 +79,7 @@ class Model:
         """Stop the engine thread (cancelling what it runs); the model can no longer evaluate."""
         if self.scheduler is not None:
             self.scheduler.close()
+            self.engine.close()
         for draft in self._drafts.values():
             draft.close()
 

@@ -647,6 +647,7 @@ def _fill_gelu_table(table):
         table[h] = round_f16(_gelu_f32(half_to_float(np.uint16(h))))
 
 
+_fill_gelu_table.runs_in_dry_run = True     # `gelu_table` keeps what it fills (see runtime.precompile.dry_run)
 _gelu_table: list[np.ndarray] = []
 
 

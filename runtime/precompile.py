@@ -79,12 +79,13 @@ def dry_run(engine, work) -> list[tuple[Dispatcher, tuple]]:
     """The (kernel, argument types) that `engine.forward_rows(work)` calls for the first time, in order, found
     without compiling them: each of nibble's kernels called with types it has no machine code for records
     them and returns without running. (A kernel already compiled runs, on buffers the real evaluation writes
-    again.) The engine's cache and token lists are left as they were."""
+    again; so does one marked `runs_in_dry_run`, whose result Python keeps, as `ops.gelu_table` does.) The
+    engine's cache and token lists are left as they were."""
     calls: list[tuple[Dispatcher, tuple]] = []
     original = Dispatcher._compile_for_args
 
     def record(self, *args, **kws):
-        if not isinstance(self._cache, _QuantCache):
+        if not isinstance(self._cache, _QuantCache) or getattr(self, "runs_in_dry_run", False):
             return original(self, *args, **kws)
         calls.append((self, tuple(self.typeof_pyval(a) for a in args)))
         return _skip

@@ -81,3 +81,23 @@ def test_a_first_evaluation_unlike_the_likely_one(tmp_path, pulled):
     with nibble.load(path, n_ctx=128) as m:
         assert cold["tokens"] == m.generate([1], max_tokens=6, temperature=0).tokens
     assert cold["precompiled"].get("helper"), cold["precompiled"]
+
+
+DRY_RUN_FIRST = """
+import json, sys, nibble
+with nibble.load(sys.argv[1], n_ctx=128) as m:
+    print(json.dumps(m.generate("The capital of France is", max_tokens=8, temperature=0).tokens))
+"""
+
+
+def test_the_dry_run_before_any_kernel_leaves_the_tokens_alone(model_name, pulled):
+    """The first engine of a process dry-runs a prompt before any kernel has run (with a warm cache, no helper
+    starts): kernels whose results Python keeps (Gemma's GELU table) must still have run."""
+    path = str(pulled(model_name))
+    tokens = []
+    for switch in ("1", "0"):
+        run = subprocess.run([sys.executable, "-c", DRY_RUN_FIRST, path], capture_output=True, text=True,
+                             env=dict(os.environ, NIBBLE_PRECOMPILE=switch), timeout=900)
+        assert run.returncode == 0, run.stderr[-3000:]
+        tokens.append(json.loads(run.stdout.strip().splitlines()[-1]))
+    assert tokens[0] == tokens[1] and len(tokens[0]) == 8

@@ -23,6 +23,7 @@ from __future__ import annotations
 import functools
 import math
 
+import numba
 import numpy as np
 from numba import prange, types
 from numba.extending import overload
@@ -338,16 +339,19 @@ def _softmax(sc, g0, j0, p, n_sc):
 
 
 @exact_kernel
-def _kqv_groups(acc, sc, g0, vf, vbase, vcell, g_first, g_end, step, a, head_dim):
-    """Σ p16[j] V[j] into the eight lane rows acc[a : a + 8 head_dim] for the keys of the 8-cell groups
-    g_first, g_first + step, ... < g_end (key 8g + t in lane row t, in order of g): each lane row's fma
-    chain is the one the per-key loop makes, with the eight rows held in registers for 8 values at a
-    time instead of loaded and stored per key. sc[j - g0]: p16 of cell j."""
-    for i in range(0, head_dim, 8):
-        c0, c1 = load_f32x8(acc, a + i), load_f32x8(acc, a + head_dim + i)
-        c2, c3 = load_f32x8(acc, a + 2 * head_dim + i), load_f32x8(acc, a + 3 * head_dim + i)
-        c4, c5 = load_f32x8(acc, a + 4 * head_dim + i), load_f32x8(acc, a + 5 * head_dim + i)
-        c6, c7 = load_f32x8(acc, a + 6 * head_dim + i), load_f32x8(acc, a + 7 * head_dim + i)
+def _kqv_groups(acc, sc, g0, vf, vbase, vcell, g_first, g_end, step, a, d0, d1):
+    """Σ p16[j] V[j] for the output values d0 .. d1 - 1 (d1 - d0 = n, a multiple of 8) into the eight lane
+    rows acc[a : a + 8 n] for the keys of the 8-cell groups g_first, g_first + step, ... < g_end (key 8g + t
+    in lane row t, in order of g): each lane row's fma chain is the one the per-key loop makes, with the
+    eight rows held in registers for 8 values at a time instead of loaded and stored per key. sc[j - g0]:
+    p16 of cell j."""
+    n = d1 - d0
+    for i in range(d0, d1, 8):
+        r = a + i - d0
+        c0, c1 = load_f32x8(acc, r), load_f32x8(acc, r + n)
+        c2, c3 = load_f32x8(acc, r + 2 * n), load_f32x8(acc, r + 3 * n)
+        c4, c5 = load_f32x8(acc, r + 4 * n), load_f32x8(acc, r + 5 * n)
+        c6, c7 = load_f32x8(acc, r + 6 * n), load_f32x8(acc, r + 7 * n)
         for g in range(g_first, g_end, step):
             j = 8 * g
             vb = vbase + j * vcell
@@ -359,23 +363,24 @@ def _kqv_groups(acc, sc, g0, vf, vbase, vcell, g_first, g_end, step, a, head_dim
             c5 = fma8(splat(at(sc, j - g0 + 5)), cell8(vf, vb + 5 * vcell, i), c5)
             c6 = fma8(splat(at(sc, j - g0 + 6)), cell8(vf, vb + 6 * vcell, i), c6)
             c7 = fma8(splat(at(sc, j - g0 + 7)), cell8(vf, vb + 7 * vcell, i), c7)
-        store_f32x8(acc, a + i, c0)
-        store_f32x8(acc, a + head_dim + i, c1)
-        store_f32x8(acc, a + 2 * head_dim + i, c2)
-        store_f32x8(acc, a + 3 * head_dim + i, c3)
-        store_f32x8(acc, a + 4 * head_dim + i, c4)
-        store_f32x8(acc, a + 5 * head_dim + i, c5)
-        store_f32x8(acc, a + 6 * head_dim + i, c6)
-        store_f32x8(acc, a + 7 * head_dim + i, c7)
+        store_f32x8(acc, r, c0)
+        store_f32x8(acc, r + n, c1)
+        store_f32x8(acc, r + 2 * n, c2)
+        store_f32x8(acc, r + 3 * n, c3)
+        store_f32x8(acc, r + 4 * n, c4)
+        store_f32x8(acc, r + 5 * n, c5)
+        store_f32x8(acc, r + 6 * n, c6)
+        store_f32x8(acc, r + 7 * n, c7)
 
 
 @exact_kernel
-def _kqv_cell(acc, pj, vf, vb, a, head_dim, n8):
-    """acc[a : a + head_dim] += pj · V (the cached value row at flat index vb), one fma per element."""
-    for i in range(0, n8, 8):
-        store_f32x8(acc, a + i, fma8(splat(pj), cell8(vf, vb, i), load_f32x8(acc, a + i)))
-    for i in range(n8, head_dim):
-        acc[a + i] = fma1(pj, cell1(vf, vb, i), acc[a + i])
+def _kqv_cell(acc, pj, vf, vb, a, d0, d1):
+    """acc[a : a + d1 - d0] += pj · V[d0:d1] (of the cached value row at flat index vb), one fma per element."""
+    n8 = d0 + (d1 - d0) // 8 * 8
+    for i in range(d0, n8, 8):
+        store_f32x8(acc, a + i - d0, fma8(splat(pj), cell8(vf, vb, i), load_f32x8(acc, a + i - d0)))
+    for i in range(n8, d1):
+        acc[a + i - d0] = fma1(pj, cell1(vf, vb, i), acc[a + i - d0])
 
 
 @exact_kernel
@@ -432,6 +437,8 @@ ATTENTION_GROUPED_ROWS = 4   # from this many rows, one attention task takes all
 GROUPED_MIN_CELLS = 1024     # ... and from this many cells attended to, with a task for each thread or more
 KQ8_LANES32_MAX_DIM = 64     # longer heads: 8 keys' 32-lane accumulators at once would not fit the registers
 CELL_BLOCK_BYTES = 1 << 14   # the cached rows one pass of a task's heads over them reads (they stay in L1)
+SPLIT_MIN_CELLS = 2048       # single-row rows over this many cells, where the K/V heads do not fill the threads evenly:
+                             # each head's scores and outputs split between tasks (`_attention_split`)
 _ROW0 = np.zeros(1, np.int64)
 
 
@@ -450,13 +457,39 @@ def attention(out, q, k_cache, v_cache, layer, slots, positions, kinds, n_head, 
     args = (out, q, k_cache, v_cache, layer, slots, positions)
     shape = (n_head, n_head_kv, head_dim, scale, window)
     if kinds.shape[0] == 1:
-        _attention_kernel(bool(kinds[0] & ROW_BATCHED))(*args, _ROW0, *shape)
+        batched = bool(kinds[0] & ROW_BATCHED)
+        parts = 0 if batched else _split_parts(k_cache, v_cache, positions, _ROW0, n_head_kv, head_dim, window)
+        if parts:
+            _attention_split(*args, _ROW0, *shape, parts)
+        else:
+            _attention_kernel(batched)(*args, _ROW0, *shape)
         return
     batched = (kinds & ROW_BATCHED) != 0
     for kind in (True, False):
         rows = np.flatnonzero(batched == kind)
-        if rows.size:
+        if not rows.size:
+            continue
+        parts = 0 if kind else _split_parts(k_cache, v_cache, positions, rows, n_head_kv, head_dim, window)
+        if parts:
+            _attention_split(*args, rows, *shape, parts)
+        else:
             _attention_kernel(kind)(*args, rows, *shape)
+
+
+def _split_parts(k_cache, v_cache, positions, rows, n_head_kv, head_dim, window) -> int:
+    """Into how many parts `_attention_split` splits each K/V head of these single-row rows (0: not at all,
+    `_attend_single` takes each K/V head in one task). Only where the rows attend to SPLIT_MIN_CELLS or more
+    (below, the two extra parallel regions cost more than they save), the heads do not share the threads out
+    evenly (SmolLM2's 3 K/V heads on 2 threads: one thread did two of the three), the cache is f16 and each
+    part holds whole 8-value groups of 32-lane rows."""
+    threads = numba.get_num_threads()
+    span = int(positions[rows].max()) + 1
+    if window > 0:
+        span = min(span, window)
+    if (span < SPLIT_MIN_CELLS or (len(rows) * n_head_kv) % threads == 0 or head_dim % 32
+            or k_cache.dtype != np.uint16 or v_cache.dtype != np.uint16):
+        return 0
+    return min(threads, head_dim // 8)
 
 
 def _make_attend(batched: bool):
@@ -536,7 +569,7 @@ def _make_attend(batched: bool):
             sc = buf[t * per_head + head_dim:t * per_head + head_dim + n_sc]
             acc = buf[t * per_head + head_dim + n_sc:(t + 1) * per_head]
             for j in range(j0, ga):
-                _kqv_cell(acc, sc[j - g0], vf, vbase + j * vcell, (j % N_LANES) * head_dim, head_dim, n8)
+                _kqv_cell(acc, sc[j - g0], vf, vbase + j * vcell, (j % N_LANES) * head_dim, 0, head_dim)
         for blk in range(ga // 8, gb // 8, cells // 8):
             blk_end = min(gb // 8, blk + cells // 8)
             for t in range(nh):
@@ -546,14 +579,14 @@ def _make_attend(batched: bool):
                     g_first = blk + (quarter - blk) % quarters
                     if g_first < blk_end:
                         _kqv_groups(acc, sc, g0, vf, vbase, vcell, g_first, blk_end, quarters,
-                                    8 * quarter * head_dim, head_dim)
+                                    8 * quarter * head_dim, 0, head_dim)
         ob = out[b]
         for t in range(nh):
             o = (h0 + t) * head_dim
             sc = buf[t * per_head + head_dim:t * per_head + head_dim + n_sc]
             acc = buf[t * per_head + head_dim + n_sc:(t + 1) * per_head]
             for j in range(gb, p + 1):
-                _kqv_cell(acc, sc[j - g0], vf, vbase + j * vcell, (j % N_LANES) * head_dim, head_dim, n8)
+                _kqv_cell(acc, sc[j - g0], vf, vbase + j * vcell, (j % N_LANES) * head_dim, 0, head_dim)
             # the lane rows reduced as llama.cpp reduces them, 8 output values at a time
             for i in range(0, n8, 8):
                 if BATCHED:
@@ -612,6 +645,105 @@ def _attention_kernel(batched: bool):
 
     attention_rows.compiles_slowly = True    # ~6 s cold: `runtime.precompile` hands it to its helper first
     return attention_rows
+
+
+@exact_parallel_kernel
+def _attention_split(out, q, k_cache, v_cache, layer, slots, positions, rows, n_head, n_head_kv, head_dim, scale,
+                     window, n_parts):
+    """`attention` for single-row-kind rows over long caches (head_dim a multiple of 32), each row's K/V
+    heads in n_parts tasks per phase so that a few heads keep every thread busy: the scores by ranges of
+    cells, then the softmax per head, then Σ p16[j] V[j] by ranges of output values. Every value is computed
+    as `_attend_single` computes it (a key's score is its own; an output value's 32 lane chains run over
+    all cells in order), so the results are the same bits."""
+    B = rows.shape[0]
+    group = n_head // n_head_kv
+    kf = k_cache.reshape(-1)
+    vf = v_cache.reshape(-1)
+    kcell, vcell = k_cache.shape[3] * k_cache.shape[4], v_cache.shape[3] * v_cache.shape[4]
+    scale = f32(scale)
+    n_sc = 0
+    for i in range(B):
+        n_sc = max(n_sc, positions[rows[i]] // 8 * 8 + 8)
+    sc_all = np.empty((B, n_head, n_sc), np.float32)
+    cells = max(128, CELL_BLOCK_BYTES // (2 * head_dim) // 32 * 32)   # as `_attend_single` blocks them
+    # scores: task (row, K/V head, part), the part's 8-cell groups from the row's first one
+    for t in prange(B * n_head_kv * n_parts):
+        i, hk, part = t // (n_head_kv * n_parts), (t // n_parts) % n_head_kv, t % n_parts
+        b = rows[i]
+        s, p = slots[b], positions[b]
+        j0 = 0
+        if window > 0 and p - window + 1 > 0:
+            j0 = p - window + 1
+        g0 = j0 // 8 * 8
+        n_groups = (p // 8 * 8 + 8 - g0) // 8
+        ja = max(j0, g0 + 8 * (n_groups * part // n_parts))
+        jz = min(p + 1, g0 + 8 * (n_groups * (part + 1) // n_parts))
+        q16 = np.empty(group * head_dim, np.float32)
+        for e in range(0, group * head_dim, 8):
+            store_f32x8(q16, e, round_f16x8(load_f32x8(q[b], hk * group * head_dim + e)))
+        base = ((s * k_cache.shape[1] + layer) * k_cache.shape[2]) * kcell + hk * k_cache.shape[4]
+        for jb in range(ja, jz, cells):
+            je = min(jz, jb + cells)
+            for t2 in range(group):
+                qh = q16[t2 * head_dim:(t2 + 1) * head_dim]
+                sc = sc_all[i, hk * group + t2]
+                j = jb
+                if head_dim <= KQ8_LANES32_MAX_DIM:
+                    while j + 8 <= je:
+                        store_f32x8(sc, j - g0, _kq8_32(kf, base + j * kcell, kcell, qh, head_dim) * scale)
+                        j += 8
+                while j < je:
+                    sc[j - g0] = _kq_32(kf, base + j * kcell, qh, head_dim) * scale
+                    j += 1
+    for t in prange(B * n_head):
+        i, h = t // n_head, t % n_head
+        b = rows[i]
+        p = positions[b]
+        j0 = 0
+        if window > 0 and p - window + 1 > 0:
+            j0 = p - window + 1
+        g0 = j0 // 8 * 8
+        _softmax(sc_all[i, h], g0, j0, p, p // 8 * 8 + 8 - g0)
+    # Σ p16[j] V[j]: task (row, K/V head, part), the part's output values of each head in 32 lane rows
+    for t in prange(B * n_head_kv * n_parts):
+        i, hk, part = t // (n_head_kv * n_parts), (t // n_parts) % n_head_kv, t % n_parts
+        b = rows[i]
+        s, p = slots[b], positions[b]
+        j0 = 0
+        if window > 0 and p - window + 1 > 0:
+            j0 = p - window + 1
+        g0 = j0 // 8 * 8
+        d0 = head_dim // 8 * part // n_parts * 8
+        d1 = head_dim // 8 * (part + 1) // n_parts * 8
+        n = d1 - d0
+        vbase = ((s * v_cache.shape[1] + layer) * v_cache.shape[2]) * vcell + hk * v_cache.shape[4]
+        acc_all = np.zeros((group, 32 * n), np.float32)
+        ga = min(p + 1, (j0 + 7) // 8 * 8)
+        gb = (p + 1) // 8 * 8
+        if gb <= ga:
+            ga = gb = p + 1
+        for t2 in range(group):
+            sc = sc_all[i, hk * group + t2]
+            for j in range(j0, ga):
+                _kqv_cell(acc_all[t2], sc[j - g0], vf, vbase + j * vcell, (j % 32) * n, d0, d1)
+        for blk in range(ga // 8, gb // 8, cells // 8):
+            blk_end = min(gb // 8, blk + cells // 8)
+            for t2 in range(group):
+                sc = sc_all[i, hk * group + t2]
+                for quarter in range(4):
+                    g_first = blk + (quarter - blk) % 4
+                    if g_first < blk_end:
+                        _kqv_groups(acc_all[t2], sc, g0, vf, vbase, vcell, g_first, blk_end, 4, 8 * quarter * n,
+                                    d0, d1)
+        ob = out[b]
+        for t2 in range(group):
+            sc = sc_all[i, hk * group + t2]
+            acc = acc_all[t2]
+            for j in range(gb, p + 1):
+                _kqv_cell(acc, sc[j - g0], vf, vbase + j * vcell, (j % 32) * n, d0, d1)
+            o = (hk * group + t2) * head_dim + d0
+            for e in range(0, n, 8):
+                store_f32x8(ob, o + e, _reduce32x8(acc, e, n))
 
 
 @exact_kernel

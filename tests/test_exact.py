@@ -7,6 +7,7 @@ at exact float32 ties, which the fixed inputs here do not hit."""
 
 from __future__ import annotations
 
+import numba
 import numpy as np
 import pytest
 from numba import njit
@@ -456,16 +457,19 @@ def attention_ref(q, k, v, scale, lanes):
     return hsum8(acc) if lanes == 8 else reduce32(acc)
 
 
-@pytest.mark.parametrize("batch,n,mixed,D", [(1, 70, False, 64), (3, 70, False, 64), (5, 70, False, 64),
-                                             (3, 70, True, 64), (1, 1100, False, 64), (5, 1100, True, 64),
-                                             (1, 70, False, 40), (3, 70, True, 40)])
-def test_attention_lanes_follow_the_batch_size(batch, n, mixed, D):
+@pytest.mark.parametrize("batch,n,mixed,D,Hk", [(1, 70, False, 64, 2), (3, 70, False, 64, 2), (5, 70, False, 64, 2),
+                                                (3, 70, True, 64, 2), (1, 1100, False, 64, 2), (5, 1100, True, 64, 2),
+                                                (1, 70, False, 40, 2), (3, 70, True, 40, 2), (1, 2100, False, 64, 3),
+                                                (2, 2100, True, 64, 3), (1, 2100, False, 256, 1)])
+def test_attention_lanes_follow_the_batch_size(batch, n, mixed, D, Hk):
     """One query row (decode) takes ggml_vec_dot_f16's 32 lanes, several take tinyBLAS's 8; a batch that mixes
     both kinds (a server step) gives each row its kind's lanes. Rows in tasks of their own or sharing a K/V
-    head (4+ rows, or a cache of 1024+ cells), whole and partial 8-cell groups, a head size that is not a
-    multiple of 32 (the one-cell paths of the 32 lanes): every head as the reference."""
+    head (4+ rows, or a cache of 1024+ cells), each K/V head split between tasks (single rows over 2048+
+    cells whose heads do not fill the threads evenly: SmolLM2's 3, Gemma's 1), whole and partial 8-cell
+    groups, a head size that is not a multiple of 32 (the one-cell paths of the 32 lanes): every head as the
+    reference."""
     rng = np.random.default_rng(5)
-    H, Hk, layer = 6, 2, 1
+    H, layer = 6, 1
     n_ctx = n + 10
     k_cache = np.zeros((2, 2, n_ctx, Hk, D), np.float16)      # the kernels take the halves' bits
     v_cache = np.zeros_like(k_cache)
@@ -480,6 +484,9 @@ def test_attention_lanes_follow_the_batch_size(batch, n, mixed, D):
         kinds[::2] = 0                                        # rows 0, 2, ...: decode rows of other requests
     q = (rng.standard_normal((batch, H * D)) * 3).astype(F32)
     out = np.zeros_like(q)
+    single = np.flatnonzero((kinds & ggml_exact.ROW_BATCHED) == 0)
+    if n >= ops.SPLIT_MIN_CELLS and numba.get_num_threads() > 1:     # the split path is the one under test
+        assert ops._split_parts(k_cache.view(np.uint16), v_cache.view(np.uint16), positions, single, Hk, D, 0)
     ops.attention(out, q, k_cache.view(np.uint16), v_cache.view(np.uint16), layer, np.ones(batch, np.int64),
                   positions, kinds, H, Hk, D, F32(0.125), 0)
     k_cache, v_cache = k_cache.astype(F32), v_cache.astype(F32)

@@ -306,6 +306,12 @@ def _kq8_32(k, kb, cell, q16, head_dim):
 
 
 @exact_kernel
+def _first_cell(p, window):
+    """The first cached cell a row at position p attends to: 0, or with a sliding window p - window + 1."""
+    return p - window + 1 if window > 0 and p - window + 1 > 0 else 0
+
+
+@exact_kernel
 def _softmax(sc, g0, j0, p, n_sc):
     """sc[0:n_sc] (cells g0 ..) := p16, ggml_vec_soft_max_f32 over the unmasked cells j0 .. p then each
     probability rounded to fp16: exp per cell, Σ in double of each 8-group's hsum_float_8 (masked cells
@@ -513,9 +519,7 @@ def _make_attend(batched: bool):
         eight_keys = grouped and (BATCHED or head_dim <= KQ8_LANES32_MAX_DIM)
         n8 = head_dim - head_dim % 8
         s, p = slots[b], positions[b]
-        j0 = 0
-        if window > 0 and p - window + 1 > 0:
-            j0 = p - window + 1
+        j0 = _first_cell(p, window)
         g0 = j0 // 8 * 8                        # scores are kept for whole 8-cell groups, g0 .. p
         n_sc = p // 8 * 8 + 8 - g0
         # per head: q16 | scores (p16 after the softmax) | N_LANES rows of head_dim accumulators
@@ -671,9 +675,7 @@ def _attention_split(out, q, k_cache, v_cache, layer, slots, positions, rows, n_
         i, hk, part = t // (n_head_kv * n_parts), (t // n_parts) % n_head_kv, t % n_parts
         b = rows[i]
         s, p = slots[b], positions[b]
-        j0 = 0
-        if window > 0 and p - window + 1 > 0:
-            j0 = p - window + 1
+        j0 = _first_cell(p, window)
         g0 = j0 // 8 * 8
         n_groups = (p // 8 * 8 + 8 - g0) // 8
         ja = max(j0, g0 + 8 * (n_groups * part // n_parts))
@@ -699,9 +701,7 @@ def _attention_split(out, q, k_cache, v_cache, layer, slots, positions, rows, n_
         i, h = t // n_head, t % n_head
         b = rows[i]
         p = positions[b]
-        j0 = 0
-        if window > 0 and p - window + 1 > 0:
-            j0 = p - window + 1
+        j0 = _first_cell(p, window)
         g0 = j0 // 8 * 8
         _softmax(sc_all[i, h], g0, j0, p, p // 8 * 8 + 8 - g0)
     # Σ p16[j] V[j]: task (row, K/V head, part), the part's output values of each head in 32 lane rows
@@ -709,9 +709,7 @@ def _attention_split(out, q, k_cache, v_cache, layer, slots, positions, rows, n_
         i, hk, part = t // (n_head_kv * n_parts), (t // n_parts) % n_head_kv, t % n_parts
         b = rows[i]
         s, p = slots[b], positions[b]
-        j0 = 0
-        if window > 0 and p - window + 1 > 0:
-            j0 = p - window + 1
+        j0 = _first_cell(p, window)
         g0 = j0 // 8 * 8
         d0 = head_dim // 8 * part // n_parts * 8
         d1 = head_dim // 8 * (part + 1) // n_parts * 8

@@ -34,6 +34,7 @@ from numba import prange
 from ..errors import NibbleError
 from ..quant.jit import KERNEL_LOCK, apply_threads, available_cores, get_threads, parallel_kernel
 from ..quant.simd import hsum, load_f32x8, zeros
+from . import precompile
 
 OK, WARN, FAIL, SKIP = "ok", "warn", "fail", "skip"
 
@@ -44,6 +45,8 @@ TEXT_SAMPLE = "Hello, world! Ünïcödé café, 你好 🙂 12345\n\tindented  t
 COMPILE_S_PER_KERNEL = 3.2      # a cold compile per kernel loaded from the cache, with what it calls
                                 # (SmolLM2: 7 kernels, 22.5 s on a 2-core EPYC, the two attention kernels
                                 # about 6 s each)
+HELPER_SHARE = 0.57             # of that time, with runtime.precompile's helper process compiling beside the
+                                # engine (SmolLM2, 8 tokens on an empty cache: 13.1 s against 22.9 s)
 SLOW_TOKENS_PER_S = 5.0         # decode below this warns
 PROBE_S = 1.0                   # each half of the 2-second speed probe: read bandwidth, then decode steps
 PROBE_BYTES = 256 << 20         # the buffer the bandwidth probe reads: larger than any L3 cache
@@ -448,7 +451,8 @@ def model_checks(name: str, path: Path, n_ctx: int | None, bandwidth: float | No
         hits2, misses2 = _cache_counts()
         loaded, compiled = hits2 - hits, misses2 - misses
         # kernels an earlier model of this process loaded count too: they are part of this model's compile
-        estimate = seconds if compiled else max(hits2, 1) * COMPILE_S_PER_KERNEL
+        estimate = seconds if compiled else \
+            max(hits2, 1) * COMPILE_S_PER_KERNEL * (HELPER_SHARE if precompile.enabled() else 1)
         details = {"loaded": loaded, "compiled": compiled, "seconds": seconds, "cold_compile_s": estimate}
         if compiled:
             return (WARN, f"cold: compiled {compiled} kernel(s) for {', '.join(live.quant_types)} in {seconds:.0f} s "

@@ -154,16 +154,22 @@ class Claims:
 _first_engine = True
 
 
+def enabled() -> bool:
+    """Whether a cold start here compiles with a helper: on two or more cores unless NIBBLE_PRECOMPILE says
+    otherwise."""
+    switch = os.environ.get(ENV_SWITCH, "")
+    if switch == "0" or numba.config.DISABLE_JIT:
+        return False
+    return switch == "1" or available_cores() >= 2
+
+
 def wanted() -> bool:
     """Whether a new engine should look for kernels to compile with a helper: only the first of the process
     (the dry run runs a kernel that is already compiled, which none is before the first engine evaluates but
-    all may be after it), on two or more cores unless NIBBLE_PRECOMPILE says otherwise."""
+    all may be after it), where `enabled`."""
     global _first_engine
     first, _first_engine = _first_engine, False
-    switch = os.environ.get(ENV_SWITCH, "")
-    if not first or switch == "0" or numba.config.DISABLE_JIT:
-        return False
-    return switch == "1" or available_cores() >= 2
+    return first and enabled()
 
 
 def likely_first_work(engine) -> list:

@@ -156,9 +156,10 @@ _first_engine = True
 
 def enabled() -> bool:
     """Whether a cold start here compiles with a helper: on two or more cores unless NIBBLE_PRECOMPILE says
-    otherwise."""
+    otherwise, and never in a frozen application (PyInstaller and the like: sys.executable is the app, not a
+    Python that runs `-m`)."""
     switch = os.environ.get(ENV_SWITCH, "")
-    if switch == "0" or numba.config.DISABLE_JIT:
+    if switch == "0" or numba.config.DISABLE_JIT or getattr(sys, "frozen", False):
         return False
     return switch == "1" or available_cores() >= 2
 

@@ -66,6 +66,9 @@ def test_only_the_first_engine_of_a_process_looks_for_a_helper(monkeypatch):
     monkeypatch.setattr(precompile, "_first_engine", True)
     monkeypatch.setenv(precompile.ENV_SWITCH, "0")
     assert not precompile.wanted()
+    monkeypatch.setenv(precompile.ENV_SWITCH, "1")
+    monkeypatch.setattr(sys, "frozen", True, raising=False)      # an app bundle: no `python -m` to start
+    assert not precompile.enabled()
 
 
 def test_a_first_evaluation_unlike_the_likely_one(tmp_path, pulled):

@@ -25,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -112,8 +113,11 @@ def cold_groups(calls) -> list[Group]:
         if (dispatcher, sig) in seen or not getattr(cache, "_enabled", False):
             continue
         seen.add((dispatcher, sig))
-        if cache._index_key(sig, dispatcher.targetctx.codegen()) in cache._cache_file._load_index():
-            continue
+        try:
+            if cache._index_key(sig, dispatcher.targetctx.codegen()) in cache._cache_file._load_index():
+                continue
+        except Exception:             # an unreadable index: as good as missing (Numba recompiles it too)
+            pass
         path = cache._cache_file._index_path
         groups.setdefault(path, Group(path, [])).calls.append((dispatcher, sig))
     return list(groups.values())
@@ -196,22 +200,23 @@ class Precompile:
         work = likely_first_work(engine)
         if len(cold_groups(dry_run(engine, work))) < 2:
             return None
-        claims = tempfile.mkdtemp(prefix="nibble-precompile-")
+        try:
+            claims = tempfile.mkdtemp(prefix="nibble-precompile-")
+        except OSError:
+            return None
         spec = {"path": os.fspath(engine.gguf_path), "n_ctx": engine.n_ctx, "n_slots": engine.n_slots,
                 "max_batch": engine.max_batch, "cache_types": list(engine.cache_types), "claims": claims,
                 "work": [[int(slot), len(ids), [int(k) for k in kinds], int(want)]
                          for slot, ids, kinds, want in work]}
         spec_path = os.path.join(claims, "spec.json")
-        with open(spec_path, "w") as f:
-            json.dump(spec, f)
         try:
+            with open(spec_path, "w") as f:
+                json.dump(spec, f)
             proc = subprocess.Popen([sys.executable, "-m", "nibble.runtime.precompile", spec_path],
                                     stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                     env=dict(os.environ, **{ENV_SWITCH: "0"}))      # (no helper of its own)
         except OSError:
-            for name in os.listdir(claims):
-                os.remove(os.path.join(claims, name))
-            os.rmdir(claims)
+            shutil.rmtree(claims, ignore_errors=True)
             return None
         return cls(proc, claims)
 
@@ -255,13 +260,11 @@ class Precompile:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
         for name in os.listdir(self.claims):
-            path = os.path.join(self.claims, name)
             if "." not in name:
-                with open(path) as f:
+                with open(os.path.join(self.claims, name)) as f:
                     who, _, kernel = f.read().partition(" ")
                 self.report.setdefault(who, []).append(kernel)
-            os.remove(path)
-        os.rmdir(self.claims)
+        shutil.rmtree(self.claims, ignore_errors=True)
 
 
 def _exit_with_parent() -> None:

@@ -307,6 +307,11 @@ class Engine:
         self._check_fits(len(ids), slot)
         result = None if consume else np.empty((max(len(ids) - first, 0), self.args.n_vocab), np.float32)
         kinds = self.fresh_kinds(len(ids))
+        # this path runs the forward itself: a helper compiling the kernels (see `forward_rows`) is first done
+        # with the first chunk's and then waited for, so that it writes no cache index this one compiles into
+        n = min(len(ids), self.max_batch)
+        while self._helper is not None:
+            self._compile_kernels([(slot, ids[:n], kinds[:n], n)])
         for c in range(0, len(ids), self.max_batch):
             chunk = ids[c:c + self.max_batch]
             lo = max(first - c, 0)                  # rows of this chunk whose logits are wanted

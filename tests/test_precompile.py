@@ -8,6 +8,8 @@ import subprocess
 import sys
 import time
 
+import numpy as np
+
 import nibble
 from nibble.runtime import precompile
 
@@ -104,3 +106,25 @@ def test_the_dry_run_before_any_kernel_leaves_the_tokens_alone(model_name, pulle
         assert run.returncode == 0, run.stderr[-3000:]
         tokens.append(json.loads(run.stdout.strip().splitlines()[-1]))
     assert tokens[0] == tokens[1] and len(tokens[0]) == 8
+
+
+COLD_LOGITS = """
+import sys, numpy as np, nibble
+with nibble.load(sys.argv[1], n_ctx=128) as m:
+    np.save(sys.argv[2], m.logits(m.tokenize("Once upon a time, in a small village")))
+    print(m.engine.precompiled)
+"""
+
+
+def test_a_cold_start_whose_first_evaluation_is_all_logits(tmp_path, pulled):
+    """`Model.logits` (perplexity, traces) runs the forward itself: it lets the helper finish first, and its
+    logits are a warm run's, bit for bit."""
+    path = pulled("smollm2-135m")
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path / "numba"), NIBBLE_PRECOMPILE="1")
+    run = subprocess.run([sys.executable, "-c", COLD_LOGITS, str(path), str(tmp_path / "cold.npy")],
+                         capture_output=True, text=True, env=env, timeout=900)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "helper" in run.stdout
+    with nibble.load(path, n_ctx=128) as m:
+        warm = m.logits(m.tokenize("Once upon a time, in a small village"))
+    assert np.array_equal(np.load(tmp_path / "cold.npy"), warm)

@@ -46,7 +46,8 @@ from numba.extending import intrinsic
 from .jit import exact_kernel, exact_parallel_kernel, inlined
 from .simd import (OFFSET_ACTIVATIONS, USE_PMADDUBSW, _element_ptr, at, dot_i8, dot_offset, dot_u8, extract_lane,
                    llvm_call, offset_base, F32x8, I32x8, bits32, bytes32, fma1, fma8, hsum8, load_f16, load_f32x8,
-                   load_i8, load_u32, nibbles16, round_f16, splat, store_bytes32, to_f32, zeros)
+                   load_i8, load_u32, nibbles16, round_f16, splat, store_bytes32, to_f32, zeros, half_pairs,
+                   lane, lane_value, pairs_at, prefetch, half_quads, dot_u8_less)
 
 f32 = np.float32
 Q4_1, Q5_0, Q8_0, Q4_K, Q6_K = 3, 6, 8, 12, 14
@@ -57,6 +58,7 @@ TILED_MIN_ROWS = 8           # ggml's tiled K-quant matmul takes batches of 8+ r
 # nibble's options with fast-math off: the order of every f32 operation is the point of this module.
 SERIAL_WEIGHTS = 1 << 16     # a matvec below this many weights runs on the calling thread
 TASK_ROWS = 16               # weight rows per parallel task
+PREFETCH_BYTES = 1024       # how far ahead of a one-row kernel's reads it asks for the weights' cache lines
 X_BLOCK_BYTES = 3 << 18      # gemm: activation bytes (int8) per parallel task, to stay in L2
 SERIAL_QUANTIZE_ROWS = 16    # gemm quantizes this many activation rows or fewer on the calling thread
 DECODED_MIN_GROUPS = 4       # Q5_0/Q8_0 gemm: from this many groups of 8 rows, weights decoded once per task
@@ -389,26 +391,43 @@ def quantize_q8_k(x, xq, xs, fused, sums32):
 
 @exact_kernel
 def _rows_q4_1(out, xq, xs, w, r0, r1, nb):
-    # block: d f16 | m f16 | 16 bytes of nibbles (low nibbles elements 0..15, high 16..31): 20 bytes
+    # block: d f16 | m f16 | 16 bytes of nibbles (low nibbles elements 0..15, high 16..31): 20 bytes.
+    # Four rows at a time (four independent accumulations), their blocks' d and m converted and scaled
+    # together: lanes 2i, 2i + 1 of hm are row i's d and m, of hm * [dx sx] x 4 its d·dx and m·sx, and lane
+    # 2i + 1 of `sm` accumulates row i's Σ m·sx with one fma per block, as the scalar sum would.
+    row = nb * 20
     r = r0
     while r < r1:
-        two = r + 1 < r1
-        p0 = r * nb * 20
-        p1 = p0 + nb * 20 if two else p0
-        a0, a1 = zeros(), zeros()
-        s0, s1 = f32(0), f32(0)
+        p0 = r * row
+        p1 = p0 + row if r + 1 < r1 else p0
+        p2 = p0 + 2 * row if r + 2 < r1 else p0
+        p3 = p0 + 3 * row if r + 3 < r1 else p0
+        a0, a1, a2, a3, sm = zeros(), zeros(), zeros(), zeros(), zeros()
+        ahead = p0 + 4 * row             # the next four rows, 80 bytes a block, prefetched as we go
         for b in range(nb):
-            dx, sx = at(xs, 2 * b), at(xs, 2 * b + 1)
-            a0 = fma8(splat(load_f16(w, p0) * dx), to_f32(dot_u8(nibbles16(w, p0 + 4), xq, 32 * b)), a0)
-            s0 = fma1(load_f16(w, p0 + 2), sx, s0)
-            a1 = fma8(splat(load_f16(w, p1) * dx), to_f32(dot_u8(nibbles16(w, p1 + 4), xq, 32 * b)), a1)
-            s1 = fma1(load_f16(w, p1 + 2), sx, s1)
+            prefetch(w, ahead)
+            prefetch(w, ahead + 64)
+            ahead += 80
+            hm = half_pairs(w, p0, p1, p2, p3)
+            dsx = pairs_at(xs, 2 * b)
+            dd = hm * dsx
+            sm = fma8(hm, dsx, sm)
+            a0 = fma8(lane(dd, 0), to_f32(dot_u8(nibbles16(w, p0 + 4), xq, 32 * b)), a0)
+            a1 = fma8(lane(dd, 2), to_f32(dot_u8(nibbles16(w, p1 + 4), xq, 32 * b)), a1)
+            a2 = fma8(lane(dd, 4), to_f32(dot_u8(nibbles16(w, p2 + 4), xq, 32 * b)), a2)
+            a3 = fma8(lane(dd, 6), to_f32(dot_u8(nibbles16(w, p3 + 4), xq, 32 * b)), a3)
             p0 += 20
             p1 += 20
-        out[r] = hsum8(a0) + s0
-        if two:
-            out[r + 1] = hsum8(a1) + s1
-        r += 2
+            p2 += 20
+            p3 += 20
+        out[r] = hsum8(a0) + lane_value(sm, 1)
+        if r + 1 < r1:
+            out[r + 1] = hsum8(a1) + lane_value(sm, 3)
+        if r + 2 < r1:
+            out[r + 2] = hsum8(a2) + lane_value(sm, 5)
+        if r + 3 < r1:
+            out[r + 3] = hsum8(a3) + lane_value(sm, 7)
+        r += 4
 
 
 @exact_kernel
@@ -419,24 +438,61 @@ def _rows_q8_0(out, xq, xs, w, r0, r1, nb):
         p = r * nb * 34
         acc = zeros()
         for b in range(nb):
+            prefetch(w, p + PREFETCH_BYTES)
             acc = fma8(splat(load_f16(w, p) * at(xs, 2 * b)), to_f32(dot_i8(bytes32(w, p + 2), xq, 32 * b)), acc)
             p += 34
         out[r] = hsum8(acc)
 
 
 @exact_kernel
-def _rows_q5_0(out, xq, xs, w, r0, r1, nb):
+def _rows_q5_0(out, xq, xs, w, r0, r1, nb, sums16):
     # block: d f16 | qh u32 (bit j: the fifth bit of element j) | 16 bytes of nibbles: 22 bytes.
-    # ggml_vec_dot_q5_0_q8_0 and tinyBLAS_Q0_AVX: q = (nibble | fifth bit << 4) - 16, then as Q8_0.
-    # One row at a time: two interleaved rows measured 2x slower on weights streamed from memory (decode).
-    for r in range(r0, r1):
-        p = r * nb * 22
-        acc = zeros()
+    # ggml_vec_dot_q5_0_q8_0 and tinyBLAS_Q0_AVX: q = (nibble | fifth bit << 4) - 16, then as Q8_0. The
+    # integer lanes are computed as Σ u·x - 16 Σ x with u = q + 16 unsigned (`dot_u8_less`, `sums16` from
+    # `_sums16`): the same integers. Four rows at a time (four independent accumulations), the next four
+    # rows' bytes prefetched as we go.
+    row = nb * 22
+    r = r0
+    while r < r1:
+        p0 = r * row
+        p1 = p0 + row if r + 1 < r1 else p0
+        p2 = p0 + 2 * row if r + 2 < r1 else p0
+        p3 = p0 + 3 * row if r + 3 < r1 else p0
+        a0, a1, a2, a3 = zeros(), zeros(), zeros(), zeros()
+        ahead = p0 + 4 * row
         for b in range(nb):
-            q = (nibbles16(w, p + 6) | (bits32(load_u32(w, p + 2)) << 4)) - 16
-            acc = fma8(splat(load_f16(w, p) * at(xs, 2 * b)), to_f32(dot_i8(q, xq, 32 * b)), acc)
-            p += 22
-        out[r] = hsum8(acc)
+            prefetch(w, ahead)
+            prefetch(w, ahead + 64)
+            ahead += 88
+            dd = half_quads(w, p0, p1, p2, p3) * at(xs, 2 * b)
+            u0 = nibbles16(w, p0 + 6) | (bits32(load_u32(w, p0 + 2)) << 4)
+            u1 = nibbles16(w, p1 + 6) | (bits32(load_u32(w, p1 + 2)) << 4)
+            u2 = nibbles16(w, p2 + 6) | (bits32(load_u32(w, p2 + 2)) << 4)
+            u3 = nibbles16(w, p3 + 6) | (bits32(load_u32(w, p3 + 2)) << 4)
+            a0 = fma8(lane(dd, 0), to_f32(dot_u8_less(u0, xq, 32 * b, sums16, 8 * b)), a0)
+            a1 = fma8(lane(dd, 1), to_f32(dot_u8_less(u1, xq, 32 * b, sums16, 8 * b)), a1)
+            a2 = fma8(lane(dd, 2), to_f32(dot_u8_less(u2, xq, 32 * b, sums16, 8 * b)), a2)
+            a3 = fma8(lane(dd, 3), to_f32(dot_u8_less(u3, xq, 32 * b, sums16, 8 * b)), a3)
+            p0 += 22
+            p1 += 22
+            p2 += 22
+            p3 += 22
+        out[r] = hsum8(a0)
+        if r + 1 < r1:
+            out[r + 1] = hsum8(a1)
+        if r + 2 < r1:
+            out[r + 2] = hsum8(a2)
+        if r + 3 < r1:
+            out[r + 3] = hsum8(a3)
+        r += 4
+
+
+@exact_kernel
+def _sums16(xq, sums16):
+    """sums16[l] = 16 Σ xq[4l .. 4l + 3]: the correction `_rows_q5_0` subtracts, once per activation row."""
+    for l in range(sums16.shape[0]):
+        sums16[l] = 16 * (np.int32(xq[4 * l]) + np.int32(xq[4 * l + 1]) + np.int32(xq[4 * l + 2])
+                          + np.int32(xq[4 * l + 3]))
 
 
 @exact_kernel
@@ -979,13 +1035,13 @@ def _quantize(x, xq, xs, qtype, kind):
 
 
 @inlined
-def _rows_one(out, xq, xs, w, qtype, r0, r1, k):
+def _rows_one(out, xq, xs, w, qtype, r0, r1, k, sums16):
     """Rows r0..r1 of W times one activation row of the single-row kind: what llama.cpp computes for a batch
     of one row."""
     if qtype == Q4_1:
         _rows_q4_1(out, xq, xs, w, r0, r1, k // 32)
     elif qtype == Q5_0:
-        _rows_q5_0(out, xq, xs, w, r0, r1, k // 32)
+        _rows_q5_0(out, xq, xs, w, r0, r1, k // 32, sums16)
     elif qtype == Q8_0:
         _rows_q8_0(out, xq, xs, w, r0, r1, k // 32)
     elif qtype == Q4_K:
@@ -1007,11 +1063,14 @@ def _typed(qtype: int):
     @exact_parallel_kernel
     def matvec_t(out, x, xq, xs, w, m, k):
         _quantize(x, xq, xs, QT, 0)
+        sums16 = np.empty(k // 4 if QT == Q5_0 else 0, np.int32)
+        if QT == Q5_0:
+            _sums16(xq, sums16)
         if m * k <= SERIAL_WEIGHTS:
-            _rows_one(out, xq, xs, w, QT, 0, m, k)
+            _rows_one(out, xq, xs, w, QT, 0, m, k, sums16)
             return
         for t in prange((m + TASK_ROWS - 1) // TASK_ROWS):
-            _rows_one(out, xq, xs, w, QT, t * TASK_ROWS, min(m, (t + 1) * TASK_ROWS), k)
+            _rows_one(out, xq, xs, w, QT, t * TASK_ROWS, min(m, (t + 1) * TASK_ROWS), k, sums16)
 
     @exact_parallel_kernel
     def gemm_t(out, x, xq, xs, w, m, k, kinds):
@@ -1027,15 +1086,20 @@ def _typed(qtype: int):
             if n_groups >= DECODED_MIN_GROUPS:
                 decoded = True
                 xs8 = np.empty((n, k // 4), np.float32)
+        sums16 = np.empty((n, k // 4 if QT == Q5_0 else 0), np.int32)    # for `_rows_one`'s Q5_0 rows
         if n <= SERIAL_QUANTIZE_ROWS:  # a few decode rows: a parallel region costs more than quantizing them
             for i in range(n):
                 _quantize(x[i], xq[i], xs[i], QT, kinds[i])
+                if QT == Q5_0:
+                    _sums16(xq[i], sums16[i])
                 if DECODED_TYPE:
                     if decoded:
                         _repeat_scales(xs8[i], xs[i], k // 32)
         else:
             for i in prange(n):
                 _quantize(x[i], xq[i], xs[i], QT, kinds[i])
+                if QT == Q5_0:
+                    _sums16(xq[i], sums16[i])
                 if DECODED_TYPE:
                     if decoded:
                         _repeat_scales(xs8[i], xs[i], k // 32)
@@ -1074,7 +1138,7 @@ def _typed(qtype: int):
                 variant = variants[grp]
                 if real == 1 and variant == 0:      # one single-row-kind row: nothing to share
                     i = rows[0]
-                    _rows_one(out[i], xq[i], xs[i], w, QT, r0, r1, k)
+                    _rows_one(out[i], xq[i], xs[i], w, QT, r0, r1, k, sums16[i])
                 elif QT == Q4_1:
                     for r in range(r0, r1):
                         _four_rows_q4_1(out, xqf, xsf, w, r, rows[0:4], k, xs_row, min(real, 4))

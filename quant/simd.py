@@ -237,6 +237,90 @@ def half_to_float(typingctx, bits):
     return types.float32(types.uint16), codegen
 
 
+@intrinsic
+def half_pairs(typingctx, w, i0, i1, i2, i3):
+    """F32x8 [h(i0), h(i0 + 2), h(i1), h(i1 + 2), ..., h(i3 + 2)]: the two IEEE halves at each of four byte
+    offsets of a byte array (Q4_1's d and m of four blocks), exact, eight conversions in one (one vcvtph2ps
+    with F16C)."""
+    _check_array(w, _BYTES)
+
+    def codegen(context, builder, sig, args):
+        v = _const(_I32, 8, 0)
+        for lane_, i in enumerate(args[1:]):
+            word = builder.load(_element_ptr(context, builder, sig.args[0], args[0], i, _I32), align=1)
+            v = builder.insert_element(v, word, _I32(lane_))
+        words = _shuffle(builder, v, v, range(4))
+        return _half_to_float(builder, builder.bitcast(words, _vec(_I16, 8)))
+    return F32x8(w, types.intp, types.intp, types.intp, types.intp), codegen
+
+
+@intrinsic
+def prefetch(typingctx, w, i):
+    """Ask for the cache line holding byte `i` of a byte array ahead of its use (a hint: never faults, even
+    past the array's end)."""
+    _check_array(w, _BYTES)
+
+    def codegen(context, builder, sig, args):
+        ptr = _element_ptr(context, builder, sig.args[0], args[0], args[1], _I8)
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), [ptr.type, _I32, _I32, _I32]),
+                                            "llvm.prefetch." + ("p0" if getattr(ptr.type, "is_opaque", False) else "p0i8"))
+        builder.call(fn, [ptr, _I32(0), _I32(3), _I32(1)])
+        return context.get_dummy_value()
+    return types.none(w, types.intp), codegen
+
+
+@intrinsic
+def half_quads(typingctx, w, i0, i1, i2, i3):
+    """F32x8 [h(i0), h(i1), h(i2), h(i3), 0, 0, 0, 0]: the IEEE halves at four byte offsets of a byte array (the
+    scales of four rows' blocks), exact, converted together."""
+    _check_array(w, _BYTES)
+
+    def codegen(context, builder, sig, args):
+        v = _const(_I16, 8, 0)
+        for lane_, i in enumerate(args[1:]):
+            h = builder.load(_element_ptr(context, builder, sig.args[0], args[0], i, _I16), align=1)
+            v = builder.insert_element(v, h, _I32(lane_))
+        return _half_to_float(builder, v)
+    return F32x8(w, types.intp, types.intp, types.intp, types.intp), codegen
+
+
+@intrinsic
+def dot_u8_less(typingctx, q, xq, i, c, j):
+    """I32x8 `dot_u8(q, xq, i)` - c[j:j + 8] (c int32): with c[l] = 16 Σ of xq's four values of lane l, the
+    lanes of `dot_i8(q - 16, xq, i)`, exact, without the sign flips that a signed q costs on AVX2."""
+    _check_array(xq, ("int8",))
+    _check_array(c, ("int32",))
+
+    def codegen(context, builder, sig, args):
+        x = builder.load(_element_ptr(context, builder, sig.args[1], args[1], args[2], _vec(_I8, 32)), align=1)
+        less = builder.load(_element_ptr(context, builder, sig.args[3], args[3], args[4], _vec(_I32, 8)), align=4)
+        dot = _dot_pmaddubsw(builder, args[0], x) if USE_PMADDUBSW else _dot_generic(builder, args[0], x, False)
+        return builder.sub(dot, less)
+    return I32x8(U8x32, xq, types.intp, c, types.intp), codegen
+
+
+@intrinsic
+def pairs_at(typingctx, a, i):
+    """F32x8 [a[i], a[i + 1]] four times, a float32 array (an activation block's scale and sum, twice)."""
+    _check_array(a, ("float32",))
+
+    def codegen(context, builder, sig, args):
+        v = _load(context, builder, sig, args, _vec(_F32, 2), align=4)
+        return _shuffle(builder, v, v, [0, 1] * 4)
+    return F32x8(a, types.intp), codegen
+
+
+@intrinsic
+def lane_value(typingctx, v, j):
+    """float32 v[j] (`j` a constant 0..7)."""
+    if not isinstance(j, types.IntegerLiteral):
+        raise errors.RequireLiteralValue(j)
+
+    def codegen(context, builder, sig, args):
+        return builder.extract_element(args[0], _I32(sig.args[1].literal_value))
+    return types.float32(F32x8, j), codegen
+
+
 # ---- byte vectors ----
 
 @intrinsic

@@ -317,6 +317,25 @@ def gemma3(pulled):
     return GGUFFile(pulled("gemma3-270m"))
 
 
+@pytest.mark.parametrize("qtype", [ggml_exact.Q4_1, ggml_exact.Q5_0])
+@pytest.mark.parametrize("m", [1, 3, 6, 37, 2053])
+def test_row_kernels_with_any_number_of_rows(qtype, m):
+    """The one-row kernels take four weight rows at a time: every remainder (and the serial path of small
+    matrices, and the parallel one of large) gives each row ggml_vec_dot's bits, alone and in a gemm row."""
+    k = 96
+    rng = np.random.default_rng(m)
+    w = nibble.quant.quantize(rng.standard_normal((m, k)).astype(F32), qtype).reshape(-1)
+    x = (rng.standard_normal((2, k)) * rng.gamma(0.5, 20, (2, k))).astype(F32)
+    ref = q5_0_ref if qtype == ggml_exact.Q5_0 else (lambda w, m, k, x: matvec_ref(w, qtype, m, k, x))
+    out = np.zeros(m, F32)
+    ggml_exact.matvec(out, x[0], np.zeros(k, np.int8), np.zeros(k // 16, F32), w, qtype, m, k)
+    assert np.array_equal(out, ref(w, m, k, x[0]))
+    out2 = np.zeros((2, m), F32)
+    ggml_exact.gemm(out2, x, np.zeros((2, k), np.int8), np.zeros((2, k // 16), F32), w, qtype, m, k,
+                    np.zeros(2, np.int8))
+    assert np.array_equal(out2[0], out) and np.array_equal(out2[1], ref(w, m, k, x[1]))
+
+
 @pytest.mark.parametrize("name", ["blk.0.attn_q.weight", "blk.0.attn_output.weight", "blk.0.ffn_down.weight",
                                   "blk.2.ffn_down.weight", "blk.0.attn_v.weight"])
 @pytest.mark.parametrize("batch", [1, 6, 9, 14])

@@ -10,6 +10,7 @@ dequantized to float32 once.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 
@@ -52,6 +53,12 @@ class Linear:
 
     def dequantize(self) -> np.ndarray:
         return quant.dequantize(self.data, self.qtype, (self.m, self.k))
+
+    @cached_property
+    def matvec(self):
+        """The compiled one-row kernel of this weight type (`quant.ggml_exact.matvec`'s), or None where the
+        type has none: the decode step calls it without `quant.multiply`'s dispatch (~2 µs a call)."""
+        return quant.ggml_exact.matvec_kernel(self.qtype)
 
 
 class WeightSource:
@@ -101,6 +108,14 @@ class Scratch:
         # flat, so that every (B, k) view of them is C-contiguous (one compiled kernel signature)
         self.xq = np.zeros(max_batch * max_k, dtype=np.int8)
         self.xs = np.zeros(max_batch * max_k // 16, dtype=np.float32)
+        self._row: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+
+    def row(self, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(xq, xs) for one activation row of width k, views made once."""
+        views = self._row.get(k)
+        if views is None:
+            views = self._row[k] = (self.xq[:k], self.xs[:k // 16])
+        return views
 
 
 class ReferenceWeights:
@@ -125,6 +140,10 @@ def linear(out: np.ndarray, x: np.ndarray, w: Linear, scratch: Scratch, kinds: n
     kernel benchmark use too; allocates nothing. `kinds` (int8 per row): the arithmetic each row gets where
     llama.cpp's depends on the batch (`quant.ggml_exact.batch_kinds`); None: one batch of B rows."""
     B, k = x.shape
+    if B == 1 and (kinds is None or kinds[0] == 0) and w.matvec is not None:    # a decode row
+        xq, xs = scratch.row(k)
+        w.matvec(out[0], x[0], xq, xs, w.data, w.m, k)
+        return
     quant.multiply(out, x, scratch.xq[:B * k].reshape(B, k), scratch.xs[:B * k // 16].reshape(B, k // 16),
                    w.data, w.qtype, w.m, k, kinds)
 

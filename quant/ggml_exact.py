@@ -508,6 +508,8 @@ def _rows_q4_k(out, xq, xs, w, r0, r1, nsb):
         acc = f32(0)
         accm = f32(0)
         for s in range(nsb):
+            for line in range(0, 144, 64):
+                prefetch(w, p + PREFETCH_BYTES + line)
             dd = load_f16(w, p) * at(xs, 16 * s)
             dm = load_f16(w, p + 2) * at(xs, 16 * s)
             scales, mins = k4_scales_mins(w, p + 4)
@@ -537,6 +539,8 @@ def _rows_q6_k(out, xq, xs, w, r0, r1, nsb):
         p = r * nsb * 210
         acc = zeros()
         for s in range(nsb):
+            for line in range(0, 210, 64):
+                prefetch(w, p + PREFETCH_BYTES + line)
             iv = izeros()
             for h in range(2):
                 ql0 = bytes32(w, p + 64 * h)
@@ -1173,6 +1177,12 @@ def _typed(qtype: int):
                             _four_rows_q6_k(out, xqf, xsf, w, r, rows[4:8], k, xs_row)
 
     return matvec_t, gemm_t
+
+
+def matvec_kernel(qtype: int):
+    """The compiled kernel behind `matvec` for this weight type (called as kernel(out, x, xq, xs, w, m, k)),
+    None for a type outside EXACT_TYPES."""
+    return _typed(int(qtype))[0] if int(qtype) in EXACT_TYPES else None
 
 
 def matvec(out, x, xq, xs, w, qtype, m, k) -> None:

@@ -488,12 +488,15 @@ def _split_parts(k_cache, v_cache, positions, rows, n_head_kv, head_dim, window)
     (below, the two extra parallel regions cost more than they save), the heads do not share the threads out
     evenly (SmolLM2's 3 K/V heads on 2 threads: one thread did two of the three), the cache is f16 and each
     part holds whole 8-value groups of 32-lane rows."""
-    threads = numba.get_num_threads()
-    span = int(positions[rows].max()) + 1
+    if head_dim % 32 or k_cache.dtype != np.uint16 or v_cache.dtype != np.uint16:
+        return 0
+    span = (int(positions[rows[0]]) if len(rows) == 1 else int(positions[rows].max())) + 1
     if window > 0:
         span = min(span, window)
-    if (span < SPLIT_MIN_CELLS or (len(rows) * n_head_kv) % threads == 0 or head_dim % 32
-            or k_cache.dtype != np.uint16 or v_cache.dtype != np.uint16):
+    if span < SPLIT_MIN_CELLS:
+        return 0
+    threads = numba.get_num_threads()
+    if (len(rows) * n_head_kv) % threads == 0:
         return 0
     return min(threads, head_dim // 8)
 

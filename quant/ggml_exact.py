@@ -1140,7 +1140,9 @@ def _typed(qtype: int):
             for grp in range(g0, g1):
                 real = _group(rows, order, 8 * grp)
                 variant = variants[grp]
-                if real == 1 and variant == 0:      # one single-row-kind row: nothing to share
+                if real == 1 and variant == 0 and QT != Q4_1:   # one single-row-kind row: nothing to share
+                    # (Q4_1's four-row kernel gives any row the same bits; a prompt's gemm then does not
+                    # compile the one-row kernel, which a cold start's first token would wait for)
                     i = rows[0]
                     _rows_one(out[i], xq[i], xs[i], w, QT, r0, r1, k, sums16[i])
                 elif QT == Q4_1:

@@ -1124,14 +1124,19 @@ def _typed(qtype: int):
         xsf = xs.reshape(-1)
         xs8f = xs8.reshape(-1)
         xs_row = k // 16
+        # per-task arrays made before the parallel loop (an allocation in a task costs as much as a few
+        # weight rows of a small batch's work)
+        task_rows = np.empty((n_blocks * n_tiles, 8), np.int64)
+        no_qd = np.empty(0, np.uint8)
+        no_dd = np.empty(0, np.float32)
         for t in prange(n_blocks * n_tiles):
             g0 = (t // n_tiles) * per_block
             g1 = min(n_groups, g0 + per_block)
             r0 = (t % n_tiles) * TASK_ROWS
             r1 = min(m, r0 + TASK_ROWS)
-            rows = np.empty(8, np.int64)
-            qd = np.empty(0, np.uint8)
-            dd = np.empty(0, np.float32)
+            rows = task_rows[t]
+            qd = no_qd
+            dd = no_dd
             if DECODED_TYPE:
                 if decoded:
                     qd = np.empty((r1 - r0) * k, np.uint8)

@@ -389,6 +389,15 @@ def quantize_q8_k(x, xq, xs, fused, sums32):
 
 # ---- dot products: one output row at a time, two rows interleaved so their fma chains overlap ----
 
+@inlined
+def _four_rows_at(r, r1, row):
+    """Byte offsets of weight rows r .. r + 3 (rows of `row` bytes), those at or past r1 replaced by row r's
+    (computed again, not stored)."""
+    p0 = r * row
+    return (p0, p0 + row if r + 1 < r1 else p0, p0 + 2 * row if r + 2 < r1 else p0,
+            p0 + 3 * row if r + 3 < r1 else p0)
+
+
 @exact_kernel
 def _rows_q4_1(out, xq, xs, w, r0, r1, nb):
     # block: d f16 | m f16 | 16 bytes of nibbles (low nibbles elements 0..15, high 16..31): 20 bytes.
@@ -398,10 +407,7 @@ def _rows_q4_1(out, xq, xs, w, r0, r1, nb):
     row = nb * 20
     r = r0
     while r < r1:
-        p0 = r * row
-        p1 = p0 + row if r + 1 < r1 else p0
-        p2 = p0 + 2 * row if r + 2 < r1 else p0
-        p3 = p0 + 3 * row if r + 3 < r1 else p0
+        p0, p1, p2, p3 = _four_rows_at(r, r1, row)
         a0, a1, a2, a3, sm = zeros(), zeros(), zeros(), zeros(), zeros()
         ahead = p0 + 4 * row             # the next four rows, 80 bytes a block, prefetched as we go
         for b in range(nb):
@@ -454,10 +460,7 @@ def _rows_q5_0(out, xq, xs, w, r0, r1, nb, sums16):
     row = nb * 22
     r = r0
     while r < r1:
-        p0 = r * row
-        p1 = p0 + row if r + 1 < r1 else p0
-        p2 = p0 + 2 * row if r + 2 < r1 else p0
-        p3 = p0 + 3 * row if r + 3 < r1 else p0
+        p0, p1, p2, p3 = _four_rows_at(r, r1, row)
         a0, a1, a2, a3 = zeros(), zeros(), zeros(), zeros()
         ahead = p0 + 4 * row
         for b in range(nb):

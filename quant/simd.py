@@ -313,8 +313,7 @@ def pairs_at(typingctx, a, i):
 @intrinsic
 def lane_value(typingctx, v, j):
     """float32 v[j] (`j` a constant 0..7)."""
-    if not isinstance(j, types.IntegerLiteral):
-        raise errors.RequireLiteralValue(j)
+    _require_literals(j)
 
     def codegen(context, builder, sig, args):
         return builder.extract_element(args[0], _I32(sig.args[1].literal_value))

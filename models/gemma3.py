@@ -18,7 +18,7 @@ from ..formats.gguf import GGUFFile
 from ..formats.metadata import get_float, get_int
 from ..errors import ModelFormatError
 from . import ops
-from .linear import Linear, ReferenceWeights, Scratch, WeightSource, embed, linear
+from .linear import Linear, ReferenceWeights, Scratch, WeightSource, embed, linear, linear_many
 
 ARCH = "gemma3"
 NEOX_ROPE = True
@@ -173,9 +173,7 @@ def forward(args: ModelArgs, w: Weights, st: RunState, k_cache: np.ndarray, v_ca
         window = 0 if args.is_global(i) else args.sliding_window
         # x = x + post_attention_norm(attention(attention_norm(x)))
         ops.rmsnorm(xb, x, L.attn_norm, args.rms_eps)
-        linear(q, xb, L.wq, st.scratch, kinds)
-        linear(k, xb, L.wk, st.scratch, kinds)
-        linear(v, xb, L.wv, st.scratch, kinds)
+        linear_many((q, k, v), xb, (L.wq, L.wk, L.wv), st.scratch, kinds)
         ops.rmsnorm_heads(q, L.q_norm, args.n_head, args.head_dim, args.rms_eps)
         ops.rmsnorm_heads(k, L.k_norm, args.n_head_kv, args.head_dim, args.rms_eps)
         ops.rope_apply(q, rope_cs, args.n_head, args.head_dim, args.rope_dim, NEOX_ROPE)
@@ -192,8 +190,7 @@ def forward(args: ModelArgs, w: Weights, st: RunState, k_cache: np.ndarray, v_ca
             trace.record(i, kqv_out=att, attn_post_norm=xb2, sa_out=x)
         # x = x + post_ffw_norm(down(gelu(gate(ffn_norm(x))) * up(ffn_norm(x))))
         ops.rmsnorm(xb, x, L.ffn_norm, args.rms_eps)
-        linear(hb, xb, L.ffn_gate, st.scratch, kinds)
-        linear(hb2, xb, L.ffn_up, st.scratch, kinds)
+        linear_many((hb, hb2), xb, (L.ffn_gate, L.ffn_up), st.scratch, kinds)
         ops.gelu_mul(hb, hb2)
         linear(xb2, hb, L.ffn_down, st.scratch, kinds)
         ops.rmsnorm(xb2, xb2, L.post_ffn_norm, args.rms_eps)

@@ -142,10 +142,47 @@ def linear(out: np.ndarray, x: np.ndarray, w: Linear, scratch: Scratch, kinds: n
     B, k = x.shape
     if B == 1 and (kinds is None or kinds[0] == 0) and w.matvec is not None:    # a decode row
         xq, xs = scratch.row(k)
-        w.matvec(out[0], x[0], xq, xs, w.data, w.m, k)
+        o = out[0]
+        w.matvec(o, o, o, x[0], xq, xs, w.data, w.data, w.data, w.m, 0, 0, k)
         return
     quant.multiply(out, x, scratch.xq[:B * k].reshape(B, k), scratch.xs[:B * k // 16].reshape(B, k // 16),
                    w.data, w.qtype, w.m, k, kinds)
+
+
+_PLANS: dict[tuple[int, ...], list[tuple[int, ...]]] = {}
+
+
+def linear_many(outs: tuple[np.ndarray, ...], x: np.ndarray, ws: tuple[Linear, ...], scratch: Scratch,
+                kinds: np.ndarray | None = None) -> None:
+    """`linear(outs[i], x, ws[i])` for two or three matrices of one input (q, k, v; gate, up). A decode row's
+    matrices of one weight type go through one kernel call (the row quantized once, one parallel region:
+    each call costs a few µs before any arithmetic); each output has the bits `linear` gives it."""
+    B, k = x.shape
+    if B != 1 or (kinds is not None and kinds[0] != 0):
+        for out, w in zip(outs, ws):
+            linear(out, x, w, scratch, kinds)
+        return
+    key = tuple(w.qtype for w in ws)
+    plan = _PLANS.get(key)
+    if plan is None:        # the matrices' indexes grouped by weight type, in order
+        by_type: dict[int, list[int]] = {}
+        for i, w in enumerate(ws):
+            by_type.setdefault(w.qtype, []).append(i)
+        plan = _PLANS[key] = [tuple(group) for group in by_type.values()]
+    xq, xs = scratch.row(k)
+    x0 = x[0]
+    for group in plan:
+        w = ws[group[0]]
+        if w.matvec is None or len(group) == 1:
+            for i in group:
+                linear(outs[i], x, ws[i], scratch, kinds)
+            continue
+        o = [outs[i][0] for i in group]
+        m = [ws[i] for i in group]
+        if len(group) == 2:
+            w.matvec(o[0], o[1], o[0], x0, xq, xs, m[0].data, m[1].data, m[0].data, m[0].m, m[1].m, 0, k)
+        else:
+            w.matvec(o[0], o[1], o[2], x0, xq, xs, m[0].data, m[1].data, m[2].data, m[0].m, m[1].m, m[2].m, k)
 
 
 def embed(out: np.ndarray, tokens: np.ndarray, w: Linear) -> None:

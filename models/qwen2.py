@@ -15,7 +15,7 @@ from ..formats.gguf import GGUFFile
 from ..formats.metadata import get_float, get_int
 from ..errors import ModelFormatError
 from . import ops
-from .linear import Linear, ReferenceWeights, Scratch, WeightSource, embed, linear
+from .linear import Linear, ReferenceWeights, Scratch, WeightSource, embed, linear, linear_many
 
 ARCH = "qwen2"
 NEOX_ROPE = True
@@ -156,9 +156,7 @@ def forward(args: ModelArgs, w: Weights, st: RunState, k_cache: np.ndarray, v_ca
     for i, L in enumerate(w.layers):
         # x = x + attention(attention_norm(x))
         ops.rmsnorm(xb, x, L.attn_norm, args.rms_eps)
-        linear(q, xb, L.wq, st.scratch, kinds)
-        linear(k, xb, L.wk, st.scratch, kinds)
-        linear(v, xb, L.wv, st.scratch, kinds)
+        linear_many((q, k, v), xb, (L.wq, L.wk, L.wv), st.scratch, kinds)
         ops.add_bias(q, L.bq)
         ops.add_bias(k, L.bk)
         ops.add_bias(v, L.bv)
@@ -175,8 +173,7 @@ def forward(args: ModelArgs, w: Weights, st: RunState, k_cache: np.ndarray, v_ca
             trace.record(i, kqv_out=att, attn_out=xb2, ffn_inp=x)
         # x = x + feed_forward(ffn_norm(x)), feed_forward = w2(silu(w1(x)) * w3(x))
         ops.rmsnorm(xb, x, L.ffn_norm, args.rms_eps)
-        linear(hb, xb, L.ffn_gate, st.scratch, kinds)
-        linear(hb2, xb, L.ffn_up, st.scratch, kinds)
+        linear_many((hb, hb2), xb, (L.ffn_gate, L.ffn_up), st.scratch, kinds)
         ops.silu_mul(hb, hb2)
         linear(xb2, hb, L.ffn_down, st.scratch, kinds)
         x += xb2

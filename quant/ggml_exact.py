@@ -1057,6 +1057,16 @@ def _rows_one(out, xq, xs, w, qtype, r0, r1, k, sums16):
         _rows_q6_k(out, xq, xs, w, r0, r1, k // QK_K)
 
 
+@inlined
+def _pick(i, out0, out1, out2, w0, w1, w2, m0, m1, m2):
+    """(out_i, w_i, m_i)."""
+    if i == 0:
+        return out0, w0, m0
+    if i == 1:
+        return out1, w1, m1
+    return out2, w2, m2
+
+
 @functools.cache
 def _typed(qtype: int):
     """(matvec, gemm) for one weight type. The type is a constant in their code (not an argument), so Numba
@@ -1068,16 +1078,25 @@ def _typed(qtype: int):
     DECODED_TYPE = qtype in (Q5_0, Q8_0)
 
     @exact_parallel_kernel
-    def matvec_t(out, x, xq, xs, w, m, k):
+    def matvec_t(out0, out1, out2, x, xq, xs, w0, w1, w2, m0, m1, m2, k):
+        """out_i = W_i @ x for the matrices i with m_i > 0 (one to three of this type with k columns: q, k
+        and v, or gate and up), the activation row quantized once, in one parallel region."""
         _quantize(x, xq, xs, QT, 0)
         sums16 = np.empty(k // 4 if QT == Q5_0 else 0, np.int32)
         if QT == Q5_0:
             _sums16(xq, sums16)
-        if m * k <= SERIAL_WEIGHTS:
-            _rows_one(out, xq, xs, w, QT, 0, m, k, sums16)
+        n0 = (m0 + TASK_ROWS - 1) // TASK_ROWS
+        n1 = (m1 + TASK_ROWS - 1) // TASK_ROWS
+        if (m0 + m1 + m2) * k <= SERIAL_WEIGHTS:
+            for i in range(3):
+                out, w, m = _pick(i, out0, out1, out2, w0, w1, w2, m0, m1, m2)
+                _rows_one(out, xq, xs, w, QT, 0, m, k, sums16)
             return
-        for t in prange((m + TASK_ROWS - 1) // TASK_ROWS):
-            _rows_one(out, xq, xs, w, QT, t * TASK_ROWS, min(m, (t + 1) * TASK_ROWS), k, sums16)
+        for t in prange(n0 + n1 + (m2 + TASK_ROWS - 1) // TASK_ROWS):
+            i = 0 if t < n0 else (1 if t < n0 + n1 else 2)
+            r0 = (t - (0 if i == 0 else (n0 if i == 1 else n0 + n1))) * TASK_ROWS
+            out, w, m = _pick(i, out0, out1, out2, w0, w1, w2, m0, m1, m2)
+            _rows_one(out, xq, xs, w, QT, r0, min(m, r0 + TASK_ROWS), k, sums16)
 
     @exact_parallel_kernel
     def gemm_t(out, x, xq, xs, w, m, k, kinds):
@@ -1190,15 +1209,16 @@ def _typed(qtype: int):
 
 
 def matvec_kernel(qtype: int):
-    """The compiled kernel behind `matvec` for this weight type (called as kernel(out, x, xq, xs, w, m, k)),
-    None for a type outside EXACT_TYPES."""
+    """The compiled kernel behind `matvec` for this weight type, None for a type outside EXACT_TYPES. Called
+    as kernel(out0, out1, out2, x, xq, xs, w0, w1, w2, m0, m1, m2, k): out_i = W_i @ x for the matrices with
+    m_i > 0 (unused ones: any arrays of the right types and m_i = 0)."""
     return _typed(int(qtype))[0] if int(qtype) in EXACT_TYPES else None
 
 
 def matvec(out, x, xq, xs, w, qtype, m, k) -> None:
     """out f32[m] = W @ x for W the (m, k) tensor in bytes `w` (a type of EXACT_TYPES), as llama.cpp's
     kernel for one activation row computes each output. xq int8[k], xs f32[k // 16]: scratch."""
-    _typed(int(qtype))[0](out, x, xq, xs, w, m, k)
+    _typed(int(qtype))[0](out, out, out, x, xq, xs, w, w, w, m, 0, 0, k)
 
 
 def gemm(out, x, xq, xs, w, qtype, m, k, kinds) -> None:

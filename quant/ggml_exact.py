@@ -1085,18 +1085,16 @@ def _typed(qtype: int):
         sums16 = np.empty(k // 4 if QT == Q5_0 else 0, np.int32)
         if QT == Q5_0:
             _sums16(xq, sums16)
-        n0 = (m0 + TASK_ROWS - 1) // TASK_ROWS
-        n1 = (m1 + TASK_ROWS - 1) // TASK_ROWS
-        if (m0 + m1 + m2) * k <= SERIAL_WEIGHTS:
-            for i in range(3):
-                out, w, m = _pick(i, out0, out1, out2, w0, w1, w2, m0, m1, m2)
-                _rows_one(out, xq, xs, w, QT, 0, m, k, sums16)
-            return
-        for t in prange(n0 + n1 + (m2 + TASK_ROWS - 1) // TASK_ROWS):
+        # tasks of TASK_ROWS rows, or one task a matrix when they are small (a parallel region with work
+        # for one thread costs little more than a serial loop; one call site compiles faster than two)
+        rows = TASK_ROWS if (m0 + m1 + m2) * k > SERIAL_WEIGHTS else max(m0, m1, m2, 1)
+        n0 = (m0 + rows - 1) // rows
+        n1 = (m1 + rows - 1) // rows
+        for t in prange(n0 + n1 + (m2 + rows - 1) // rows):
             i = 0 if t < n0 else (1 if t < n0 + n1 else 2)
-            r0 = (t - (0 if i == 0 else (n0 if i == 1 else n0 + n1))) * TASK_ROWS
+            r0 = (t - (0 if i == 0 else (n0 if i == 1 else n0 + n1))) * rows
             out, w, m = _pick(i, out0, out1, out2, w0, w1, w2, m0, m1, m2)
-            _rows_one(out, xq, xs, w, QT, r0, min(m, r0 + TASK_ROWS), k, sums16)
+            _rows_one(out, xq, xs, w, QT, r0, min(m, r0 + rows), k, sums16)
 
     @exact_parallel_kernel
     def gemm_t(out, x, xq, xs, w, m, k, kinds):

@@ -237,6 +237,15 @@ def half_to_float(typingctx, bits):
     return types.float32(types.uint16), codegen
 
 
+def _four_loads(context, builder, sig, args, elem, n):
+    """<n x elem>: lanes 0..3 the elements at the four byte offsets args[1:5] of the array args[0], the rest 0."""
+    v = _const(elem, n, 0)
+    for lane_, i in enumerate(args[1:]):
+        value = builder.load(_element_ptr(context, builder, sig.args[0], args[0], i, elem), align=1)
+        v = builder.insert_element(v, value, _I32(lane_))
+    return v
+
+
 @intrinsic
 def half_pairs(typingctx, w, i0, i1, i2, i3):
     """F32x8 [h(i0), h(i0 + 2), h(i1), h(i1 + 2), ..., h(i3 + 2)]: the two IEEE halves at each of four byte
@@ -245,11 +254,7 @@ def half_pairs(typingctx, w, i0, i1, i2, i3):
     _check_array(w, _BYTES)
 
     def codegen(context, builder, sig, args):
-        v = _const(_I32, 8, 0)
-        for lane_, i in enumerate(args[1:]):
-            word = builder.load(_element_ptr(context, builder, sig.args[0], args[0], i, _I32), align=1)
-            v = builder.insert_element(v, word, _I32(lane_))
-        words = _shuffle(builder, v, v, range(4))
+        words = _four_loads(context, builder, sig, args, _I32, 4)
         return _half_to_float(builder, builder.bitcast(words, _vec(_I16, 8)))
     return F32x8(w, types.intp, types.intp, types.intp, types.intp), codegen
 
@@ -276,11 +281,7 @@ def half_quads(typingctx, w, i0, i1, i2, i3):
     _check_array(w, _BYTES)
 
     def codegen(context, builder, sig, args):
-        v = _const(_I16, 8, 0)
-        for lane_, i in enumerate(args[1:]):
-            h = builder.load(_element_ptr(context, builder, sig.args[0], args[0], i, _I16), align=1)
-            v = builder.insert_element(v, h, _I32(lane_))
-        return _half_to_float(builder, v)
+        return _half_to_float(builder, _four_loads(context, builder, sig, args, _I16, 8))
     return F32x8(w, types.intp, types.intp, types.intp, types.intp), codegen
 
 

@@ -302,7 +302,8 @@ def dot_u8_less(typingctx, q, xq, i, c, j):
 
 @intrinsic
 def pairs_at(typingctx, a, i):
-    """F32x8 [a[i], a[i + 1]] four times, a float32 array (an activation block's scale and sum, twice)."""
+    """F32x8 [a[i], a[i + 1]] four times, a float32 array (an activation block's scale and sum, once per
+    weight row of four)."""
     _check_array(a, ("float32",))
 
     def codegen(context, builder, sig, args):

@@ -320,8 +320,9 @@ def gemma3(pulled):
 @pytest.mark.parametrize("qtype", [ggml_exact.Q4_1, ggml_exact.Q5_0])
 @pytest.mark.parametrize("m", [1, 3, 6, 37, 2053])
 def test_row_kernels_with_any_number_of_rows(qtype, m):
-    """The one-row kernels take four weight rows at a time: every remainder (and the serial path of small
-    matrices, and the parallel one of large) gives each row ggml_vec_dot's bits, alone and in a gemm row."""
+    """The one-row kernels take four weight rows at a time: every remainder (small matrices as one task,
+    large ones in tasks of TASK_ROWS) gives each row ggml_vec_dot's bits: alone, as a row of a gemm batch
+    (grouped) and as a one-row gemm batch of another kind (alone in its group, the one-row kernel)."""
     k = 96
     rng = np.random.default_rng(m)
     w = nibble.quant.quantize(rng.standard_normal((m, k)).astype(F32), qtype).reshape(-1)
@@ -334,6 +335,10 @@ def test_row_kernels_with_any_number_of_rows(qtype, m):
     ggml_exact.gemm(out2, x, np.zeros((2, k), np.int8), np.zeros((2, k // 16), F32), w, qtype, m, k,
                     np.zeros(2, np.int8))
     assert np.array_equal(out2[0], out) and np.array_equal(out2[1], ref(w, m, k, x[1]))
+    lone = np.zeros((1, m), F32)
+    ggml_exact.gemm(lone, x[:1], np.zeros((1, k), np.int8), np.zeros((1, k // 16), F32), w, qtype, m, k,
+                    np.full(1, ggml_exact.ROW_BATCHED, np.int8))
+    assert np.array_equal(lone[0], out)
 
 
 @pytest.mark.parametrize("name", ["blk.0.attn_q.weight", "blk.0.attn_output.weight", "blk.0.ffn_down.weight",

@@ -638,6 +638,66 @@ def _four_rows_q4_1(out, xq, xs, w, r, rows, k, xs_row, n):
 
 
 @exact_kernel
+def _scales_t_q4_1(xs, rows, nb, xs_row, xst, t):
+    """xst[t + 8 b : t + 8 b + 8] = [dx of rows[0:4] | sx of rows[0:4]] of block b, for b < nb: the activation
+    scales and sums of four rows side by side (one vector load per block in `_two_rows_q4_1`)."""
+    for b in range(nb):
+        for j in range(4):
+            xst[t + 8 * b + j] = xs[rows[j] * xs_row + 2 * b]
+            xst[t + 8 * b + 4 + j] = xs[rows[j] * xs_row + 2 * b + 1]
+
+
+@exact_kernel
+def _two_rows_q4_1(out, xq, xst, w, r, rows, k, t, n):
+    """`_four_rows_q4_1` for weight rows r and r + 1 at once (eight independent fma chains instead of four: one
+    row's four wait on the fma latency), the scales of the activation rows rows[0:4] from `_scales_t_q4_1`'s
+    xst[t:]: d · dx as splat(d) times a broadcast dx (the same product), each row's Σ m·sx in lane 4 + i of
+    one vector per weight row (the same fma per block as the scalar sum). Only rows[0:2] when n is 2."""
+    i0, i1, i2, i3 = rows[0], rows[1], rows[2], rows[3]
+    nb = k // 32
+    p0 = r * nb * 20
+    p1 = p0 + nb * 20
+    a0, a1, a2, a3 = zeros(), zeros(), zeros(), zeros()
+    c0, c1, c2, c3 = zeros(), zeros(), zeros(), zeros()
+    sm0, sm1 = zeros(), zeros()
+    ahead = p1 + nb * 20                # the next two rows, 40 bytes a block, prefetched as we go
+    for b in range(nb):
+        prefetch(w, ahead)
+        ahead += 40
+        d0, d1 = splat(load_f16(w, p0)), splat(load_f16(w, p1))
+        x8 = load_f32x8(xst, t)
+        sm0 = fma8(splat(load_f16(w, p0 + 2)), x8, sm0)
+        sm1 = fma8(splat(load_f16(w, p1 + 2)), x8, sm1)
+        q0, q1 = nibbles16(w, p0 + 4), nibbles16(w, p1 + 4)
+        e = 32 * b
+        x = splat(at(xst, t))
+        a0 = fma8(d0 * x, to_f32(dot_u8(q0, xq, i0 * k + e)), a0)
+        c0 = fma8(d1 * x, to_f32(dot_u8(q1, xq, i0 * k + e)), c0)
+        x = splat(at(xst, t + 1))
+        a1 = fma8(d0 * x, to_f32(dot_u8(q0, xq, i1 * k + e)), a1)
+        c1 = fma8(d1 * x, to_f32(dot_u8(q1, xq, i1 * k + e)), c1)
+        if n > 2:
+            x = splat(at(xst, t + 2))
+            a2 = fma8(d0 * x, to_f32(dot_u8(q0, xq, i2 * k + e)), a2)
+            c2 = fma8(d1 * x, to_f32(dot_u8(q1, xq, i2 * k + e)), c2)
+            x = splat(at(xst, t + 3))
+            a3 = fma8(d0 * x, to_f32(dot_u8(q0, xq, i3 * k + e)), a3)
+            c3 = fma8(d1 * x, to_f32(dot_u8(q1, xq, i3 * k + e)), c3)
+        p0 += 20
+        p1 += 20
+        t += 8
+    out[i0, r] = hsum8(a0) + lane_value(sm0, 4)
+    out[i0, r + 1] = hsum8(c0) + lane_value(sm1, 4)
+    out[i1, r] = hsum8(a1) + lane_value(sm0, 5)
+    out[i1, r + 1] = hsum8(c1) + lane_value(sm1, 5)
+    if n > 2:
+        out[i2, r] = hsum8(a2) + lane_value(sm0, 6)
+        out[i2, r + 1] = hsum8(c2) + lane_value(sm1, 6)
+        out[i3, r] = hsum8(a3) + lane_value(sm0, 7)
+        out[i3, r + 1] = hsum8(c3) + lane_value(sm1, 7)
+
+
+@exact_kernel
 def _block_q5_0_q8_0(w, p, is_q8_0):
     """The 32 signed quants and the scale of the Q8_0 (d f16 | 32 int8) or Q5_0 block at byte p."""
     if is_q8_0:
@@ -1135,6 +1195,15 @@ def _typed(qtype: int):
                     _sums16(xq[order[g]], sums16[order[g]])
         if OFFSET_ACTIVATIONS and (QT == Q5_0 or QT == Q8_0):
             _offset_grouped_rows(xq, order, used)
+        # Q4_1: each group's activation scales and sums, four rows side by side (`_scales_t_q4_1`)
+        nb = k // 32
+        xst = np.empty(16 * nb * n_groups if QT == Q4_1 else 0, np.float32)
+        if QT == Q4_1:
+            grp_rows = np.empty(8, np.int64)
+            for grp in range(n_groups):
+                _group(grp_rows, order, 8 * grp)
+                _scales_t_q4_1(xs.reshape(-1), grp_rows[0:4], nb, k // 16, xst, 16 * nb * grp)
+                _scales_t_q4_1(xs.reshape(-1), grp_rows[4:8], nb, k // 16, xst, 16 * nb * grp + 8 * nb)
         variants = np.empty(n_groups, np.int8)
         for t in range(n_groups):
             variants[t] = _variant(QT, kinds[order[8 * t]])
@@ -1177,10 +1246,17 @@ def _typed(qtype: int):
                     i = rows[0]
                     _rows_one(out[i], xq[i], xs[i], w, QT, r0, r1, k, sums16[i])
                 elif QT == Q4_1:
-                    for r in range(r0, r1):
-                        _four_rows_q4_1(out, xqf, xsf, w, r, rows[0:4], k, xs_row, min(real, 4))
+                    # weight rows two at a time (an odd last one alone), each half of the group's rows with
+                    # its scales side by side in xst
+                    t0 = 16 * nb * grp
+                    for r in range(r0, r1 - 1, 2):
+                        _two_rows_q4_1(out, xqf, xst, w, r, rows[0:4], k, t0, min(real, 4))
                         if real > 4:
-                            _four_rows_q4_1(out, xqf, xsf, w, r, rows[4:8], k, xs_row, 4)
+                            _two_rows_q4_1(out, xqf, xst, w, r, rows[4:8], k, t0 + 8 * nb, 4)
+                    if (r1 - r0) % 2:
+                        _four_rows_q4_1(out, xqf, xsf, w, r1 - 1, rows[0:4], k, xs_row, min(real, 4))
+                        if real > 4:
+                            _four_rows_q4_1(out, xqf, xsf, w, r1 - 1, rows[4:8], k, xs_row, 4)
                 elif QT == Q5_0 or QT == Q8_0:
                     if real <= 4:
                         for r in range(r0, r1):

@@ -638,9 +638,10 @@ def _four_rows_q4_1(out, xq, xs, w, r, rows, k, xs_row, n):
 
 
 @exact_kernel
-def _scales_t_q4_1(xs, rows, nb, xs_row, xst, t):
+def _scales_side_by_side(xs, rows, nb, xs_row, xst, t):
     """xst[t + 8 b : t + 8 b + 8] = [dx of rows[0:4] | sx of rows[0:4]] of block b, for b < nb: the activation
-    scales and sums of four rows side by side (one vector load per block in `_two_rows_q4_1`)."""
+    scales and sums of four rows side by side (one vector load per block in `_two_rows_q4_1`; `_two_rows_q5_0`
+    reads the scales)."""
     for b in range(nb):
         for j in range(4):
             xst[t + 8 * b + j] = xs[rows[j] * xs_row + 2 * b]
@@ -650,7 +651,7 @@ def _scales_t_q4_1(xs, rows, nb, xs_row, xst, t):
 @exact_kernel
 def _two_rows_q4_1(out, xq, xst, w, r, rows, k, t, n):
     """`_four_rows_q4_1` for weight rows r and r + 1 at once (eight independent fma chains instead of four: one
-    row's four wait on the fma latency), the scales of the activation rows rows[0:4] from `_scales_t_q4_1`'s
+    row's four wait on the fma latency), the scales of the activation rows rows[0:4] from `_scales_side_by_side`'s
     xst[t:]: d · dx as splat(d) times a broadcast dx (the same product), each row's Σ m·sx in lane 4 + i of
     one vector per weight row (the same fma per block as the scalar sum). Only rows[0:2] when n is 2."""
     i0, i1, i2, i3 = rows[0], rows[1], rows[2], rows[3]
@@ -728,6 +729,56 @@ def _four_rows_q5_0(out, xq, xs, w, r, rows, k, xs_row, is_q8_0, n):
     if n > 2:
         out[i2, r] = hsum8(a2)
         out[i3, r] = hsum8(a3)
+
+
+@exact_kernel
+def _two_rows_q5_0(out, xq, xst, w, r, rows, k, t, is_q8_0, n):
+    """`_four_rows_q5_0` for weight rows r and r + 1 at once (eight fma chains instead of four), the activation
+    scales from `_scales_side_by_side`'s xst[t:] (d · dx as splat(d) times a broadcast dx, the same product),
+    the next two rows prefetched as we go. Only rows[0:2] when n is 2 or less."""
+    i0, i1, i2, i3 = rows[0], rows[1], rows[2], rows[3]
+    nb = k // 32
+    size = 34 if is_q8_0 else 22
+    p0 = r * nb * size
+    p1 = p0 + nb * size
+    a0, a1, a2, a3 = zeros(), zeros(), zeros(), zeros()
+    c0, c1, c2, c3 = zeros(), zeros(), zeros(), zeros()
+    ahead = p1 + nb * size
+    for b in range(nb):
+        prefetch(w, ahead)
+        if is_q8_0:
+            prefetch(w, ahead + 64)
+        ahead += 2 * size
+        q0, d0 = _block_q5_0_q8_0(w, p0, is_q8_0)
+        q1, d1 = _block_q5_0_q8_0(w, p1, is_q8_0)
+        base0, base1 = offset_base(q0), offset_base(q1)
+        s0, s1 = splat(d0), splat(d1)
+        e = 32 * b
+        x = splat(at(xst, t))
+        a0 = fma8(s0 * x, to_f32(dot_offset(q0, xq, i0 * k + e, base0)), a0)
+        c0 = fma8(s1 * x, to_f32(dot_offset(q1, xq, i0 * k + e, base1)), c0)
+        x = splat(at(xst, t + 1))
+        a1 = fma8(s0 * x, to_f32(dot_offset(q0, xq, i1 * k + e, base0)), a1)
+        c1 = fma8(s1 * x, to_f32(dot_offset(q1, xq, i1 * k + e, base1)), c1)
+        if n > 2:
+            x = splat(at(xst, t + 2))
+            a2 = fma8(s0 * x, to_f32(dot_offset(q0, xq, i2 * k + e, base0)), a2)
+            c2 = fma8(s1 * x, to_f32(dot_offset(q1, xq, i2 * k + e, base1)), c2)
+            x = splat(at(xst, t + 3))
+            a3 = fma8(s0 * x, to_f32(dot_offset(q0, xq, i3 * k + e, base0)), a3)
+            c3 = fma8(s1 * x, to_f32(dot_offset(q1, xq, i3 * k + e, base1)), c3)
+        p0 += size
+        p1 += size
+        t += 8
+    out[i0, r] = hsum8(a0)
+    out[i0, r + 1] = hsum8(c0)
+    out[i1, r] = hsum8(a1)
+    out[i1, r + 1] = hsum8(c1)
+    if n > 2:
+        out[i2, r] = hsum8(a2)
+        out[i2, r + 1] = hsum8(c2)
+        out[i3, r] = hsum8(a3)
+        out[i3, r + 1] = hsum8(c3)
 
 
 @exact_kernel
@@ -1195,15 +1246,19 @@ def _typed(qtype: int):
                     _sums16(xq[order[g]], sums16[order[g]])
         if OFFSET_ACTIVATIONS and (QT == Q5_0 or QT == Q8_0):
             _offset_grouped_rows(xq, order, used)
-        # Q4_1: each group's activation scales and sums, four rows side by side (`_scales_t_q4_1`)
+        # the activation scales (and sums) of four rows side by side (`_scales_side_by_side`), for the two-row
+        # kernels: Q4_1's groups, and Q5_0/Q8_0's groups of 2 to 4 rows (`_four_rows_q5_0`'s)
         nb = k // 32
-        xst = np.empty(16 * nb * n_groups if QT == Q4_1 else 0, np.float32)
-        if QT == Q4_1:
+        SIDE = QT == Q4_1 or QT == Q5_0 or QT == Q8_0
+        xst = np.empty(16 * nb * n_groups if SIDE else 0, np.float32)
+        if SIDE:
             grp_rows = np.empty(8, np.int64)
             for grp in range(n_groups):
-                _group(grp_rows, order, 8 * grp)
-                _scales_t_q4_1(xs.reshape(-1), grp_rows[0:4], nb, k // 16, xst, 16 * nb * grp)
-                _scales_t_q4_1(xs.reshape(-1), grp_rows[4:8], nb, k // 16, xst, 16 * nb * grp + 8 * nb)
+                real = _group(grp_rows, order, 8 * grp)
+                if QT == Q4_1 or 1 < real <= 4:
+                    _scales_side_by_side(xs.reshape(-1), grp_rows[0:4], nb, k // 16, xst, 16 * nb * grp)
+                if QT == Q4_1 and real > 4:
+                    _scales_side_by_side(xs.reshape(-1), grp_rows[4:8], nb, k // 16, xst, 16 * nb * grp + 8 * nb)
         variants = np.empty(n_groups, np.int8)
         for t in range(n_groups):
             variants[t] = _variant(QT, kinds[order[8 * t]])
@@ -1259,8 +1314,11 @@ def _typed(qtype: int):
                             _four_rows_q4_1(out, xqf, xsf, w, r1 - 1, rows[4:8], k, xs_row, 4)
                 elif QT == Q5_0 or QT == Q8_0:
                     if real <= 4:
-                        for r in range(r0, r1):
-                            _four_rows_q5_0(out, xqf, xsf, w, r, rows[0:4], k, xs_row, QT == Q8_0, real)
+                        t0 = 16 * nb * grp
+                        for r in range(r0, r1 - 1, 2):
+                            _two_rows_q5_0(out, xqf, xst, w, r, rows[0:4], k, t0, QT == Q8_0, real)
+                        if (r1 - r0) % 2:
+                            _four_rows_q5_0(out, xqf, xsf, w, r1 - 1, rows[0:4], k, xs_row, QT == Q8_0, real)
                     elif decoded:
                         for r in range(r0, r1 - 1, 2):
                             _eight_rows_decoded(out, xqf, xs8f, qd, dd, r, r - r0, rows, k, k // 4)

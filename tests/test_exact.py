@@ -317,24 +317,29 @@ def gemma3(pulled):
     return GGUFFile(pulled("gemma3-270m"))
 
 
-@pytest.mark.parametrize("qtype", [ggml_exact.Q4_1, ggml_exact.Q5_0])
+@pytest.mark.parametrize("qtype", [ggml_exact.Q4_1, ggml_exact.Q5_0, ggml_exact.Q8_0])
 @pytest.mark.parametrize("m", [1, 3, 6, 37, 2053])
 def test_row_kernels_with_any_number_of_rows(qtype, m):
-    """The one-row kernels take four weight rows at a time: every remainder (small matrices as one task,
-    large ones in tasks of TASK_ROWS) gives each row ggml_vec_dot's bits: alone, as a row of a gemm batch
-    (grouped) and as a one-row gemm batch of another kind (alone in its group, the one-row kernel)."""
+    """The one-row kernels take four weight rows at a time and the gemm's small groups two: every remainder
+    (small matrices as one task, large ones in tasks of TASK_ROWS, an odd last row) gives each row
+    ggml_vec_dot's bits: alone, as a row of gemm batches of 2, 3, 4 and 6 single-row-kind rows (decode steps
+    of that many sequences) and as a one-row gemm batch of another kind (alone in its group, the one-row
+    kernel)."""
     k = 96
     rng = np.random.default_rng(m)
     w = nibble.quant.quantize(rng.standard_normal((m, k)).astype(F32), qtype).reshape(-1)
-    x = (rng.standard_normal((2, k)) * rng.gamma(0.5, 20, (2, k))).astype(F32)
+    x = (rng.standard_normal((6, k)) * rng.gamma(0.5, 20, (6, k))).astype(F32)
     ref = q5_0_ref if qtype == ggml_exact.Q5_0 else (lambda w, m, k, x: matvec_ref(w, qtype, m, k, x))
     out = np.zeros(m, F32)
     ggml_exact.matvec(out, x[0], np.zeros(k, np.int8), np.zeros(k // 16, F32), w, qtype, m, k)
     assert np.array_equal(out, ref(w, m, k, x[0]))
-    out2 = np.zeros((2, m), F32)
-    ggml_exact.gemm(out2, x, np.zeros((2, k), np.int8), np.zeros((2, k // 16), F32), w, qtype, m, k,
-                    np.zeros(2, np.int8))
-    assert np.array_equal(out2[0], out) and np.array_equal(out2[1], ref(w, m, k, x[1]))
+    for n in (2, 3, 4, 6):
+        outn = np.zeros((n, m), F32)
+        ggml_exact.gemm(outn, x[:n], np.zeros((n, k), np.int8), np.zeros((n, k // 16), F32), w, qtype, m, k,
+                        np.zeros(n, np.int8))
+        assert np.array_equal(outn[0], out)
+        for i in range(1, n):
+            assert np.array_equal(outn[i], ref(w, m, k, x[i])), (n, i)
     lone = np.zeros((1, m), F32)
     ggml_exact.gemm(lone, x[:1], np.zeros((1, k), np.int8), np.zeros((1, k // 16), F32), w, qtype, m, k,
                     np.full(1, ggml_exact.ROW_BATCHED, np.int8))

@@ -598,44 +598,12 @@ def batch_kinds(n: int) -> np.ndarray:
     return kinds
 
 
-# ---- gemm: several activation rows against one weight row, so each weight block is decoded once for all ----
+# ---- gemm: several activation rows against one or two weight rows, each weight block decoded once for all ----
 #
 # The same arithmetic per output as the one-row kernels above (each output keeps its own accumulator, in the
 # same order); only the loops are arranged so that the decode and the loads are shared. xq, xs are the flat
 # (n * k,) and (n * k // 16,) scratch; activation row i starts at xq[i * k] and xs[i * xs_row]. The rows
 # come as indices into them (`rows`), so that one call serves rows of different kinds in any order.
-
-@exact_kernel
-def _four_rows_q4_1(out, xq, xs, w, r, rows, k, xs_row, n):
-    """Weight row r against the activation rows rows[0:4], `_rows_q4_1`'s arithmetic per row, the block's
-    nibbles and scales decoded once for the four (decode steps of several sequences); only rows[0:2] when
-    n is 2 (a batch of two costs what one of four would otherwise)."""
-    i0, i1, i2, i3 = rows[0], rows[1], rows[2], rows[3]
-    nb = k // 32
-    p = r * nb * 20
-    a0, a1, a2, a3 = zeros(), zeros(), zeros(), zeros()
-    s0, s1, s2, s3 = f32(0), f32(0), f32(0), f32(0)
-    for b in range(nb):
-        d = load_f16(w, p)
-        mw = load_f16(w, p + 2)
-        q = nibbles16(w, p + 4)
-        e = 32 * b
-        a0 = fma8(splat(d * at(xs, i0 * xs_row + 2 * b)), to_f32(dot_u8(q, xq, i0 * k + e)), a0)
-        s0 = fma1(mw, at(xs, i0 * xs_row + 2 * b + 1), s0)
-        a1 = fma8(splat(d * at(xs, i1 * xs_row + 2 * b)), to_f32(dot_u8(q, xq, i1 * k + e)), a1)
-        s1 = fma1(mw, at(xs, i1 * xs_row + 2 * b + 1), s1)
-        if n > 2:
-            a2 = fma8(splat(d * at(xs, i2 * xs_row + 2 * b)), to_f32(dot_u8(q, xq, i2 * k + e)), a2)
-            s2 = fma1(mw, at(xs, i2 * xs_row + 2 * b + 1), s2)
-            a3 = fma8(splat(d * at(xs, i3 * xs_row + 2 * b)), to_f32(dot_u8(q, xq, i3 * k + e)), a3)
-            s3 = fma1(mw, at(xs, i3 * xs_row + 2 * b + 1), s3)
-        p += 20
-    out[i0, r] = hsum8(a0) + s0
-    out[i1, r] = hsum8(a1) + s1
-    if n > 2:
-        out[i2, r] = hsum8(a2) + s2
-        out[i3, r] = hsum8(a3) + s3
-
 
 @exact_kernel
 def _scales_side_by_side(xs, rows, nb, xs_row, xst, t):
@@ -649,15 +617,17 @@ def _scales_side_by_side(xs, rows, nb, xs_row, xst, t):
 
 
 @exact_kernel
-def _two_rows_q4_1(out, xq, xst, w, r, rows, k, t, n):
-    """`_four_rows_q4_1` for weight rows r and r + 1 at once (eight independent fma chains instead of four: one
-    row's four wait on the fma latency), the scales of the activation rows rows[0:4] from `_scales_side_by_side`'s
-    xst[t:]: d · dx as splat(d) times a broadcast dx (the same product), each row's Σ m·sx in lane 4 + i of
-    one vector per weight row (the same fma per block as the scalar sum). Only rows[0:2] when n is 2."""
+def _two_rows_q4_1(out, xq, xst, w, r, pair, rows, k, t, n):
+    """Weight rows r and r + 1 (only r when not `pair`: row r again in the second chains, not stored) against
+    the activation rows rows[0:4] (rows[0:2] when n is 2 or less), `_rows_q4_1`'s arithmetic per row and the
+    blocks decoded once for the four: eight independent fma chains (with four, each waited on the fma
+    latency). The activation scales and sums come side by side from `_scales_side_by_side`'s xst[t:]: d · dx
+    as splat(d) times a broadcast dx (the same product), each row's Σ m·sx in lane 4 + i of one vector per
+    weight row (the same fma per block as the scalar sum). The next two rows are prefetched as we go."""
     i0, i1, i2, i3 = rows[0], rows[1], rows[2], rows[3]
     nb = k // 32
     p0 = r * nb * 20
-    p1 = p0 + nb * 20
+    p1 = p0 + nb * 20 if pair else p0
     a0, a1, a2, a3 = zeros(), zeros(), zeros(), zeros()
     c0, c1, c2, c3 = zeros(), zeros(), zeros(), zeros()
     sm0, sm1 = zeros(), zeros()
@@ -688,14 +658,16 @@ def _two_rows_q4_1(out, xq, xst, w, r, rows, k, t, n):
         p1 += 20
         t += 8
     out[i0, r] = hsum8(a0) + lane_value(sm0, 4)
-    out[i0, r + 1] = hsum8(c0) + lane_value(sm1, 4)
     out[i1, r] = hsum8(a1) + lane_value(sm0, 5)
-    out[i1, r + 1] = hsum8(c1) + lane_value(sm1, 5)
     if n > 2:
         out[i2, r] = hsum8(a2) + lane_value(sm0, 6)
-        out[i2, r + 1] = hsum8(c2) + lane_value(sm1, 6)
         out[i3, r] = hsum8(a3) + lane_value(sm0, 7)
-        out[i3, r + 1] = hsum8(c3) + lane_value(sm1, 7)
+    if pair:
+        out[i0, r + 1] = hsum8(c0) + lane_value(sm1, 4)
+        out[i1, r + 1] = hsum8(c1) + lane_value(sm1, 5)
+        if n > 2:
+            out[i2, r + 1] = hsum8(c2) + lane_value(sm1, 6)
+            out[i3, r + 1] = hsum8(c3) + lane_value(sm1, 7)
 
 
 @exact_kernel
@@ -707,40 +679,15 @@ def _block_q5_0_q8_0(w, p, is_q8_0):
 
 
 @exact_kernel
-def _four_rows_q5_0(out, xq, xs, w, r, rows, k, xs_row, is_q8_0, n):
-    """`_eight_rows_q5_0` for the activation rows rows[0:4] (rows[0:2] when n is 2)."""
-    i0, i1, i2, i3 = rows[0], rows[1], rows[2], rows[3]
-    nb = k // 32
-    p = r * nb * (34 if is_q8_0 else 22)
-    a0, a1, a2, a3 = zeros(), zeros(), zeros(), zeros()
-    for b in range(nb):
-        q, d = _block_q5_0_q8_0(w, p, is_q8_0)
-        base = offset_base(q)
-        p += 34 if is_q8_0 else 22
-        e = 32 * b
-        a0 = fma8(splat(d * at(xs, i0 * xs_row + 2 * b)), to_f32(dot_offset(q, xq, i0 * k + e, base)), a0)
-        a1 = fma8(splat(d * at(xs, i1 * xs_row + 2 * b)), to_f32(dot_offset(q, xq, i1 * k + e, base)), a1)
-        if n <= 2:
-            continue
-        a2 = fma8(splat(d * at(xs, i2 * xs_row + 2 * b)), to_f32(dot_offset(q, xq, i2 * k + e, base)), a2)
-        a3 = fma8(splat(d * at(xs, i3 * xs_row + 2 * b)), to_f32(dot_offset(q, xq, i3 * k + e, base)), a3)
-    out[i0, r] = hsum8(a0)
-    out[i1, r] = hsum8(a1)
-    if n > 2:
-        out[i2, r] = hsum8(a2)
-        out[i3, r] = hsum8(a3)
-
-
-@exact_kernel
-def _two_rows_q5_0(out, xq, xst, w, r, rows, k, t, is_q8_0, n):
-    """`_four_rows_q5_0` for weight rows r and r + 1 at once (eight fma chains instead of four), the activation
-    scales from `_scales_side_by_side`'s xst[t:] (d · dx as splat(d) times a broadcast dx, the same product),
-    the next two rows prefetched as we go. Only rows[0:2] when n is 2 or less."""
+def _two_rows_q5_0(out, xq, xst, w, r, pair, rows, k, t, is_q8_0, n):
+    """`_two_rows_q4_1` for Q5_0, or Q8_0 when is_q8_0 (`_eight_rows_q5_0`'s arithmetic per row): weight rows r
+    and r + 1 (only r when not `pair`) against the activation rows rows[0:4] (rows[0:2] when n is 2 or less),
+    the activation scales from `_scales_side_by_side`'s xst[t:]."""
     i0, i1, i2, i3 = rows[0], rows[1], rows[2], rows[3]
     nb = k // 32
     size = 34 if is_q8_0 else 22
     p0 = r * nb * size
-    p1 = p0 + nb * size
+    p1 = p0 + nb * size if pair else p0
     a0, a1, a2, a3 = zeros(), zeros(), zeros(), zeros()
     c0, c1, c2, c3 = zeros(), zeros(), zeros(), zeros()
     ahead = p1 + nb * size
@@ -771,14 +718,16 @@ def _two_rows_q5_0(out, xq, xst, w, r, rows, k, t, is_q8_0, n):
         p1 += size
         t += 8
     out[i0, r] = hsum8(a0)
-    out[i0, r + 1] = hsum8(c0)
     out[i1, r] = hsum8(a1)
-    out[i1, r + 1] = hsum8(c1)
     if n > 2:
         out[i2, r] = hsum8(a2)
-        out[i2, r + 1] = hsum8(c2)
         out[i3, r] = hsum8(a3)
-        out[i3, r + 1] = hsum8(c3)
+    if pair:
+        out[i0, r + 1] = hsum8(c0)
+        out[i1, r + 1] = hsum8(c1)
+        if n > 2:
+            out[i2, r + 1] = hsum8(c2)
+            out[i3, r + 1] = hsum8(c3)
 
 
 @exact_kernel
@@ -1247,8 +1196,11 @@ def _typed(qtype: int):
         if OFFSET_ACTIVATIONS and (QT == Q5_0 or QT == Q8_0):
             _offset_grouped_rows(xq, order, used)
         # the activation scales (and sums) of four rows side by side (`_scales_side_by_side`), for the two-row
-        # kernels: Q4_1's groups, and Q5_0/Q8_0's groups of 2 to 4 rows (`_four_rows_q5_0`'s)
+        # kernels: Q4_1's groups, and Q5_0/Q8_0's groups of 2 to 4 rows
         nb = k // 32
+        xqf = xq.reshape(-1)
+        xsf = xs.reshape(-1)
+        xs_row = k // 16
         SIDE = QT == Q4_1 or QT == Q5_0 or QT == Q8_0
         xst = np.empty(16 * nb * n_groups if SIDE else 0, np.float32)
         if SIDE:
@@ -1256,9 +1208,9 @@ def _typed(qtype: int):
             for grp in range(n_groups):
                 real = _group(grp_rows, order, 8 * grp)
                 if QT == Q4_1 or 1 < real <= 4:
-                    _scales_side_by_side(xs.reshape(-1), grp_rows[0:4], nb, k // 16, xst, 16 * nb * grp)
+                    _scales_side_by_side(xsf, grp_rows[0:4], nb, xs_row, xst, 16 * nb * grp)
                 if QT == Q4_1 and real > 4:
-                    _scales_side_by_side(xs.reshape(-1), grp_rows[4:8], nb, k // 16, xst, 16 * nb * grp + 8 * nb)
+                    _scales_side_by_side(xsf, grp_rows[4:8], nb, xs_row, xst, 16 * nb * grp + 8 * nb)
         variants = np.empty(n_groups, np.int8)
         for t in range(n_groups):
             variants[t] = _variant(QT, kinds[order[8 * t]])
@@ -1270,10 +1222,7 @@ def _typed(qtype: int):
         n_blocks = max(1, min(n_groups, (n * row_bytes + X_BLOCK_BYTES - 1) // X_BLOCK_BYTES))
         per_block = (n_groups + n_blocks - 1) // n_blocks
         n_blocks = (n_groups + per_block - 1) // per_block
-        xqf = xq.reshape(-1)
-        xsf = xs.reshape(-1)
         xs8f = xs8.reshape(-1)
-        xs_row = k // 16
         # the empty arrays of tasks that decode nothing, made once (an allocation in a task costs as much as
         # a few weight rows of a small batch's work; the row list stays the task's own: a view into one
         # array for all tasks measured 13% slower on Gemma's prompts)
@@ -1296,29 +1245,23 @@ def _typed(qtype: int):
                 real = _group(rows, order, 8 * grp)
                 variant = variants[grp]
                 if real == 1 and variant == 0 and QT != Q4_1:   # one single-row-kind row: nothing to share
-                    # (Q4_1's four-row kernel gives any row the same bits; a prompt's gemm then does not
+                    # (Q4_1's two-row kernel gives any row the same bits; a prompt's gemm then does not
                     # compile the one-row kernel, which a cold start's first token would wait for)
                     i = rows[0]
                     _rows_one(out[i], xq[i], xs[i], w, QT, r0, r1, k, sums16[i])
                 elif QT == Q4_1:
-                    # weight rows two at a time (an odd last one alone), each half of the group's rows with
-                    # its scales side by side in xst
+                    # weight rows two at a time (an odd last one alone, `pair` false), each half of the
+                    # group's rows with its scales side by side in xst
                     t0 = 16 * nb * grp
-                    for r in range(r0, r1 - 1, 2):
-                        _two_rows_q4_1(out, xqf, xst, w, r, rows[0:4], k, t0, min(real, 4))
+                    for r in range(r0, r1, 2):
+                        _two_rows_q4_1(out, xqf, xst, w, r, r + 1 < r1, rows[0:4], k, t0, min(real, 4))
                         if real > 4:
-                            _two_rows_q4_1(out, xqf, xst, w, r, rows[4:8], k, t0 + 8 * nb, 4)
-                    if (r1 - r0) % 2:
-                        _four_rows_q4_1(out, xqf, xsf, w, r1 - 1, rows[0:4], k, xs_row, min(real, 4))
-                        if real > 4:
-                            _four_rows_q4_1(out, xqf, xsf, w, r1 - 1, rows[4:8], k, xs_row, 4)
+                            _two_rows_q4_1(out, xqf, xst, w, r, r + 1 < r1, rows[4:8], k, t0 + 8 * nb, 4)
                 elif QT == Q5_0 or QT == Q8_0:
                     if real <= 4:
-                        t0 = 16 * nb * grp
-                        for r in range(r0, r1 - 1, 2):
-                            _two_rows_q5_0(out, xqf, xst, w, r, rows[0:4], k, t0, QT == Q8_0, real)
-                        if (r1 - r0) % 2:
-                            _four_rows_q5_0(out, xqf, xsf, w, r1 - 1, rows[0:4], k, xs_row, QT == Q8_0, real)
+                        for r in range(r0, r1, 2):
+                            _two_rows_q5_0(out, xqf, xst, w, r, r + 1 < r1, rows[0:4], k, 16 * nb * grp, QT == Q8_0,
+                                           real)
                     elif decoded:
                         for r in range(r0, r1 - 1, 2):
                             _eight_rows_decoded(out, xqf, xs8f, qd, dd, r, r - r0, rows, k, k // 4)

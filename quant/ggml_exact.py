@@ -47,7 +47,7 @@ from .jit import exact_kernel, exact_parallel_kernel, inlined
 from .simd import (OFFSET_ACTIVATIONS, USE_PMADDUBSW, _element_ptr, at, dot_i8, dot_offset, dot_u8, extract_lane,
                    llvm_call, offset_base, F32x8, I32x8, bits32, bytes32, fma1, fma8, hsum8, load_f16, load_f32x8,
                    load_i8, load_u32, nibbles16, round_f16, splat, store_bytes32, to_f32, zeros, half_pairs,
-                   lane, lane_value, pairs_at, prefetch, half_quads, dot_u8_less)
+                   lane, lane_value, pairs_at, prefetch, half_quads, dot_u8_less, store_f32x8)
 
 f32 = np.float32
 Q4_1, Q5_0, Q8_0, Q4_K, Q6_K = 3, 6, 8, 12, 14
@@ -61,7 +61,7 @@ TASK_ROWS = 16               # weight rows per parallel task
 PREFETCH_BYTES = 1024       # how far ahead of a one-row kernel's reads it asks for the weights' cache lines
 X_BLOCK_BYTES = 3 << 18      # gemm: activation bytes (int8) per parallel task, to stay in L2
 SERIAL_QUANTIZE_ROWS = 16    # gemm quantizes this many activation rows or fewer on the calling thread
-DECODED_MIN_GROUPS = 4       # Q5_0/Q8_0 gemm: from this many groups of 8 rows, weights decoded once per task
+DECODED_MIN_GROUPS = 4       # Q4_1/Q5_0/Q8_0 gemm: from this many groups of 8 rows, weights decoded once per task
 
 # ---- intrinsics: exact integer lanes, lane shuffles ----
 
@@ -671,6 +671,73 @@ def _two_rows_q4_1(out, xq, xst, w, r, pair, rows, k, t, n):
 
 
 @exact_kernel
+def _scales_eight(xs, rows, nb, xs_row, xst, t):
+    """xst[t + 16 b : t + 16 b + 16] = [dx of rows[0:8] | sx of rows[0:8]] of block b, for b < nb: the
+    activation scales and sums of a group's eight rows side by side (`_eight_rows_q4_1_decoded`)."""
+    for b in range(nb):
+        for j in range(8):
+            xst[t + 16 * b + j] = xs[rows[j] * xs_row + 2 * b]
+            xst[t + 16 * b + 8 + j] = xs[rows[j] * xs_row + 2 * b + 1]
+
+
+@exact_kernel
+def _decode_q4_1_rows(w, r0, r1, nb, qd, dm):
+    """The blocks of Q4_1 weight rows r0..r1 unpacked: qd[32 c : 32 c + 32] the 32 quants (0..15, element
+    order) and dm[2 c], dm[2 c + 1] the scale d and the minimum m of block c = (r - r0) * nb + b."""
+    for r in range(r0, r1):
+        p = r * nb * 20
+        for b in range(nb):
+            c = (r - r0) * nb + b
+            store_bytes32(qd, 32 * c, nibbles16(w, p + 4))
+            dm[2 * c] = load_f16(w, p)
+            dm[2 * c + 1] = load_f16(w, p + 2)
+            p += 20
+
+
+@exact_kernel
+def _eight_rows_q4_1_decoded(out, xq, xst, qd, dm, rl, r, rows, k, t, dd):
+    """Weight row r, unpacked by `_decode_q4_1_rows` (row rl of the tile), against the activation rows
+    rows[0:8], `_rows_q4_1`'s arithmetic per row. A first pass over the blocks forms the eight products
+    d · dx of each block with one vector multiply (into dd) and each row's Σ m·sx in lane i of one vector
+    (one fma per block, as the scalar sum); the main loop is then, per block and row, the integer dot, its
+    conversion and one fma with a broadcast load of d · dx: with AVX2's sixteen vector registers the eight
+    accumulators, the weights and the constants stay in registers. The scales come from `_scales_eight`'s
+    xst[t:]."""
+    nb = k // 32
+    c = rl * nb
+    sm = zeros()
+    for b in range(nb):
+        store_f32x8(dd, 8 * b, splat(at(dm, 2 * (c + b))) * load_f32x8(xst, t + 16 * b))
+        sm = fma8(splat(at(dm, 2 * (c + b) + 1)), load_f32x8(xst, t + 16 * b + 8), sm)
+    a0, a1, a2, a3 = zeros(), zeros(), zeros(), zeros()
+    a4, a5, a6, a7 = zeros(), zeros(), zeros(), zeros()
+    o0, o1, o2, o3 = rows[0] * k, rows[1] * k, rows[2] * k, rows[3] * k
+    o4, o5, o6, o7 = rows[4] * k, rows[5] * k, rows[6] * k, rows[7] * k
+    q_at = 32 * c
+    for b in range(nb):
+        q = bytes32(qd, q_at)
+        e = 32 * b
+        s = 8 * b
+        a0 = fma8(splat(at(dd, s)), to_f32(dot_u8(q, xq, o0 + e)), a0)
+        a1 = fma8(splat(at(dd, s + 1)), to_f32(dot_u8(q, xq, o1 + e)), a1)
+        a2 = fma8(splat(at(dd, s + 2)), to_f32(dot_u8(q, xq, o2 + e)), a2)
+        a3 = fma8(splat(at(dd, s + 3)), to_f32(dot_u8(q, xq, o3 + e)), a3)
+        a4 = fma8(splat(at(dd, s + 4)), to_f32(dot_u8(q, xq, o4 + e)), a4)
+        a5 = fma8(splat(at(dd, s + 5)), to_f32(dot_u8(q, xq, o5 + e)), a5)
+        a6 = fma8(splat(at(dd, s + 6)), to_f32(dot_u8(q, xq, o6 + e)), a6)
+        a7 = fma8(splat(at(dd, s + 7)), to_f32(dot_u8(q, xq, o7 + e)), a7)
+        q_at += 32
+    out[rows[0], r] = hsum8(a0) + lane_value(sm, 0)
+    out[rows[1], r] = hsum8(a1) + lane_value(sm, 1)
+    out[rows[2], r] = hsum8(a2) + lane_value(sm, 2)
+    out[rows[3], r] = hsum8(a3) + lane_value(sm, 3)
+    out[rows[4], r] = hsum8(a4) + lane_value(sm, 4)
+    out[rows[5], r] = hsum8(a5) + lane_value(sm, 5)
+    out[rows[6], r] = hsum8(a6) + lane_value(sm, 6)
+    out[rows[7], r] = hsum8(a7) + lane_value(sm, 7)
+
+
+@exact_kernel
 def _block_q5_0_q8_0(w, p, is_q8_0):
     """The 32 signed quants and the scale of the Q8_0 (d f16 | 32 int8) or Q5_0 block at byte p."""
     if is_q8_0:
@@ -1170,6 +1237,8 @@ def _typed(qtype: int):
             if n_groups >= DECODED_MIN_GROUPS:
                 decoded = True
                 xs8 = np.empty((n, k // 4), np.float32)
+        elif QT == Q4_1:          # Q4_1 likewise: each task unpacks its weight rows once for all its groups
+            decoded = n_groups >= DECODED_MIN_GROUPS
         # Q5_0: the rows alone in their group go to `_rows_one`, which subtracts 16 Σ x (`_sums16`) per lane
         lone = 0
         if QT == Q5_0:
@@ -1207,6 +1276,9 @@ def _typed(qtype: int):
             grp_rows = np.empty(8, np.int64)
             for grp in range(n_groups):
                 real = _group(grp_rows, order, 8 * grp)
+                if QT == Q4_1 and decoded:
+                    _scales_eight(xsf, grp_rows, nb, xs_row, xst, 16 * nb * grp)
+                    continue
                 if QT == Q4_1 or 1 < real <= 4:
                     _scales_side_by_side(xsf, grp_rows[0:4], nb, xs_row, xst, 16 * nb * grp)
                 if QT == Q4_1 and real > 4:
@@ -1218,7 +1290,7 @@ def _typed(qtype: int):
         # activation rows in blocks of about X_BLOCK_BYTES, so that a block stays in L2 while a thread's tiles
         # pass over it (all n rows per tile fell out of L2 for k >= 2048); a task is one tile x one block
         # (blocks of equal size: the threads take equal shares of the tasks)
-        row_bytes = 2 * k if decoded else k
+        row_bytes = 2 * k if decoded and DECODED_TYPE else k
         n_blocks = max(1, min(n_groups, (n * row_bytes + X_BLOCK_BYTES - 1) // X_BLOCK_BYTES))
         per_block = (n_groups + n_blocks - 1) // n_blocks
         n_blocks = (n_groups + per_block - 1) // per_block
@@ -1236,11 +1308,18 @@ def _typed(qtype: int):
             rows = np.empty(8, np.int64)
             qd = no_qd
             dd = no_dd
+            dd8 = no_dd
             if DECODED_TYPE:
                 if decoded:
                     qd = np.empty((r1 - r0) * k, np.uint8)
                     dd = np.empty((r1 - r0) * (k // 32), np.float32)
                     _decode_q5_0_rows(w, r0, r1, k, QT == Q8_0, qd, dd)
+            elif QT == Q4_1:
+                if decoded:
+                    qd = np.empty((r1 - r0) * k, np.uint8)
+                    dd = np.empty((r1 - r0) * (k // 16), np.float32)     # d, m of each block
+                    dd8 = np.empty(8 * nb, np.float32)
+                    _decode_q4_1_rows(w, r0, r1, nb, qd, dd)
             for grp in range(g0, g1):
                 real = _group(rows, order, 8 * grp)
                 variant = variants[grp]
@@ -1249,6 +1328,9 @@ def _typed(qtype: int):
                     # compile the one-row kernel, which a cold start's first token would wait for)
                     i = rows[0]
                     _rows_one(out[i], xq[i], xs[i], w, QT, r0, r1, k, sums16[i])
+                elif QT == Q4_1 and decoded:
+                    for r in range(r0, r1):
+                        _eight_rows_q4_1_decoded(out, xqf, xst, qd, dd, r - r0, r, rows, k, 16 * nb * grp, dd8)
                 elif QT == Q4_1:
                     # weight rows two at a time (an odd last one alone, `pair` false), each half of the
                     # group's rows with its scales side by side in xst

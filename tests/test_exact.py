@@ -422,6 +422,28 @@ def test_batched_q5_0_q8_0_gemm_with_decoded_weights_is_ggmls(gemma3, name, batc
         assert np.array_equal(out[i], expected), i
 
 
+
+@pytest.mark.parametrize("batch", [36, 45])
+@pytest.mark.parametrize("name", ["blk.0.ffn_gate.weight", "blk.3.ffn_down.weight"])      # Q4_1, k 576 and 1536
+def test_batched_q4_1_gemm_with_unpacked_weights_is_ggmls(smollm2, name, batch):
+    """From DECODED_MIN_GROUPS groups of 8 rows, each task unpacks its Q4_1 weight rows once and takes every
+    group's eight rows per weight row (`_eight_rows_q4_1_decoded`); every row (whole groups, a last group of 5
+    padded to 8, or of 4; an odd number of weight rows) keeps ggml_vec_dot_q4_1_q8_1's bits."""
+    t = smollm2.tensors[name]
+    m, k = t.shape
+    assert int(t.qtype) == ggml_exact.Q4_1
+    assert -(-batch // 8) >= ggml_exact.DECODED_MIN_GROUPS
+    m -= 1
+    w = np.asarray(t.data)[:m * (t.data.size // (m + 1))]
+    rng = np.random.default_rng(6)
+    x = (rng.standard_normal((batch, k)) * rng.gamma(0.5, 20, (batch, k))).astype(F32)
+    out = np.zeros((batch, m), F32)
+    ggml_exact.gemm(out, x, np.zeros((batch, k), np.int8), np.zeros((batch, k // 16), F32), w, ggml_exact.Q4_1,
+                    m, k, ggml_exact.batch_kinds(batch))
+    for i in (0, 7, 8, 31, 32, 35, batch - 1):
+        assert np.array_equal(out[i], matvec_ref(w, ggml_exact.Q4_1, m, k, x[i])), i
+
+
 # ---- the non-matmul kernels ----
 
 def rmsnorm_ref(x, w, eps):

@@ -47,7 +47,7 @@ from .jit import exact_kernel, exact_parallel_kernel, inlined
 from .simd import (OFFSET_ACTIVATIONS, USE_PMADDUBSW, _element_ptr, at, dot_i8, dot_offset, dot_u8, extract_lane,
                    llvm_call, offset_base, F32x8, I32x8, bits32, bytes32, fma1, fma8, hsum8, load_f16, load_f32x8,
                    load_i8, load_u32, nibbles16, round_f16, splat, store_bytes32, to_f32, zeros, half_pairs,
-                   lane, lane_value, pairs_at, prefetch, half_quads, dot_u8_less, store_f32x8)
+                   lane, lane_value, pairs_at, prefetch, half_quads, dot_u8_less, store_f32x8, WIDE_REGISTERS)
 
 f32 = np.float32
 Q4_1, Q5_0, Q8_0, Q4_K, Q6_K = 3, 6, 8, 12, 14
@@ -830,6 +830,46 @@ def _eight_rows_q5_0(out, xq, xs, w, r, rows, k, xs_row, is_q8_0):
 
 
 @exact_kernel
+def _eight_rows_q5_0_decoded(out, xq, xst, qd, dd, rl, r, rows, k, t, dd8):
+    """`_eight_rows_q5_0` for weight row r, whose blocks `_decode_q5_0_rows` decoded (row rl of the tile), as
+    `_eight_rows_q4_1_decoded` arranges it: the eight products d · dx of a block formed by one multiply in a
+    first pass (dx side by side from `_scales_eight`'s xst[t:]), then per block and row the dot product, its
+    conversion and one fma with a broadcast load: eight accumulators, which AVX2's sixteen registers hold
+    (`_eight_rows_decoded`'s sixteen, for two weight rows, need AVX-512's thirty-two)."""
+    nb = k // 32
+    c = rl * nb
+    for b in range(nb):
+        store_f32x8(dd8, 8 * b, splat(at(dd, c + b)) * load_f32x8(xst, t + 16 * b))
+    a0, a1, a2, a3 = zeros(), zeros(), zeros(), zeros()
+    a4, a5, a6, a7 = zeros(), zeros(), zeros(), zeros()
+    o0, o1, o2, o3 = rows[0] * k, rows[1] * k, rows[2] * k, rows[3] * k
+    o4, o5, o6, o7 = rows[4] * k, rows[5] * k, rows[6] * k, rows[7] * k
+    q_at = 32 * c
+    for b in range(nb):
+        q = bytes32(qd, q_at)
+        base = offset_base(q)
+        e = 32 * b
+        s = 8 * b
+        a0 = fma8(splat(at(dd8, s)), to_f32(dot_offset(q, xq, o0 + e, base)), a0)
+        a1 = fma8(splat(at(dd8, s + 1)), to_f32(dot_offset(q, xq, o1 + e, base)), a1)
+        a2 = fma8(splat(at(dd8, s + 2)), to_f32(dot_offset(q, xq, o2 + e, base)), a2)
+        a3 = fma8(splat(at(dd8, s + 3)), to_f32(dot_offset(q, xq, o3 + e, base)), a3)
+        a4 = fma8(splat(at(dd8, s + 4)), to_f32(dot_offset(q, xq, o4 + e, base)), a4)
+        a5 = fma8(splat(at(dd8, s + 5)), to_f32(dot_offset(q, xq, o5 + e, base)), a5)
+        a6 = fma8(splat(at(dd8, s + 6)), to_f32(dot_offset(q, xq, o6 + e, base)), a6)
+        a7 = fma8(splat(at(dd8, s + 7)), to_f32(dot_offset(q, xq, o7 + e, base)), a7)
+        q_at += 32
+    out[rows[0], r] = hsum8(a0)
+    out[rows[1], r] = hsum8(a1)
+    out[rows[2], r] = hsum8(a2)
+    out[rows[3], r] = hsum8(a3)
+    out[rows[4], r] = hsum8(a4)
+    out[rows[5], r] = hsum8(a5)
+    out[rows[6], r] = hsum8(a6)
+    out[rows[7], r] = hsum8(a7)
+
+
+@exact_kernel
 def _decode_q5_0_rows(w, r0, r1, k, is_q8_0, qd, dd):
     """The blocks of weight rows r0..r1 as `_block_q5_0_q8_0` gives them: qd[32 c : 32 c + 32] the signed
     quants and dd[c] the scale of block c = (r - r0) * (k // 32) + b."""
@@ -1236,7 +1276,8 @@ def _typed(qtype: int):
         if DECODED_TYPE:
             if n_groups >= DECODED_MIN_GROUPS:
                 decoded = True
-                xs8 = np.empty((n, k // 4), np.float32)
+                if WIDE_REGISTERS:
+                    xs8 = np.empty((n, k // 4), np.float32)
         elif QT == Q4_1:          # Q4_1 likewise: each task unpacks its weight rows once for all its groups
             decoded = n_groups >= DECODED_MIN_GROUPS
         # Q5_0: the rows alone in their group go to `_rows_one`, which subtracts 16 Σ x (`_sums16`) per lane
@@ -1249,13 +1290,13 @@ def _typed(qtype: int):
         if n <= SERIAL_QUANTIZE_ROWS:  # a few decode rows: a parallel region costs more than quantizing them
             for i in range(n):
                 _quantize(x[i], xq[i], xs[i], QT, kinds[i])
-                if DECODED_TYPE:
+                if DECODED_TYPE and WIDE_REGISTERS:
                     if decoded:
                         _repeat_scales(xs8[i], xs[i], k // 32)
         else:
             for i in prange(n):
                 _quantize(x[i], xq[i], xs[i], QT, kinds[i])
-                if DECODED_TYPE:
+                if DECODED_TYPE and WIDE_REGISTERS:
                     if decoded:
                         _repeat_scales(xs8[i], xs[i], k // 32)
         if lone:
@@ -1265,7 +1306,8 @@ def _typed(qtype: int):
         if OFFSET_ACTIVATIONS and (QT == Q5_0 or QT == Q8_0):
             _offset_grouped_rows(xq, order, used)
         # the activation scales (and sums) of four rows side by side (`_scales_side_by_side`), for the two-row
-        # kernels: Q4_1's groups, and Q5_0/Q8_0's groups of 2 to 4 rows
+        # kernels: Q4_1's groups, and Q5_0/Q8_0's groups of 2 to 4 rows; of eight (`_scales_eight`) for the
+        # one-row kernels of unpacked weights: Q4_1's, and Q5_0/Q8_0's on 16 registers
         nb = k // 32
         xqf = xq.reshape(-1)
         xsf = xs.reshape(-1)
@@ -1276,7 +1318,7 @@ def _typed(qtype: int):
             grp_rows = np.empty(8, np.int64)
             for grp in range(n_groups):
                 real = _group(grp_rows, order, 8 * grp)
-                if QT == Q4_1 and decoded:
+                if decoded and (QT == Q4_1 or (real > 4 and not WIDE_REGISTERS)):
                     _scales_eight(xsf, grp_rows, nb, xs_row, xst, 16 * nb * grp)
                     continue
                 if QT == Q4_1 or 1 < real <= 4:
@@ -1290,7 +1332,7 @@ def _typed(qtype: int):
         # activation rows in blocks of about X_BLOCK_BYTES, so that a block stays in L2 while a thread's tiles
         # pass over it (all n rows per tile fell out of L2 for k >= 2048); a task is one tile x one block
         # (blocks of equal size: the threads take equal shares of the tasks)
-        row_bytes = 2 * k if decoded and DECODED_TYPE else k
+        row_bytes = 2 * k if decoded and DECODED_TYPE and WIDE_REGISTERS else k
         n_blocks = max(1, min(n_groups, (n * row_bytes + X_BLOCK_BYTES - 1) // X_BLOCK_BYTES))
         per_block = (n_groups + n_blocks - 1) // n_blocks
         n_blocks = (n_groups + per_block - 1) // per_block
@@ -1313,6 +1355,8 @@ def _typed(qtype: int):
                 if decoded:
                     qd = np.empty((r1 - r0) * k, np.uint8)
                     dd = np.empty((r1 - r0) * (k // 32), np.float32)
+                    if not WIDE_REGISTERS:
+                        dd8 = np.empty(8 * nb, np.float32)
                     _decode_q5_0_rows(w, r0, r1, k, QT == Q8_0, qd, dd)
             elif QT == Q4_1:
                 if decoded:
@@ -1344,6 +1388,9 @@ def _typed(qtype: int):
                         for r in range(r0, r1, 2):
                             _two_rows_q5_0(out, xqf, xst, w, r, r + 1 < r1, rows[0:4], k, 16 * nb * grp, QT == Q8_0,
                                            real)
+                    elif decoded and not WIDE_REGISTERS:
+                        for r in range(r0, r1):
+                            _eight_rows_q5_0_decoded(out, xqf, xst, qd, dd, r - r0, r, rows, k, 16 * nb * grp, dd8)
                     elif decoded:
                         for r in range(r0, r1 - 1, 2):
                             _eight_rows_decoded(out, xqf, xs8f, qd, dd, r, r - r0, rows, k, k // 4)

@@ -97,6 +97,8 @@ USE_PMADDUBSW = _cpu_has("avx2")
 # AVX-512 VNNI (with VL for 256-bit vectors): vpdpbusd sums each lane's four u8 x i8 products in one
 # instruction, the same exact integers as pmaddubsw + pmaddwd (whose int16 pair sums never saturate here)
 USE_VNNI = USE_PMADDUBSW and _cpu_has("avx512vnni") and _cpu_has("avx512vl")
+# 32 vector registers (AVX-512, also for 256-bit vectors) or 16 (AVX2): how many accumulators a kernel can keep
+WIDE_REGISTERS = _cpu_has("avx512f")
 
 
 # ---- pointers into arrays ----

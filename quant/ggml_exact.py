@@ -738,6 +738,37 @@ def _eight_rows_q4_1_decoded(out, xq, xst, qd, dm, rl, r, rows, k, t, dd):
 
 
 @exact_kernel
+def _one_row_q4_1(out, xq, xst, w, r, rows, k, t):
+    """`_two_rows_q4_1` for weight row r alone against four activation rows (rows[0:4]): four accumulators and
+    one for the Σ m·sx, which AVX2's sixteen registers hold with the block's quants and scales (two weight
+    rows' eight accumulators spill there)."""
+    i0, i1, i2, i3 = rows[0], rows[1], rows[2], rows[3]
+    nb = k // 32
+    p = r * nb * 20
+    a0, a1, a2, a3 = zeros(), zeros(), zeros(), zeros()
+    sm = zeros()
+    o0, o1, o2, o3 = i0 * k, i1 * k, i2 * k, i3 * k
+    ahead = p + nb * 20                 # the next row, prefetched as we go
+    for b in range(nb):
+        prefetch(w, ahead)
+        ahead += 20
+        d = splat(load_f16(w, p))
+        sm = fma8(splat(load_f16(w, p + 2)), load_f32x8(xst, t), sm)
+        q = nibbles16(w, p + 4)
+        e = 32 * b
+        a0 = fma8(d * splat(at(xst, t)), to_f32(dot_u8(q, xq, o0 + e)), a0)
+        a1 = fma8(d * splat(at(xst, t + 1)), to_f32(dot_u8(q, xq, o1 + e)), a1)
+        a2 = fma8(d * splat(at(xst, t + 2)), to_f32(dot_u8(q, xq, o2 + e)), a2)
+        a3 = fma8(d * splat(at(xst, t + 3)), to_f32(dot_u8(q, xq, o3 + e)), a3)
+        p += 20
+        t += 8
+    out[i0, r] = hsum8(a0) + lane_value(sm, 4)
+    out[i1, r] = hsum8(a1) + lane_value(sm, 5)
+    out[i2, r] = hsum8(a2) + lane_value(sm, 6)
+    out[i3, r] = hsum8(a3) + lane_value(sm, 7)
+
+
+@exact_kernel
 def _block_q5_0_q8_0(w, p, is_q8_0):
     """The 32 signed quants and the scale of the Q8_0 (d f16 | 32 int8) or Q5_0 block at byte p."""
     if is_q8_0:
@@ -1375,6 +1406,12 @@ def _typed(qtype: int):
                 elif QT == Q4_1 and decoded:
                     for r in range(r0, r1):
                         _eight_rows_q4_1_decoded(out, xqf, xst, qd, dd, r - r0, r, rows, k, 16 * nb * grp, dd8)
+                elif QT == Q4_1 and real > 2 and not WIDE_REGISTERS:
+                    t0 = 16 * nb * grp
+                    for r in range(r0, r1):
+                        _one_row_q4_1(out, xqf, xst, w, r, rows[0:4], k, t0)
+                        if real > 4:
+                            _one_row_q4_1(out, xqf, xst, w, r, rows[4:8], k, t0 + 8 * nb)
                 elif QT == Q4_1:
                     # weight rows two at a time (an odd last one alone, `pair` false), each half of the
                     # group's rows with its scales side by side in xst

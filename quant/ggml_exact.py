@@ -777,6 +777,35 @@ def _block_q5_0_q8_0(w, p, is_q8_0):
 
 
 @exact_kernel
+def _one_row_q5_0(out, xq, xst, w, r, rows, k, t, is_q8_0):
+    """`_two_rows_q5_0` for weight row r alone against four activation rows (rows[0:4]), as `_one_row_q4_1`."""
+    i0, i1, i2, i3 = rows[0], rows[1], rows[2], rows[3]
+    nb = k // 32
+    size = 34 if is_q8_0 else 22
+    p = r * nb * size
+    a0, a1, a2, a3 = zeros(), zeros(), zeros(), zeros()
+    o0, o1, o2, o3 = i0 * k, i1 * k, i2 * k, i3 * k
+    ahead = p + nb * size               # the next row, prefetched as we go
+    for b in range(nb):
+        prefetch(w, ahead)
+        ahead += size
+        q, d = _block_q5_0_q8_0(w, p, is_q8_0)
+        base = offset_base(q)
+        s = splat(d)
+        e = 32 * b
+        a0 = fma8(s * splat(at(xst, t)), to_f32(dot_offset(q, xq, o0 + e, base)), a0)
+        a1 = fma8(s * splat(at(xst, t + 1)), to_f32(dot_offset(q, xq, o1 + e, base)), a1)
+        a2 = fma8(s * splat(at(xst, t + 2)), to_f32(dot_offset(q, xq, o2 + e, base)), a2)
+        a3 = fma8(s * splat(at(xst, t + 3)), to_f32(dot_offset(q, xq, o3 + e, base)), a3)
+        p += size
+        t += 8
+    out[i0, r] = hsum8(a0)
+    out[i1, r] = hsum8(a1)
+    out[i2, r] = hsum8(a2)
+    out[i3, r] = hsum8(a3)
+
+
+@exact_kernel
 def _two_rows_q5_0(out, xq, xst, w, r, pair, rows, k, t, is_q8_0, n):
     """`_two_rows_q4_1` for Q5_0, or Q8_0 when is_q8_0 (`_eight_rows_q5_0`'s arithmetic per row): weight rows r
     and r + 1 (only r when not `pair`) against the activation rows rows[0:4] (rows[0:2] when n is 2 or less),
@@ -1421,7 +1450,10 @@ def _typed(qtype: int):
                         if real > 4:
                             _two_rows_q4_1(out, xqf, xst, w, r, r + 1 < r1, rows[4:8], k, t0 + 8 * nb, 4)
                 elif QT == Q5_0 or QT == Q8_0:
-                    if real <= 4:
+                    if 2 < real <= 4 and not WIDE_REGISTERS:
+                        for r in range(r0, r1):
+                            _one_row_q5_0(out, xqf, xst, w, r, rows[0:4], k, 16 * nb * grp, QT == Q8_0)
+                    elif real <= 4:
                         for r in range(r0, r1, 2):
                             _two_rows_q5_0(out, xqf, xst, w, r, r + 1 < r1, rows[0:4], k, 16 * nb * grp, QT == Q8_0,
                                            real)

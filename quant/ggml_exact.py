@@ -673,7 +673,7 @@ def _two_rows_q4_1(out, xq, xst, w, r, pair, rows, k, t, n):
 @exact_kernel
 def _scales_eight(xs, rows, nb, xs_row, xst, t):
     """xst[t + 16 b : t + 16 b + 16] = [dx of rows[0:8] | sx of rows[0:8]] of block b, for b < nb: the
-    activation scales and sums of a group's eight rows side by side (`_eight_rows_q4_1_decoded`)."""
+    activation scales and sums of a group's eight rows side by side (`_eight_rows_unpacked`)."""
     for b in range(nb):
         for j in range(8):
             xst[t + 16 * b + j] = xs[rows[j] * xs_row + 2 * b]
@@ -692,49 +692,6 @@ def _decode_q4_1_rows(w, r0, r1, nb, qd, dm):
             dm[2 * c] = load_f16(w, p)
             dm[2 * c + 1] = load_f16(w, p + 2)
             p += 20
-
-
-@exact_kernel
-def _eight_rows_q4_1_decoded(out, xq, xst, qd, dm, rl, r, rows, k, t, dd):
-    """Weight row r, unpacked by `_decode_q4_1_rows` (row rl of the tile), against the activation rows
-    rows[0:8], `_rows_q4_1`'s arithmetic per row. A first pass over the blocks forms the eight products
-    d · dx of each block with one vector multiply (into dd) and each row's Σ m·sx in lane i of one vector
-    (one fma per block, as the scalar sum); the main loop is then, per block and row, the integer dot, its
-    conversion and one fma with a broadcast load of d · dx: with AVX2's sixteen vector registers the eight
-    accumulators, the weights and the constants stay in registers. The scales come from `_scales_eight`'s
-    xst[t:]."""
-    nb = k // 32
-    c = rl * nb
-    sm = zeros()
-    for b in range(nb):
-        store_f32x8(dd, 8 * b, splat(at(dm, 2 * (c + b))) * load_f32x8(xst, t + 16 * b))
-        sm = fma8(splat(at(dm, 2 * (c + b) + 1)), load_f32x8(xst, t + 16 * b + 8), sm)
-    a0, a1, a2, a3 = zeros(), zeros(), zeros(), zeros()
-    a4, a5, a6, a7 = zeros(), zeros(), zeros(), zeros()
-    o0, o1, o2, o3 = rows[0] * k, rows[1] * k, rows[2] * k, rows[3] * k
-    o4, o5, o6, o7 = rows[4] * k, rows[5] * k, rows[6] * k, rows[7] * k
-    q_at = 32 * c
-    for b in range(nb):
-        q = bytes32(qd, q_at)
-        e = 32 * b
-        s = 8 * b
-        a0 = fma8(splat(at(dd, s)), to_f32(dot_u8(q, xq, o0 + e)), a0)
-        a1 = fma8(splat(at(dd, s + 1)), to_f32(dot_u8(q, xq, o1 + e)), a1)
-        a2 = fma8(splat(at(dd, s + 2)), to_f32(dot_u8(q, xq, o2 + e)), a2)
-        a3 = fma8(splat(at(dd, s + 3)), to_f32(dot_u8(q, xq, o3 + e)), a3)
-        a4 = fma8(splat(at(dd, s + 4)), to_f32(dot_u8(q, xq, o4 + e)), a4)
-        a5 = fma8(splat(at(dd, s + 5)), to_f32(dot_u8(q, xq, o5 + e)), a5)
-        a6 = fma8(splat(at(dd, s + 6)), to_f32(dot_u8(q, xq, o6 + e)), a6)
-        a7 = fma8(splat(at(dd, s + 7)), to_f32(dot_u8(q, xq, o7 + e)), a7)
-        q_at += 32
-    out[rows[0], r] = hsum8(a0) + lane_value(sm, 0)
-    out[rows[1], r] = hsum8(a1) + lane_value(sm, 1)
-    out[rows[2], r] = hsum8(a2) + lane_value(sm, 2)
-    out[rows[3], r] = hsum8(a3) + lane_value(sm, 3)
-    out[rows[4], r] = hsum8(a4) + lane_value(sm, 4)
-    out[rows[5], r] = hsum8(a5) + lane_value(sm, 5)
-    out[rows[6], r] = hsum8(a6) + lane_value(sm, 6)
-    out[rows[7], r] = hsum8(a7) + lane_value(sm, 7)
 
 
 @exact_kernel
@@ -889,17 +846,35 @@ def _eight_rows_q5_0(out, xq, xs, w, r, rows, k, xs_row, is_q8_0):
     out[i7, r] = hsum8(a7)
 
 
-@exact_kernel
-def _eight_rows_q5_0_decoded(out, xq, xst, qd, dd, rl, r, rows, k, t, dd8):
-    """`_eight_rows_q5_0` for weight row r, whose blocks `_decode_q5_0_rows` decoded (row rl of the tile), as
-    `_eight_rows_q4_1_decoded` arranges it: the eight products d · dx of a block formed by one multiply in a
-    first pass (dx side by side from `_scales_eight`'s xst[t:]), then per block and row the dot product, its
-    conversion and one fma with a broadcast load: eight accumulators, which AVX2's sixteen registers hold
-    (`_eight_rows_decoded`'s sixteen, for two weight rows, need AVX-512's thirty-two)."""
+@inlined
+def _dot_unpacked(q, xq, i, base, qtype):
+    """The integer lanes of an unpacked block: Q4_1's quants (0..15) as they are, Q5_0/Q8_0's signed ones
+    against the activations as `dot_offset` reads them."""
+    if qtype == Q4_1:
+        return dot_u8(q, xq, i)
+    return dot_offset(q, xq, i, base)
+
+
+@inlined
+def _eight_rows_unpacked(out, xq, xst, qd, dd, rl, r, rows, k, t, dd8, qtype):
+    """Weight row r, unpacked by `_decode_q4_1_rows` (Q4_1: d and m per block in dd) or `_decode_q5_0_rows`
+    (Q5_0/Q8_0: d per block) as row rl of the tile, against the activation rows rows[0:8], each row's
+    arithmetic its one-row kernel's (`_rows_q4_1`, `_eight_rows_q5_0`). A first pass over the blocks forms
+    the eight products d · dx of each block with one vector multiply (into dd8; dx side by side from
+    `_scales_eight`'s xst[t:]) and, for Q4_1, each row's Σ m·sx in lane i of one vector (one fma per block,
+    as the scalar sum); the main loop is then, per block and row, the integer dot, its conversion and one
+    fma with a broadcast load: eight accumulators, which AVX2's sixteen registers hold with the weights and
+    the constants (two weight rows' sixteen, `_eight_rows_decoded`, need AVX-512's thirty-two). Inlined
+    with the type a constant, so that each type compiles only its own branches."""
     nb = k // 32
     c = rl * nb
+    sm = zeros()
     for b in range(nb):
-        store_f32x8(dd8, 8 * b, splat(at(dd, c + b)) * load_f32x8(xst, t + 16 * b))
+        if qtype == Q4_1:
+            store_f32x8(dd8, 8 * b, splat(at(dd, 2 * (c + b))) * load_f32x8(xst, t + 16 * b))
+            sm = fma8(splat(at(dd, 2 * (c + b) + 1)), load_f32x8(xst, t + 16 * b + 8), sm)
+        else:
+            store_f32x8(dd8, 8 * b, splat(at(dd, c + b)) * load_f32x8(xst, t + 16 * b))
     a0, a1, a2, a3 = zeros(), zeros(), zeros(), zeros()
     a4, a5, a6, a7 = zeros(), zeros(), zeros(), zeros()
     o0, o1, o2, o3 = rows[0] * k, rows[1] * k, rows[2] * k, rows[3] * k
@@ -910,23 +885,33 @@ def _eight_rows_q5_0_decoded(out, xq, xst, qd, dd, rl, r, rows, k, t, dd8):
         base = offset_base(q)
         e = 32 * b
         s = 8 * b
-        a0 = fma8(splat(at(dd8, s)), to_f32(dot_offset(q, xq, o0 + e, base)), a0)
-        a1 = fma8(splat(at(dd8, s + 1)), to_f32(dot_offset(q, xq, o1 + e, base)), a1)
-        a2 = fma8(splat(at(dd8, s + 2)), to_f32(dot_offset(q, xq, o2 + e, base)), a2)
-        a3 = fma8(splat(at(dd8, s + 3)), to_f32(dot_offset(q, xq, o3 + e, base)), a3)
-        a4 = fma8(splat(at(dd8, s + 4)), to_f32(dot_offset(q, xq, o4 + e, base)), a4)
-        a5 = fma8(splat(at(dd8, s + 5)), to_f32(dot_offset(q, xq, o5 + e, base)), a5)
-        a6 = fma8(splat(at(dd8, s + 6)), to_f32(dot_offset(q, xq, o6 + e, base)), a6)
-        a7 = fma8(splat(at(dd8, s + 7)), to_f32(dot_offset(q, xq, o7 + e, base)), a7)
+        a0 = fma8(splat(at(dd8, s)), to_f32(_dot_unpacked(q, xq, o0 + e, base, qtype)), a0)
+        a1 = fma8(splat(at(dd8, s + 1)), to_f32(_dot_unpacked(q, xq, o1 + e, base, qtype)), a1)
+        a2 = fma8(splat(at(dd8, s + 2)), to_f32(_dot_unpacked(q, xq, o2 + e, base, qtype)), a2)
+        a3 = fma8(splat(at(dd8, s + 3)), to_f32(_dot_unpacked(q, xq, o3 + e, base, qtype)), a3)
+        a4 = fma8(splat(at(dd8, s + 4)), to_f32(_dot_unpacked(q, xq, o4 + e, base, qtype)), a4)
+        a5 = fma8(splat(at(dd8, s + 5)), to_f32(_dot_unpacked(q, xq, o5 + e, base, qtype)), a5)
+        a6 = fma8(splat(at(dd8, s + 6)), to_f32(_dot_unpacked(q, xq, o6 + e, base, qtype)), a6)
+        a7 = fma8(splat(at(dd8, s + 7)), to_f32(_dot_unpacked(q, xq, o7 + e, base, qtype)), a7)
         q_at += 32
-    out[rows[0], r] = hsum8(a0)
-    out[rows[1], r] = hsum8(a1)
-    out[rows[2], r] = hsum8(a2)
-    out[rows[3], r] = hsum8(a3)
-    out[rows[4], r] = hsum8(a4)
-    out[rows[5], r] = hsum8(a5)
-    out[rows[6], r] = hsum8(a6)
-    out[rows[7], r] = hsum8(a7)
+    if qtype == Q4_1:       # a Q4_1 row's result is hsum + Σ m·sx; the others' the hsum alone
+        out[rows[0], r] = hsum8(a0) + lane_value(sm, 0)
+        out[rows[1], r] = hsum8(a1) + lane_value(sm, 1)
+        out[rows[2], r] = hsum8(a2) + lane_value(sm, 2)
+        out[rows[3], r] = hsum8(a3) + lane_value(sm, 3)
+        out[rows[4], r] = hsum8(a4) + lane_value(sm, 4)
+        out[rows[5], r] = hsum8(a5) + lane_value(sm, 5)
+        out[rows[6], r] = hsum8(a6) + lane_value(sm, 6)
+        out[rows[7], r] = hsum8(a7) + lane_value(sm, 7)
+    else:
+        out[rows[0], r] = hsum8(a0)
+        out[rows[1], r] = hsum8(a1)
+        out[rows[2], r] = hsum8(a2)
+        out[rows[3], r] = hsum8(a3)
+        out[rows[4], r] = hsum8(a4)
+        out[rows[5], r] = hsum8(a5)
+        out[rows[6], r] = hsum8(a6)
+        out[rows[7], r] = hsum8(a7)
 
 
 @exact_kernel
@@ -1434,7 +1419,7 @@ def _typed(qtype: int):
                     _rows_one(out[i], xq[i], xs[i], w, QT, r0, r1, k, sums16[i])
                 elif QT == Q4_1 and decoded:
                     for r in range(r0, r1):
-                        _eight_rows_q4_1_decoded(out, xqf, xst, qd, dd, r - r0, r, rows, k, 16 * nb * grp, dd8)
+                        _eight_rows_unpacked(out, xqf, xst, qd, dd, r - r0, r, rows, k, 16 * nb * grp, dd8, QT)
                 elif QT == Q4_1 and real > 2 and not WIDE_REGISTERS:
                     t0 = 16 * nb * grp
                     for r in range(r0, r1):
@@ -1459,7 +1444,7 @@ def _typed(qtype: int):
                                            real)
                     elif decoded and not WIDE_REGISTERS:
                         for r in range(r0, r1):
-                            _eight_rows_q5_0_decoded(out, xqf, xst, qd, dd, r - r0, r, rows, k, 16 * nb * grp, dd8)
+                            _eight_rows_unpacked(out, xqf, xst, qd, dd, r - r0, r, rows, k, 16 * nb * grp, dd8, QT)
                     elif decoded:
                         for r in range(r0, r1 - 1, 2):
                             _eight_rows_decoded(out, xqf, xs8f, qd, dd, r, r - r0, rows, k, k // 4)

@@ -427,7 +427,7 @@ def test_batched_q5_0_q8_0_gemm_with_decoded_weights_is_ggmls(gemma3, name, batc
 @pytest.mark.parametrize("name", ["blk.0.ffn_gate.weight", "blk.3.ffn_down.weight"])      # Q4_1, k 576 and 1536
 def test_batched_q4_1_gemm_with_unpacked_weights_is_ggmls(smollm2, name, batch):
     """From DECODED_MIN_GROUPS groups of 8 rows, each task unpacks its Q4_1 weight rows once and takes every
-    group's eight rows per weight row (`_eight_rows_q4_1_decoded`); every row (whole groups, a last group of 5
+    group's eight rows per weight row (`_eight_rows_unpacked`); every row (whole groups, a last group of 5
     padded to 8, or of 4; an odd number of weight rows) keeps ggml_vec_dot_q4_1_q8_1's bits."""
     t = smollm2.tensors[name]
     m, k = t.shape

@@ -422,7 +422,6 @@ def test_batched_q5_0_q8_0_gemm_with_decoded_weights_is_ggmls(gemma3, name, batc
         assert np.array_equal(out[i], expected), i
 
 
-
 @pytest.mark.parametrize("batch", [36, 45])
 @pytest.mark.parametrize("name", ["blk.0.ffn_gate.weight", "blk.3.ffn_down.weight"])      # Q4_1, k 576 and 1536
 def test_batched_q4_1_gemm_with_unpacked_weights_is_ggmls(smollm2, name, batch):

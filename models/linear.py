@@ -60,6 +60,12 @@ class Linear:
         type has none: the decode step calls it without `quant.multiply`'s dispatch (~2 µs a call)."""
         return quant.ggml_exact.matvec_kernel(self.qtype)
 
+    @cached_property
+    def gemm(self):
+        """The compiled batch kernel of this weight type (`quant.ggml_exact.gemm`'s), or None: as `matvec`,
+        called without the dispatch (a step of a few rows makes ~200 such calls)."""
+        return quant.ggml_exact.gemm_kernel(self.qtype)
+
 
 class WeightSource:
     """Looks weights up in a GGUF file by our names, checking presence, shape and type."""
@@ -109,12 +115,20 @@ class Scratch:
         self.xq = np.zeros(max_batch * max_k, dtype=np.int8)
         self.xs = np.zeros(max_batch * max_k // 16, dtype=np.float32)
         self._row: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        self._rows: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}
 
     def row(self, k: int) -> tuple[np.ndarray, np.ndarray]:
         """(xq, xs) for one activation row of width k, views made once."""
         views = self._row.get(k)
         if views is None:
             views = self._row[k] = (self.xq[:k], self.xs[:k // 16])
+        return views
+
+    def rows(self, n: int, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(xq, xs) for n activation rows of width k, (n, k) and (n, k // 16), views made once."""
+        views = self._rows.get((n, k))
+        if views is None:
+            views = self._rows[n, k] = (self.xq[:n * k].reshape(n, k), self.xs[:n * k // 16].reshape(n, k // 16))
         return views
 
 
@@ -136,8 +150,9 @@ class ReferenceWeights:
 
 
 def linear(out: np.ndarray, x: np.ndarray, w: Linear, scratch: Scratch, kinds: np.ndarray | None = None) -> None:
-    """out (B, m) = x (B, k) @ W.T through `quant.multiply`, the dispatch that `nibble.quant.matmul` and the
-    kernel benchmark use too; allocates nothing. `kinds` (int8 per row): the arithmetic each row gets where
+    """out (B, m) = x (B, k) @ W.T: the weight type's compiled kernel called directly (`Linear.matvec` for a
+    decode row, `Linear.gemm` for rows of given kinds), else through `quant.multiply`, the dispatch that
+    `nibble.quant.matmul` and the kernel benchmark use too (the same kernels); allocates nothing. `kinds` (int8 per row): the arithmetic each row gets where
     llama.cpp's depends on the batch (`quant.ggml_exact.batch_kinds`); None: one batch of B rows."""
     B, k = x.shape
     if B == 1 and (kinds is None or kinds[0] == 0) and w.matvec is not None:    # a decode row
@@ -145,8 +160,11 @@ def linear(out: np.ndarray, x: np.ndarray, w: Linear, scratch: Scratch, kinds: n
         o = out[0]
         w.matvec(o, o, o, x[0], xq, xs, w.data, w.data, w.data, w.m, 0, 0, k)
         return
-    quant.multiply(out, x, scratch.xq[:B * k].reshape(B, k), scratch.xs[:B * k // 16].reshape(B, k // 16),
-                   w.data, w.qtype, w.m, k, kinds)
+    xq, xs = scratch.rows(B, k)
+    if kinds is not None and w.gemm is not None:
+        w.gemm(out, x, xq, xs, w.data, w.m, k, kinds)
+        return
+    quant.multiply(out, x, xq, xs, w.data, w.qtype, w.m, k, kinds)
 
 
 _PLANS: dict[tuple[int, ...], list[tuple[int, ...]]] = {}

@@ -470,16 +470,38 @@ def attention(out, q, k_cache, v_cache, layer, slots, positions, kinds, n_head, 
         else:
             _attention_kernel(batched)(*args, _ROW0, *shape)
         return
-    batched = (kinds & ROW_BATCHED) != 0
-    for kind in (True, False):
-        rows = np.flatnonzero(batched == kind)
-        if not rows.size:
-            continue
-        parts = 0 if kind else _split_parts(k_cache, v_cache, positions, rows, n_head_kv, head_dim, window)
+    for kind, rows, parts in _attention_plan(k_cache, v_cache, positions, kinds, n_head_kv, head_dim, window):
         if parts:
             _attention_split(*args, rows, *shape, parts)
         else:
             _attention_kernel(kind)(*args, rows, *shape)
+
+
+_plans: tuple = (None, {})
+
+
+def _attention_plan(k_cache, v_cache, positions, kinds, n_head_kv, head_dim, window) -> list:
+    """[(batched, rows, parts)]: the rows of each lane structure and how `_split_parts` splits them. The same
+    for every layer of a forward (per window): kept for the last rows seen, so that a step of several rows
+    pays the numpy calls that find them once, not once a layer (they cost as much as the kernel itself on
+    a few decode rows)."""
+    global _plans
+    key = (kinds.tobytes(), positions.tobytes(), numba.get_num_threads(), k_cache.dtype.char, v_cache.dtype.char,
+           n_head_kv, head_dim)
+    cached = _plans
+    if cached[0] != key:
+        cached = _plans = (key, {})
+    plan = cached[1].get(window)
+    if plan is None:
+        plan = []
+        batched = (kinds & ROW_BATCHED) != 0
+        for kind in (True, False):
+            rows = np.flatnonzero(batched == kind)
+            if rows.size:
+                parts = 0 if kind else _split_parts(k_cache, v_cache, positions, rows, n_head_kv, head_dim, window)
+                plan.append((kind, rows, parts))
+        cached[1][window] = plan
+    return plan
 
 
 def _split_parts(k_cache, v_cache, positions, rows, n_head_kv, head_dim, window) -> int:

@@ -47,7 +47,8 @@ from .jit import exact_kernel, exact_parallel_kernel, inlined
 from .simd import (OFFSET_ACTIVATIONS, USE_PMADDUBSW, _element_ptr, at, dot_i8, dot_offset, dot_u8, extract_lane,
                    llvm_call, offset_base, F32x8, I32x8, bits32, bytes32, fma1, fma8, hsum8, load_f16, load_f32x8,
                    load_i8, load_u32, nibbles16, round_f16, splat, store_bytes32, to_f32, zeros, half_pairs,
-                   lane, lane_value, pairs_at, prefetch, half_quads, dot_u8_less, store_f32x8, WIDE_REGISTERS)
+                   lane, lane_value, lanes, pairs_at, prefetch, half_quads, dot_u8_less, quad_twice, store_f32x8,
+                   WIDE_REGISTERS)
 
 f32 = np.float32
 Q4_1, Q5_0, Q8_0, Q4_K, Q6_K = 3, 6, 8, 12, 14
@@ -616,58 +617,81 @@ def _scales_side_by_side(xs, rows, nb, xs_row, xst, t):
             xst[t + 8 * b + 4 + j] = xs[rows[j] * xs_row + 2 * b + 1]
 
 
-@exact_kernel
-def _two_rows_q4_1(out, xq, xst, w, r, pair, rows, k, t, n):
-    """Weight rows r and r + 1 (only r when not `pair`: row r again in the second chains, not stored) against
-    the activation rows rows[0:4] (rows[0:2] when n is 2 or less), `_rows_q4_1`'s arithmetic per row and the
-    blocks decoded once for the four: eight independent fma chains (with four, each waited on the fma
-    latency). The activation scales and sums come side by side from `_scales_side_by_side`'s xst[t:]: d · dx
-    as splat(d) times a broadcast dx (the same product), each row's Σ m·sx in lane 4 + i of one vector per
-    weight row (the same fma per block as the scalar sum). The next two rows are prefetched as we go."""
+@inlined
+def _two_rows_main(out, xq, qbuf, dd8, r, pair, rows, k, n, sm, qtype):
+    """The main loop of `_two_rows_q4_1` / `_two_rows_q5_0`: per block, the two weight rows' quants from qbuf
+    (64 bytes a block) against the activation rows rows[0:4] (rows[0:2] when n is 2 or less), each product
+    with its d · dx from dd8 (lanes 0..3 weight row r, 4..7 row r + 1): eight independent fma chains; then
+    each output, with a Q4_1 row's Σ m·sx from lane i (row r) or 4 + i (row r + 1) of sm."""
     i0, i1, i2, i3 = rows[0], rows[1], rows[2], rows[3]
+    o0, o1, o2, o3 = i0 * k, i1 * k, i2 * k, i3 * k
+    a0, a1, a2, a3 = zeros(), zeros(), zeros(), zeros()
+    c0, c1, c2, c3 = zeros(), zeros(), zeros(), zeros()
+    for b in range(k // 32):
+        q0, q1 = bytes32(qbuf, 64 * b), bytes32(qbuf, 64 * b + 32)
+        base0, base1 = offset_base(q0), offset_base(q1)
+        e, s = 32 * b, 8 * b
+        a0 = fma8(splat(at(dd8, s)), to_f32(_dot_unpacked(q0, xq, o0 + e, base0, qtype)), a0)
+        c0 = fma8(splat(at(dd8, s + 4)), to_f32(_dot_unpacked(q1, xq, o0 + e, base1, qtype)), c0)
+        a1 = fma8(splat(at(dd8, s + 1)), to_f32(_dot_unpacked(q0, xq, o1 + e, base0, qtype)), a1)
+        c1 = fma8(splat(at(dd8, s + 5)), to_f32(_dot_unpacked(q1, xq, o1 + e, base1, qtype)), c1)
+        if n > 2:
+            a2 = fma8(splat(at(dd8, s + 2)), to_f32(_dot_unpacked(q0, xq, o2 + e, base0, qtype)), a2)
+            c2 = fma8(splat(at(dd8, s + 6)), to_f32(_dot_unpacked(q1, xq, o2 + e, base1, qtype)), c2)
+            a3 = fma8(splat(at(dd8, s + 3)), to_f32(_dot_unpacked(q0, xq, o3 + e, base0, qtype)), a3)
+            c3 = fma8(splat(at(dd8, s + 7)), to_f32(_dot_unpacked(q1, xq, o3 + e, base1, qtype)), c3)
+    if qtype == Q4_1:       # a Q4_1 row's result is hsum + Σ m·sx; the others' the hsum alone
+        out[i0, r] = hsum8(a0) + lane_value(sm, 0)
+        out[i1, r] = hsum8(a1) + lane_value(sm, 1)
+        if n > 2:
+            out[i2, r] = hsum8(a2) + lane_value(sm, 2)
+            out[i3, r] = hsum8(a3) + lane_value(sm, 3)
+        if pair:
+            out[i0, r + 1] = hsum8(c0) + lane_value(sm, 4)
+            out[i1, r + 1] = hsum8(c1) + lane_value(sm, 5)
+            if n > 2:
+                out[i2, r + 1] = hsum8(c2) + lane_value(sm, 6)
+                out[i3, r + 1] = hsum8(c3) + lane_value(sm, 7)
+    else:
+        out[i0, r] = hsum8(a0)
+        out[i1, r] = hsum8(a1)
+        if n > 2:
+            out[i2, r] = hsum8(a2)
+            out[i3, r] = hsum8(a3)
+        if pair:
+            out[i0, r + 1] = hsum8(c0)
+            out[i1, r + 1] = hsum8(c1)
+            if n > 2:
+                out[i2, r + 1] = hsum8(c2)
+                out[i3, r + 1] = hsum8(c3)
+
+
+@exact_kernel
+def _two_rows_q4_1(out, xq, xst, w, r, pair, rows, k, t, n, qbuf, dd8):
+    """Weight rows r and r + 1 (only r when not `pair`: row r again in the second chains, not stored) against
+    the activation rows rows[0:4] (rows[0:2] when n is 2 or less), `_rows_q4_1`'s arithmetic per row. A
+    first pass over the blocks unpacks the two rows' quants into qbuf and forms the block's eight products
+    d · dx with one vector multiply into dd8 (the activation scales and sums side by side from
+    `_scales_side_by_side`'s xst[t:]) and each row's Σ m·sx in one lane of sm (one fma per block, as the
+    scalar sum); the main loop (`_two_rows_main`) is then, per block and row, the integer dot, its conversion
+    and one fma with a broadcast load. The next two rows are prefetched as the first pass goes."""
     nb = k // 32
     p0 = r * nb * 20
     p1 = p0 + nb * 20 if pair else p0
-    a0, a1, a2, a3 = zeros(), zeros(), zeros(), zeros()
-    c0, c1, c2, c3 = zeros(), zeros(), zeros(), zeros()
-    sm0, sm1 = zeros(), zeros()
-    ahead = p1 + nb * 20                # the next two rows, 40 bytes a block, prefetched as we go
+    sm = zeros()
+    ahead = p1 + nb * 20                # the next two rows, 40 bytes a block
     for b in range(nb):
         prefetch(w, ahead)
         ahead += 40
-        d0, d1 = splat(load_f16(w, p0)), splat(load_f16(w, p1))
-        x8 = load_f32x8(xst, t)
-        sm0 = fma8(splat(load_f16(w, p0 + 2)), x8, sm0)
-        sm1 = fma8(splat(load_f16(w, p1 + 2)), x8, sm1)
-        q0, q1 = nibbles16(w, p0 + 4), nibbles16(w, p1 + 4)
-        e = 32 * b
-        x = splat(at(xst, t))
-        a0 = fma8(d0 * x, to_f32(dot_u8(q0, xq, i0 * k + e)), a0)
-        c0 = fma8(d1 * x, to_f32(dot_u8(q1, xq, i0 * k + e)), c0)
-        x = splat(at(xst, t + 1))
-        a1 = fma8(d0 * x, to_f32(dot_u8(q0, xq, i1 * k + e)), a1)
-        c1 = fma8(d1 * x, to_f32(dot_u8(q1, xq, i1 * k + e)), c1)
-        if n > 2:
-            x = splat(at(xst, t + 2))
-            a2 = fma8(d0 * x, to_f32(dot_u8(q0, xq, i2 * k + e)), a2)
-            c2 = fma8(d1 * x, to_f32(dot_u8(q1, xq, i2 * k + e)), c2)
-            x = splat(at(xst, t + 3))
-            a3 = fma8(d0 * x, to_f32(dot_u8(q0, xq, i3 * k + e)), a3)
-            c3 = fma8(d1 * x, to_f32(dot_u8(q1, xq, i3 * k + e)), c3)
+        hm = half_pairs(w, p0, p1, p0, p1)          # [d0 m0 d1 m1] twice
+        xt = load_f32x8(xst, t + 8 * b)              # [dx of rows[0:4] | sx of rows[0:4]]
+        store_f32x8(dd8, 8 * b, lanes(hm, 0, 2) * quad_twice(xt, 0))
+        sm = fma8(lanes(hm, 1, 3), quad_twice(xt, 4), sm)
+        store_bytes32(qbuf, 64 * b, nibbles16(w, p0 + 4))
+        store_bytes32(qbuf, 64 * b + 32, nibbles16(w, p1 + 4))
         p0 += 20
         p1 += 20
-        t += 8
-    out[i0, r] = hsum8(a0) + lane_value(sm0, 4)
-    out[i1, r] = hsum8(a1) + lane_value(sm0, 5)
-    if n > 2:
-        out[i2, r] = hsum8(a2) + lane_value(sm0, 6)
-        out[i3, r] = hsum8(a3) + lane_value(sm0, 7)
-    if pair:
-        out[i0, r + 1] = hsum8(c0) + lane_value(sm1, 4)
-        out[i1, r + 1] = hsum8(c1) + lane_value(sm1, 5)
-        if n > 2:
-            out[i2, r + 1] = hsum8(c2) + lane_value(sm1, 6)
-            out[i3, r + 1] = hsum8(c3) + lane_value(sm1, 7)
+    _two_rows_main(out, xq, qbuf, dd8, r, pair, rows, k, n, sm, Q4_1)
 
 
 @exact_kernel
@@ -763,17 +787,14 @@ def _one_row_q5_0(out, xq, xst, w, r, rows, k, t, is_q8_0):
 
 
 @exact_kernel
-def _two_rows_q5_0(out, xq, xst, w, r, pair, rows, k, t, is_q8_0, n):
-    """`_two_rows_q4_1` for Q5_0, or Q8_0 when is_q8_0 (`_eight_rows_q5_0`'s arithmetic per row): weight rows r
-    and r + 1 (only r when not `pair`) against the activation rows rows[0:4] (rows[0:2] when n is 2 or less),
-    the activation scales from `_scales_side_by_side`'s xst[t:]."""
-    i0, i1, i2, i3 = rows[0], rows[1], rows[2], rows[3]
+def _two_rows_q5_0(out, xq, xst, w, r, pair, rows, k, t, is_q8_0, n, qbuf, dd8):
+    """`_two_rows_q4_1` for Q5_0, or Q8_0 when is_q8_0 (`_eight_rows_q5_0`'s arithmetic per row): the first
+    pass decodes the two rows' blocks (`_block_q5_0_q8_0`) into qbuf and forms the products d · dx (the
+    activation scales from `_scales_side_by_side`'s xst[t:]) into dd8."""
     nb = k // 32
     size = 34 if is_q8_0 else 22
     p0 = r * nb * size
     p1 = p0 + nb * size if pair else p0
-    a0, a1, a2, a3 = zeros(), zeros(), zeros(), zeros()
-    c0, c1, c2, c3 = zeros(), zeros(), zeros(), zeros()
     ahead = p1 + nb * size
     for b in range(nb):
         prefetch(w, ahead)
@@ -782,36 +803,12 @@ def _two_rows_q5_0(out, xq, xst, w, r, pair, rows, k, t, is_q8_0, n):
         ahead += 2 * size
         q0, d0 = _block_q5_0_q8_0(w, p0, is_q8_0)
         q1, d1 = _block_q5_0_q8_0(w, p1, is_q8_0)
-        base0, base1 = offset_base(q0), offset_base(q1)
-        s0, s1 = splat(d0), splat(d1)
-        e = 32 * b
-        x = splat(at(xst, t))
-        a0 = fma8(s0 * x, to_f32(dot_offset(q0, xq, i0 * k + e, base0)), a0)
-        c0 = fma8(s1 * x, to_f32(dot_offset(q1, xq, i0 * k + e, base1)), c0)
-        x = splat(at(xst, t + 1))
-        a1 = fma8(s0 * x, to_f32(dot_offset(q0, xq, i1 * k + e, base0)), a1)
-        c1 = fma8(s1 * x, to_f32(dot_offset(q1, xq, i1 * k + e, base1)), c1)
-        if n > 2:
-            x = splat(at(xst, t + 2))
-            a2 = fma8(s0 * x, to_f32(dot_offset(q0, xq, i2 * k + e, base0)), a2)
-            c2 = fma8(s1 * x, to_f32(dot_offset(q1, xq, i2 * k + e, base1)), c2)
-            x = splat(at(xst, t + 3))
-            a3 = fma8(s0 * x, to_f32(dot_offset(q0, xq, i3 * k + e, base0)), a3)
-            c3 = fma8(s1 * x, to_f32(dot_offset(q1, xq, i3 * k + e, base1)), c3)
+        store_f32x8(dd8, 8 * b, f32x8_of(d0, d0, d0, d0, d1, d1, d1, d1) * quad_twice(load_f32x8(xst, t + 8 * b), 0))
+        store_bytes32(qbuf, 64 * b, q0)
+        store_bytes32(qbuf, 64 * b + 32, q1)
         p0 += size
         p1 += size
-        t += 8
-    out[i0, r] = hsum8(a0)
-    out[i1, r] = hsum8(a1)
-    if n > 2:
-        out[i2, r] = hsum8(a2)
-        out[i3, r] = hsum8(a3)
-    if pair:
-        out[i0, r + 1] = hsum8(c0)
-        out[i1, r + 1] = hsum8(c1)
-        if n > 2:
-            out[i2, r + 1] = hsum8(c2)
-            out[i3, r + 1] = hsum8(c3)
+    _two_rows_main(out, xq, qbuf, dd8, r, pair, rows, k, n, zeros(), Q8_0 if is_q8_0 else Q5_0)
 
 
 @exact_kernel
@@ -1393,6 +1390,9 @@ def _typed(qtype: int):
             r0 = (t % n_tiles) * TASK_ROWS
             r1 = min(m, r0 + TASK_ROWS)
             rows = np.empty(8, np.int64)
+            # the two-row kernels' scratch: a block's quants of two weight rows, their products d · dx
+            two_q = np.empty(64 * nb if SIDE else 0, np.uint8)
+            two_d = np.empty(8 * nb if SIDE else 0, np.float32)
             qd = no_qd
             dd = no_dd
             dd8 = no_dd
@@ -1431,9 +1431,11 @@ def _typed(qtype: int):
                     # group's rows with its scales side by side in xst
                     t0 = 16 * nb * grp
                     for r in range(r0, r1, 2):
-                        _two_rows_q4_1(out, xqf, xst, w, r, r + 1 < r1, rows[0:4], k, t0, min(real, 4))
+                        _two_rows_q4_1(out, xqf, xst, w, r, r + 1 < r1, rows[0:4], k, t0, min(real, 4),
+                                       two_q, two_d)
                         if real > 4:
-                            _two_rows_q4_1(out, xqf, xst, w, r, r + 1 < r1, rows[4:8], k, t0 + 8 * nb, 4)
+                            _two_rows_q4_1(out, xqf, xst, w, r, r + 1 < r1, rows[4:8], k, t0 + 8 * nb, 4,
+                                           two_q, two_d)
                 elif QT == Q5_0 or QT == Q8_0:
                     if 2 < real <= 4 and not WIDE_REGISTERS:
                         for r in range(r0, r1):
@@ -1441,7 +1443,7 @@ def _typed(qtype: int):
                     elif real <= 4:
                         for r in range(r0, r1, 2):
                             _two_rows_q5_0(out, xqf, xst, w, r, r + 1 < r1, rows[0:4], k, 16 * nb * grp, QT == Q8_0,
-                                           real)
+                                           real, two_q, two_d)
                     elif decoded and not WIDE_REGISTERS:
                         for r in range(r0, r1):
                             _eight_rows_unpacked(out, xqf, xst, qd, dd, r - r0, r, rows, k, 16 * nb * grp, dd8, QT)
@@ -1477,6 +1479,12 @@ def matvec_kernel(qtype: int):
     as kernel(out0, out1, out2, x, xq, xs, w0, w1, w2, m0, m1, m2, k): out_i = W_i @ x for the matrices with
     m_i > 0 (unused ones: any arrays of the right types and m_i = 0)."""
     return _typed(int(qtype))[0] if int(qtype) in EXACT_TYPES else None
+
+
+def gemm_kernel(qtype: int):
+    """The compiled kernel behind `gemm` for this weight type, None for a type outside EXACT_TYPES. Called as
+    kernel(out, x, xq, xs, w, m, k, kinds), the arguments as `gemm`'s."""
+    return _typed(int(qtype))[1] if int(qtype) in EXACT_TYPES else None
 
 
 def matvec(out, x, xq, xs, w, qtype, m, k) -> None:

@@ -722,6 +722,17 @@ def lanes(typingctx, v, a, b):
     return F32x8(F32x8, a, b), codegen
 
 
+@intrinsic
+def quad_twice(typingctx, v, a):
+    """F32x8 [v[a .. a + 3], v[a .. a + 3]] (`a` a constant): four values for each of two weight rows."""
+    _require_literals(a)
+
+    def codegen(context, builder, sig, args):
+        a = sig.args[1].literal_value
+        return _shuffle(builder, args[0], args[0], [a, a + 1, a + 2, a + 3] * 2)
+    return F32x8(F32x8, a), codegen
+
+
 _PAIR = types.UniTuple(F32x8, 2)
 
 

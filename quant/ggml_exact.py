@@ -59,6 +59,7 @@ TILED_MIN_ROWS = 8           # ggml's tiled K-quant matmul takes batches of 8+ r
 # nibble's options with fast-math off: the order of every f32 operation is the point of this module.
 SERIAL_WEIGHTS = 1 << 16     # a matvec of up to this many weights takes each matrix as one task
 TASK_ROWS = 16               # weight rows per parallel task
+FEW_ROWS_TASK_ROWS = 64      # ... in a gemm of fewer than DECODED_MIN_GROUPS groups (a decode step's rows)
 PREFETCH_BYTES = 1024       # how far ahead of a one-row kernel's reads it asks for the weights' cache lines
 X_BLOCK_BYTES = 3 << 18      # gemm: activation bytes (int8) per parallel task, to stay in L2
 SERIAL_QUANTIZE_ROWS = 16    # gemm quantizes this many activation rows or fewer on the calling thread
@@ -1370,7 +1371,10 @@ def _typed(qtype: int):
         variants = np.empty(n_groups, np.int8)
         for t in range(n_groups):
             variants[t] = _variant(QT, kinds[order[8 * t]])
-        n_tiles = (m + TASK_ROWS - 1) // TASK_ROWS
+        # weight rows per task: a decode step's few rows take longer tiles (its tasks are short: fewer of them
+        # start cold), a prompt's tiles stay small enough for L1 with their unpacked weights
+        tile = TASK_ROWS if n_groups >= DECODED_MIN_GROUPS else FEW_ROWS_TASK_ROWS
+        n_tiles = (m + tile - 1) // tile
         # activation rows in blocks of about X_BLOCK_BYTES, so that a block stays in L2 while a thread's tiles
         # pass over it (all n rows per tile fell out of L2 for k >= 2048); a task is one tile x one block
         # (blocks of equal size: the threads take equal shares of the tasks)
@@ -1393,8 +1397,8 @@ def _typed(qtype: int):
         for t in prange(n_blocks * n_tiles):
             g0 = (t // n_tiles) * per_block
             g1 = min(n_groups, g0 + per_block)
-            r0 = (t % n_tiles) * TASK_ROWS
-            r1 = min(m, r0 + TASK_ROWS)
+            r0 = (t % n_tiles) * tile
+            r1 = min(m, r0 + tile)
             # one allocation for the task's row list and the two-row kernels' scratch (a block's quants of two
             # weight rows, their products d · dx): a step of a few rows has some ten thousand tasks
             buf = np.empty(64 + (96 * nb if two_rows else 0), np.uint8)

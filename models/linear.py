@@ -152,8 +152,9 @@ class ReferenceWeights:
 def linear(out: np.ndarray, x: np.ndarray, w: Linear, scratch: Scratch, kinds: np.ndarray | None = None) -> None:
     """out (B, m) = x (B, k) @ W.T: the weight type's compiled kernel called directly (`Linear.matvec` for a
     decode row, `Linear.gemm` for rows of given kinds), else through `quant.multiply`, the dispatch that
-    `nibble.quant.matmul` and the kernel benchmark use too (the same kernels); allocates nothing. `kinds` (int8 per row): the arithmetic each row gets where
-    llama.cpp's depends on the batch (`quant.ggml_exact.batch_kinds`); None: one batch of B rows."""
+    `nibble.quant.matmul` and the kernel benchmark use too (the same kernels); allocates nothing. `kinds`
+    (int8 per row): the arithmetic each row gets where llama.cpp's depends on the batch
+    (`quant.ggml_exact.batch_kinds`); None: one batch of B rows."""
     B, k = x.shape
     if B == 1 and (kinds is None or kinds[0] == 0) and w.matvec is not None:    # a decode row
         xq, xs = scratch.row(k)

@@ -641,30 +641,26 @@ def _two_rows_main(out, xq, qbuf, dd8, r, pair, rows, k, n, sm, qtype):
             c2 = fma8(splat(at(dd8, s + 6)), to_f32(_dot_unpacked(q1, xq, o2 + e, base1, qtype)), c2)
             a3 = fma8(splat(at(dd8, s + 3)), to_f32(_dot_unpacked(q0, xq, o3 + e, base0, qtype)), a3)
             c3 = fma8(splat(at(dd8, s + 7)), to_f32(_dot_unpacked(q1, xq, o3 + e, base1, qtype)), c3)
-    if qtype == Q4_1:       # a Q4_1 row's result is hsum + Σ m·sx; the others' the hsum alone
-        out[i0, r] = hsum8(a0) + lane_value(sm, 0)
-        out[i1, r] = hsum8(a1) + lane_value(sm, 1)
+    out[i0, r] = _row_result(a0, sm, 0, qtype)
+    out[i1, r] = _row_result(a1, sm, 1, qtype)
+    if n > 2:
+        out[i2, r] = _row_result(a2, sm, 2, qtype)
+        out[i3, r] = _row_result(a3, sm, 3, qtype)
+    if pair:
+        out[i0, r + 1] = _row_result(c0, sm, 4, qtype)
+        out[i1, r + 1] = _row_result(c1, sm, 5, qtype)
         if n > 2:
-            out[i2, r] = hsum8(a2) + lane_value(sm, 2)
-            out[i3, r] = hsum8(a3) + lane_value(sm, 3)
-        if pair:
-            out[i0, r + 1] = hsum8(c0) + lane_value(sm, 4)
-            out[i1, r + 1] = hsum8(c1) + lane_value(sm, 5)
-            if n > 2:
-                out[i2, r + 1] = hsum8(c2) + lane_value(sm, 6)
-                out[i3, r + 1] = hsum8(c3) + lane_value(sm, 7)
-    else:
-        out[i0, r] = hsum8(a0)
-        out[i1, r] = hsum8(a1)
-        if n > 2:
-            out[i2, r] = hsum8(a2)
-            out[i3, r] = hsum8(a3)
-        if pair:
-            out[i0, r + 1] = hsum8(c0)
-            out[i1, r + 1] = hsum8(c1)
-            if n > 2:
-                out[i2, r + 1] = hsum8(c2)
-                out[i3, r + 1] = hsum8(c3)
+            out[i2, r + 1] = _row_result(c2, sm, 6, qtype)
+            out[i3, r + 1] = _row_result(c3, sm, 7, qtype)
+
+
+@inlined
+def _row_result(acc, sm, j, qtype):
+    """An output from its accumulator: a Q4_1 row's hsum plus its Σ m·sx (lane j of sm), the others' the
+    hsum alone (not + 0.0, which would turn a -0.0 into +0.0)."""
+    if qtype == Q4_1:
+        return hsum8(acc) + lane_value(sm, j)
+    return hsum8(acc)
 
 
 @exact_kernel
@@ -1371,8 +1367,9 @@ def _typed(qtype: int):
         variants = np.empty(n_groups, np.int8)
         for t in range(n_groups):
             variants[t] = _variant(QT, kinds[order[8 * t]])
-        # weight rows per task: a decode step's few rows take longer tiles (its tasks are short: fewer of them
-        # start cold), a prompt's tiles stay small enough for L1 with their unpacked weights
+        # weight rows per task: a gemm of a few rows (a decode step) takes longer tiles (measured faster on the
+        # 2-vCPU machines; not measured with many cores, where they leave a small matrix fewer tasks than
+        # threads), a prompt's tiles stay small enough for L1 with their unpacked weights
         tile = TASK_ROWS if n_groups >= DECODED_MIN_GROUPS else FEW_ROWS_TASK_ROWS
         n_tiles = (m + tile - 1) // tile
         # activation rows in blocks of about X_BLOCK_BYTES, so that a block stays in L2 while a thread's tiles

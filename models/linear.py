@@ -163,7 +163,7 @@ def linear(out: np.ndarray, x: np.ndarray, w: Linear, scratch: Scratch, kinds: n
         return
     xq, xs = scratch.rows(B, k)
     if kinds is not None and w.gemm is not None:
-        w.gemm(out, x, xq, xs, w.data, w.m, k, kinds)
+        w.gemm(out, out, out, x, xq, xs, w.data, w.data, w.data, w.m, 0, 0, k, kinds)
         return
     quant.multiply(out, x, xq, xs, w.data, w.qtype, w.m, k, kinds)
 
@@ -173,11 +173,13 @@ _PLANS: dict[tuple[int, ...], list[tuple[int, ...]]] = {}
 
 def linear_many(outs: tuple[np.ndarray, ...], x: np.ndarray, ws: tuple[Linear, ...], scratch: Scratch,
                 kinds: np.ndarray | None = None) -> None:
-    """`linear(outs[i], x, ws[i])` for two or three matrices of one input (q, k, v; gate, up). A decode row's
-    matrices of one weight type go through one kernel call (the row quantized once, one parallel region:
-    each call costs a few µs before any arithmetic); each output has the bits `linear` gives it."""
+    """`linear(outs[i], x, ws[i])` for two or three matrices of one input (q, k, v; gate, up). The matrices of
+    one weight type go through one kernel call (`matvec` for a decode row, `gemm` for rows of given kinds:
+    the rows quantized once, one parallel region; each call costs a few µs before any arithmetic, and a
+    step of a few rows makes ~200); each output has the bits `linear` gives it."""
     B, k = x.shape
-    if B != 1 or (kinds is not None and kinds[0] != 0):
+    single = B == 1 and (kinds is None or kinds[0] == 0)
+    if not single and kinds is None:
         for out, w in zip(outs, ws):
             linear(out, x, w, scratch, kinds)
         return
@@ -188,20 +190,24 @@ def linear_many(outs: tuple[np.ndarray, ...], x: np.ndarray, ws: tuple[Linear, .
         for i, w in enumerate(ws):
             by_type.setdefault(w.qtype, []).append(i)
         plan = _PLANS[key] = [tuple(group) for group in by_type.values()]
-    xq, xs = scratch.row(k)
-    x0 = x[0]
+    xq, xs = scratch.row(k) if single else scratch.rows(B, k)
     for group in plan:
         w = ws[group[0]]
-        if w.matvec is None or len(group) == 1:
+        kernel = w.matvec if single else w.gemm
+        if kernel is None or len(group) == 1:
             for i in group:
                 linear(outs[i], x, ws[i], scratch, kinds)
             continue
-        o = [outs[i][0] for i in group]
+        o = [outs[i][0] if single else outs[i] for i in group]
         m = [ws[i] for i in group]
         if len(group) == 2:
-            w.matvec(o[0], o[1], o[0], x0, xq, xs, m[0].data, m[1].data, m[0].data, m[0].m, m[1].m, 0, k)
+            o.append(o[0])
+            m.append(m[0])
+        rows = (m[0].m, m[1].m, m[2].m if len(group) == 3 else 0)
+        if single:
+            kernel(*o, x[0], xq, xs, m[0].data, m[1].data, m[2].data, *rows, k)
         else:
-            w.matvec(o[0], o[1], o[2], x0, xq, xs, m[0].data, m[1].data, m[2].data, m[0].m, m[1].m, m[2].m, k)
+            kernel(*o, x, xq, xs, m[0].data, m[1].data, m[2].data, *rows, k, kinds)
 
 
 def embed(out: np.ndarray, tokens: np.ndarray, w: Linear) -> None:

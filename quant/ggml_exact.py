@@ -1303,7 +1303,10 @@ def _typed(qtype: int):
             _rows_one(out, xq, xs, w, QT, r0, min(m, r0 + rows), k, sums16)
 
     @exact_parallel_kernel
-    def gemm_t(out, x, xq, xs, w, m, k, kinds):
+    def gemm_t(out0, out1, out2, x, xq, xs, w0, w1, w2, m0, m1, m2, k, kinds):
+        """out_i = x @ W_i.T for the matrices i with m_i > 0 (one to three of this type with k columns: q, k
+        and v, or gate and up), the rows quantized and grouped once, the tiles of all of them in one parallel
+        region."""
         n = x.shape[0]
         order = np.empty(n + 16, np.int64)
         used = _group_rows(QT, kinds, order)
@@ -1371,7 +1374,9 @@ def _typed(qtype: int):
         # 2-vCPU machines; not measured with many cores, where they leave a small matrix fewer tasks than
         # threads), a prompt's tiles stay small enough for L1 with their unpacked weights
         tile = TASK_ROWS if n_groups >= DECODED_MIN_GROUPS else FEW_ROWS_TASK_ROWS
-        n_tiles = (m + tile - 1) // tile
+        nt0 = (m0 + tile - 1) // tile
+        nt1 = (m1 + tile - 1) // tile
+        n_tiles = nt0 + nt1 + (m2 + tile - 1) // tile      # matrix 0's tiles, then 1's, then 2's
         # activation rows in blocks of about X_BLOCK_BYTES, so that a block stays in L2 while a thread's tiles
         # pass over it (all n rows per tile fell out of L2 for k >= 2048); a task is one tile x one block
         # (blocks of equal size: the threads take equal shares of the tasks)
@@ -1394,7 +1399,10 @@ def _typed(qtype: int):
         for t in prange(n_blocks * n_tiles):
             g0 = (t // n_tiles) * per_block
             g1 = min(n_groups, g0 + per_block)
-            r0 = (t % n_tiles) * tile
+            tt = t % n_tiles
+            i = 0 if tt < nt0 else (1 if tt < nt0 + nt1 else 2)
+            r0 = (tt - (0 if i == 0 else (nt0 if i == 1 else nt0 + nt1))) * tile
+            out, w, m = _pick(i, out0, out1, out2, w0, w1, w2, m0, m1, m2)
             r1 = min(m, r0 + tile)
             # one allocation for the task's row list and the two-row kernels' scratch (a block's quants of two
             # weight rows, their products d · dx): a step of a few rows has some ten thousand tasks
@@ -1492,7 +1500,8 @@ def matvec_kernel(qtype: int):
 
 def gemm_kernel(qtype: int):
     """The compiled kernel behind `gemm` for this weight type, None for a type outside EXACT_TYPES. Called as
-    kernel(out, x, xq, xs, w, m, k, kinds), the arguments as `gemm`'s."""
+    kernel(out0, out1, out2, x, xq, xs, w0, w1, w2, m0, m1, m2, k, kinds): out_i = x @ W_i.T for the matrices
+    with m_i > 0, as `gemm` computes each (unused ones: any arrays of the right types and m_i = 0)."""
     return _typed(int(qtype))[1] if int(qtype) in EXACT_TYPES else None
 
 
@@ -1507,4 +1516,4 @@ def gemm(out, x, xq, xs, w, qtype, m, k, kinds) -> None:
     `batch_kinds`). xq int8[n, k], xs f32[n, k // 16]: scratch. Parallel over tiles of weight rows x blocks
     of activation rows: a tile (a few KiB) stays in L1 while the block's rows pass over it eight at a time,
     and the block stays in L2 while the thread's tiles pass over it."""
-    _typed(int(qtype))[1](out, x, xq, xs, w, m, k, kinds)
+    _typed(int(qtype))[1](out, out, out, x, xq, xs, w, w, w, m, 0, 0, k, kinds)

@@ -4,6 +4,7 @@ lone evaluation gives it (runtime/engine.py), so these are exact equalities, on 
 
 from __future__ import annotations
 
+import os
 import threading
 
 import numpy as np
@@ -109,3 +110,39 @@ def test_a_second_stream_in_the_same_thread_does_not_deadlock(pulled):
             next(b)
         a.close()
         assert m.generate("World", temperature=0, max_tokens=5).text
+
+
+def _vm_flags(address: int) -> list[str]:
+    """The VmFlags of the mapping that holds `address` (/proc/self/smaps)."""
+    inside = False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split()[0]
+            if "-" in head and not head.endswith(":"):
+                lo, hi = (int(v, 16) for v in head.split("-"))
+                inside = lo <= address < hi
+            elif inside and head == "VmFlags:":
+                return line.split()[1:]
+    raise AssertionError(f"no mapping holds {address:#x}")
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/smaps"), reason="Linux's /proc tells the page size policy")
+def test_kv_cache_memory_is_backed_in_small_pages(pulled):
+    """A slot's first prompt writes a few KiB into each layer's part of the cache; in huge pages each of those
+    writes faulted in a whole 2 MiB page (the first request into each slot took ~250 ms longer)."""
+    with nibble.load(pulled("smollm2-135m"), n_ctx=1024, parallel=2) as m:
+        for cache in (m.engine.k_cache, m.engine.v_cache):
+            assert "nh" in _vm_flags(cache.__array_interface__["data"][0])
+            assert cache.flags.writeable and cache.flags.c_contiguous and not cache.any()
+        first = m.generate("Once upon a time", max_tokens=4, temperature=0).tokens
+        m.reset()
+        assert m.generate("Once upon a time", max_tokens=4, temperature=0).tokens == first
+
+
+def test_lazy_zeros_is_np_zeros():
+    from nibble.runtime.engine import lazy_zeros
+    for shape, dtype in [((3, 5, 7), np.float16), ((0, 4), np.uint8), ((1 << 20,), np.float32)]:
+        a = lazy_zeros(shape, dtype)
+        assert a.shape == shape and a.dtype == dtype and not a.any()
+        a[...] = 1
+        assert a.sum() == a.size

@@ -64,7 +64,9 @@ def lazy_zeros(shape: tuple[int, ...], dtype) -> np.ndarray:
     n = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
     if n == 0 or not hasattr(mmap, "MADV_NOHUGEPAGE"):
         return np.zeros(shape, dtype)
-    buf = mmap.mmap(-1, n)                  # anonymous: zero-filled, backed on first write
+    # anonymous and private (a forked process gets a copy on write, not this memory): zero-filled, backed
+    # on first write
+    buf = mmap.mmap(-1, n, flags=mmap.MAP_PRIVATE)
     buf.madvise(mmap.MADV_NOHUGEPAGE)
     return np.frombuffer(buf, dtype).reshape(shape)
 

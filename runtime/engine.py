@@ -59,8 +59,8 @@ def lazy_zeros(shape: tuple[int, ...], dtype) -> np.ndarray:
     """np.zeros(shape, dtype) in memory that the kernel backs page by page as it is first written, in 4 KiB
     pages (MADV_NOHUGEPAGE). For the KV cache: numpy asks for huge pages on large arrays, and a slot's first
     prompt writes a few KiB into each layer's region of it, so each of those writes faulted in and zeroed a
-    whole 2 MiB page: the first request into each slot took 230-300 ms longer (a 64-token SmolLM2 prompt:
-    ~320 instead of ~90 ms, measured on a 2-vCPU VM), where 4 KiB pages cost a few ms."""
+    whole 2 MiB page: at n_ctx 4096 the first 64-token SmolLM2 prompt into each slot took 300-330 instead of
+    90-110 ms (a 2-vCPU VM); in 4 KiB pages its first prompt costs ~15 ms more than the next ones."""
     n = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
     if n == 0 or not hasattr(mmap, "MADV_NOHUGEPAGE"):
         return np.zeros(shape, dtype)

@@ -63,7 +63,7 @@ class Linear:
     @cached_property
     def gemm(self):
         """The compiled batch kernel of this weight type (`quant.ggml_exact.gemm`'s), or None: as `matvec`,
-        called without the dispatch (a step of a few rows makes ~200 such calls)."""
+        called without the dispatch (a SmolLM2 step of a few rows makes 121 such calls)."""
         return quant.ggml_exact.gemm_kernel(self.qtype)
 
 
@@ -176,7 +176,7 @@ def linear_many(outs: tuple[np.ndarray, ...], x: np.ndarray, ws: tuple[Linear, .
     """`linear(outs[i], x, ws[i])` for two or three matrices of one input (q, k, v; gate, up). The matrices of
     one weight type go through one kernel call (`matvec` for a decode row, `gemm` for rows of given kinds:
     the rows quantized once, one parallel region; each call costs a few µs before any arithmetic, and a
-    step of a few rows makes ~200); each output has the bits `linear` gives it."""
+    SmolLM2 step of a few rows makes 121); each output has the bits `linear` gives it."""
     B, k = x.shape
     single = B == 1 and (kinds is None or kinds[0] == 0)
     if not single and kinds is None:

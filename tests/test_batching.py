@@ -129,7 +129,7 @@ def _vm_flags(address: int) -> list[str]:
 @pytest.mark.skipif(not os.path.exists("/proc/self/smaps"), reason="Linux's /proc tells the page size policy")
 def test_kv_cache_memory_is_backed_in_small_pages(pulled):
     """A slot's first prompt writes a few KiB into each layer's part of the cache; in huge pages each of those
-    writes faulted in a whole 2 MiB page (the first request into each slot took ~250 ms longer)."""
+    writes faulted in a whole 2 MiB page (at n_ctx 4096 the first request into each slot took ~200 ms longer)."""
     with nibble.load(pulled("smollm2-135m"), n_ctx=1024, parallel=2) as m:
         for cache in (m.engine.k_cache, m.engine.v_cache):
             assert "nh" in _vm_flags(cache.__array_interface__["data"][0])
